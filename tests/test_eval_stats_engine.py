@@ -120,6 +120,38 @@ def test_inner_cv_alpha_equals_brute_force():
         assert chosen[f] == grid[int(np.argmin(sse))]
 
 
+@pytest.mark.parametrize("draw", [0, 1])
+def test_inner_cv_alpha_on_purged_grid_equals_brute_force(draw):
+    """The stock x time grid, where inner folds share training sets (deduplicated in select_alpha): the chosen
+    alpha of every outer fold equals an sklearn loop over that fold's inner leave-one-stock-fold-out folds, on
+    a bootstrap draw materialised by row duplication."""
+    X, y, stock, dates, cal = data(seed=11 + draw, d=5)
+    counts = np.ones(24, int) if draw == 0 else draw_counts(24, 1, seed=4)[0]
+    folds = PurgedPanelSplit(3, 3, embargo_days=5, horizon=2, calendar=cal).folds(cal)
+    grid = [0.01, 1.0, 30.0, 1e3, 1e5]
+    cell = folds.cell_of_pos[folds.positions(dates)]
+    eng = ClusterRidge(X, y, stock, cell, 24, folds)
+    assign = group_kfold_assignment(counts * np.bincount(stock, minlength=24), 3)
+    H = eng.block_stats(torch.tensor(counts[None], dtype=torch.float64), torch.tensor(assign[None]))
+    chosen = eng.select_alpha(H, grid, default=-1.0)[0].numpy()
+    idx = expand(counts, stock)
+    k, t = assign[stock][idx], cell[idx]
+    tr_cells = eng.train_cells  # (F, K, T)
+    for f in range(tr_cells.shape[0]):
+        in_train = tr_cells[f][k, t]
+        sse = np.zeros(len(grid))
+        used = False
+        for j in range(tr_cells.shape[1]):
+            tr, te = in_train & (k != j), in_train & (k == j)
+            if not tr.any() or not te.any():
+                continue
+            used = True
+            for a_i, a in enumerate(grid):
+                pred = Ridge(alpha=a).fit(X[idx][tr], y[idx][tr]).predict(X[idx][te])
+                sse[a_i] += ((y[idx][te] - pred) ** 2).sum()
+        assert chosen[f] == (grid[int(np.argmin(sse))] if used else -1.0), (f, chosen[f], sse)
+
+
 def test_rank_ic_equals_scipy_on_expanded_rows():
     rng = np.random.default_rng(0)
     n, n_dates = 300, 12

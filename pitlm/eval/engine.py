@@ -393,27 +393,62 @@ class ClusterRidge:
 
     def select_alpha(self, H: torch.Tensor, grid, default: float) -> torch.Tensor:
         """(B, F) alpha per fold minimising pooled inner-CV SSE over leave-one-stock-fold-out inner folds
-        of that fold's training blocks (eigendecomposition once per inner fold, all alphas from it)."""
+        of that fold's training blocks (eigendecomposition once per inner fold, all alphas from it).
+
+        Inner folds with the same training cells share their fit (in a stock x time grid, fold (k, t)'s inner
+        fold j trains on what fold (j, t)'s inner fold k trains on), and inner folds with no test cell add
+        nothing: one eigendecomposition per distinct non-empty inner training set, ~2.5x fewer on the purged
+        5 x 5 grid. Exact: the same sums as solving every inner fold separately."""
         if self.K < 2:
             raise ValueError("alpha by inner CV needs a layout with stock folds (n_stock_folds >= 2)")
         B, F, K = H.shape[0], self.folds.n_folds, self.K
         tr_mask, te_mask = self.inner_masks()
-        s_tr, s_te = tr_mask @ H, te_mask @ H  # (B, F*K, p)
+        live = torch.nonzero(te_mask.any(1)).flatten()  # inner folds that test something
+        if len(live) == 0:
+            return torch.full((B, F), float(default), dtype=torch.float64, device=self.device)
+        uniq, inv = torch.unique(tr_mask[live], dim=0, return_inverse=True)
+        s_tr, s_te = uniq @ H, te_mask[live] @ H  # (B, U, p), (B, L, p)
         A0, b, n1, sx, sy = self.centred_system(s_tr)
-        lam, V = torch.linalg.eigh(A0)
+        lam, V = batched_eigh(A0)
         grid_t = torch.as_tensor(list(grid), dtype=torch.float64, device=self.device)
-        vb = (V.transpose(-1, -2) @ b[..., None])[..., 0]  # (B, FK, d)
+        vb = (V.transpose(-1, -2) @ b[..., None])[..., 0]  # (B, U, d)
         beta = torch.einsum("...ij,...aj->...ai", V, vb[..., None, :] / (lam[..., None, :] + grid_t[:, None]))
-        b0 = (sy[..., None] - (sx[..., None, :] * beta).sum(-1)) / n1[..., None]  # (B, FK, A)
+        b0 = (sy[..., None] - (sx[..., None, :] * beta).sum(-1)) / n1[..., None]  # (B, U, A)
+        beta, b0, n_tr = beta[:, inv], b0[:, inv], s_tr[:, inv, 0]  # per live inner fold
         n, tsy, tsyy, tsx, tsxy, tgram = self._unpack(s_te)
-        quad = ((tgram @ beta.transpose(-1, -2)) * beta.transpose(-1, -2)).sum(-2)  # (B, FK, A)
+        quad = ((tgram @ beta.transpose(-1, -2)) * beta.transpose(-1, -2)).sum(-2)  # (B, L, A)
         sse = (tsyy[..., None] - 2 * b0 * tsy[..., None] - 2 * (beta * tsxy[..., None, :]).sum(-1)
                + n[..., None] * b0 ** 2 + 2 * b0 * (beta * tsx[..., None, :]).sum(-1) + quad)
-        usable = ((s_tr[..., 0] > 0) & (n > 0))[..., None]
-        total = torch.where(usable, sse, torch.zeros_like(sse)).reshape(B, F, K, -1).sum(2)
-        any_inner = usable.reshape(B, F, K).any(-1)
+        usable = (n_tr > 0) & (n > 0)  # (B, L)
+        owner = (live // K).to(self.device)  # outer fold of each live inner fold
+        total = torch.zeros(B, F, len(grid_t), dtype=torch.float64, device=self.device)
+        total.index_add_(1, owner, torch.where(usable[..., None], sse, torch.zeros_like(sse)))
+        any_inner = torch.zeros(B, F, dtype=torch.float64, device=self.device).index_add_(
+            1, owner, usable.to(torch.float64)) > 0
         best = grid_t[total.argmin(-1)]
         return torch.where(any_inner, best, torch.full_like(best, default))
+
+
+def batched_eigh(A: torch.Tensor, min_batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.linalg.eigh over a batch of symmetric matrices. On a multi-core CPU the batch is split over a
+    thread pool with one intra-op thread each (LAPACK's syevd parallelises poorly at d ~ 100-300: measured
+    1.6x on 2 cores); elsewhere one call."""
+    n_threads = torch.get_num_threads()
+    flat = A.reshape(-1, *A.shape[-2:])
+    if A.device.type != "cpu" or n_threads < 2 or flat.shape[0] < min_batch:
+        return torch.linalg.eigh(A)
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunks = flat.chunk(n_threads)
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(len(chunks)) as pool:
+            parts = list(pool.map(torch.linalg.eigh, chunks))
+    finally:
+        torch.set_num_threads(n_threads)
+    lam = torch.cat([p[0] for p in parts]).reshape(*A.shape[:-1])
+    V = torch.cat([p[1] for p in parts]).reshape(A.shape)
+    return lam, V
 
 
 def _weighted_midranks(group: np.ndarray, v: np.ndarray, w: np.ndarray) -> np.ndarray:
