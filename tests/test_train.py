@@ -229,6 +229,19 @@ def test_lora_preset_matches_every_target_of_the_hybrid_moe():
         LORA_PRESETS["qwen3.5-moe"]["target_parameters"]) == 12
 
 
+@pytest.mark.parametrize("adapter_dtype,expected", [("fp32", torch.float32), ("base", torch.bfloat16)])
+def test_lora_adapter_dtype_on_a_bf16_base(adapter_dtype, expected):
+    """peft upcasts adapters to fp32 on a bf16 base unless lora.adapter_dtype=base (the memory lever of the 35B
+    recipe); the expert (3-D parameter) adapters follow the same rule."""
+    from pitlm.train.config import LoraConfig
+    from pitlm.train.model import apply_lora
+
+    model = apply_lora(tiny_hybrid().to(torch.bfloat16), LoraConfig(preset="qwen3.5-moe", adapter_dtype=adapter_dtype))
+    dtypes = {n: p.dtype for n, p in model.named_parameters() if "lora_" in n}
+    assert any(".mlp.experts." in n for n in dtypes)
+    assert set(dtypes.values()) == {expected}
+
+
 def test_lora_guard_refuses_attention_only_on_a_hybrid_model():
     from pitlm.errors import ConfigError
     from pitlm.train.config import LoraConfig

@@ -42,7 +42,8 @@ log = logging.getLogger("pitlm.bench")
 def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: int = 1, steps: int = 5,
                 warmup: int = 2, device: str = "auto", lora_preset: str | None = None,
                 activation_checkpointing: bool = True, model_overrides: list[str] | None = None,
-                lr: float = 1e-5, ce_chunk: int | None = None) -> dict[str, Any] | None:
+                lr: float = 1e-5, ce_chunk: int | None = None, optim: str = "adamw",
+                adapter_dtype: str = "fp32") -> dict[str, Any] | None:
     """Run warmup + steps training steps on random tokens; returns the measurements on rank 0 (None elsewhere)."""
     if mode not in ("lora", "full"):
         raise ValueError(f"mode must be lora or full, got {mode!r}")
@@ -53,8 +54,8 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
         on_gpu = env.device.type == "cuda"
         dtype = torch.bfloat16 if on_gpu else torch.float32
         preset = lora_preset or ("qwen3.5-moe" if "qwen3_5_moe" in config.model_type else "dense")
-        cfg = TrainConfig(mode=mode, corpus="bench", base="random", optim={"lr": lr},
-                          lora={"preset": preset})
+        cfg = TrainConfig(mode=mode, corpus="bench", base="random", optim={"lr": lr, "name": optim},
+                          lora={"preset": preset, "adapter_dtype": adapter_dtype})
         t0 = time.perf_counter()
         if mode == "lora":
             model = build_scratch_model(config, dtype, env.device)
@@ -102,7 +103,8 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
             "total_params": total, "trainable_params": count_params(model, True),
             "activation_checkpointing": activation_checkpointing, "lora_preset": preset if mode == "lora" else None,
             "loss_last": round(losses[-1], 4), "build_seconds": round(build_seconds, 1),
-            "ce_chunk": ce_chunk if mode == "lora" else None, "fast_paths": fast_path_summary(),
+            "ce_chunk": ce_chunk if mode == "lora" else None, "optim": optim,
+            "adapter_dtype": adapter_dtype if mode == "lora" else None, "fast_paths": fast_path_summary(),
         }
         shutdown_distributed()
         return result if env.is_main else None

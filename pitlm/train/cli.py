@@ -112,6 +112,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             lora_preset: Annotated[str | None, typer.Option("--lora-preset", help="Default: qwen3.5-moe for the Qwen3.5 MoE archs, else dense.")] = None,
             activation_checkpointing: Annotated[bool, typer.Option("--activation-checkpointing/--no-activation-checkpointing")] = True,
             ce_chunk: Annotated[int | None, typer.Option("--ce-chunk", help="lora: LM head + loss this many tokens at a time (logits recomputed in backward).")] = None,
+            optim: Annotated[str, typer.Option("--optim", help="adamw | adamw8bit (bitsandbytes: 2 bytes of state per parameter instead of 4-8).")] = "adamw",
+            adapter_dtype: Annotated[str, typer.Option("--adapter-dtype", help="lora: fp32 (peft's default) | base (bf16 adapters on a bf16 base).")] = "fp32",
             set_: SetOpt = None) -> None:
         """Training throughput and peak memory of pitlm's own train_step on random weights and tokens."""
         from pitlm.log import emit_summary
@@ -119,6 +121,6 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
         result = bench_train(arch, mode, seq_len=seq, batch_size=batch, steps=steps, warmup=warmup, device=device,
                              lora_preset=lora_preset, activation_checkpointing=activation_checkpointing,
-                             model_overrides=set_, ce_chunk=ce_chunk)
+                             model_overrides=set_, ce_chunk=ce_chunk, optim=optim, adapter_dtype=adapter_dtype)
         if result is not None:
             emit_summary(result)

@@ -168,7 +168,7 @@ def apply_lora(model: nn.Module, cfg) -> nn.Module:
     try:
         with warnings.catch_warnings():  # peft reads a property transformers deprecated; not the user's concern
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            return get_peft_model(model, lcfg)
+            return get_peft_model(model, lcfg, autocast_adapter_dtype=cfg.adapter_dtype == "fp32")
     except ValueError as e:
         raise ConfigError(f"LoRA targets {modules + params} do not fit this model: {str(e).splitlines()[0]}") from e
 
