@@ -2,14 +2,25 @@
 # GPU measurements of issue 9 on a lent H100/H200 (device tool), in two calls while the machine is warm:
 #   phase 1 (carry .whl .whl2): wheels -> /tmp/site; doctor; 35B LoRA baseline (torch DeltaNet fallback)
 #   phase 2 (carry .whl3: z3 for tilelang): fla correctness vs reference; 35B LoRA with fla; embedding bench
-# Usage: bash scripts/gpu_bench.sh 1|2
+#   phase 0 (carry .whl .whl2): wheels only, then phase 3 at once (carry .whl3 .whl4: z3 + bitsandbytes):
+#           the full 40-layer model on one H100 with the memory levers (bf16 adapters, 8-bit AdamW); embedding
+#           at larger batches
+# Usage: bash scripts/gpu_bench.sh 0|1|2|3
 set -u
 source scripts/gpu_env.sh
 mkdir -p "$OUT"
 B="python3 -m pitlm.cli bench"
 L="--arch qwen3.5-35b-a3b --mode lora --seq 2048 --steps 3 --warmup 1"
 run() { echo "=== $*"; timeout "${T:-400}" "$@" 2>&1 | grep -vE "^\s*$" | tee -a "$OUT/bench.log" | grep -E "^[a-z_0-9]+: |Error|error|=== " ; }
-if [ "$1" = 1 ]; then
+if [ "$1" = 0 ]; then
+  python3 -c "import fla, sys; print('fla', fla.__version__)"
+elif [ "$1" = 3 ]; then
+  python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|gpu0|bitsandbytes" | tee "$OUT/doctor.txt"
+  M="--ce-chunk 4096 --adapter-dtype base --optim adamw8bit"
+  T=230 run $B train $L --batch 1 $M
+  T=150 run $B train $L --batch 2 $M
+  T=150 run $B embed --arch qwen3.5-35b-a3b --n-prompts 8192 --batch 512,1024,2048 --prompt-tokens 64
+elif [ "$1" = 1 ]; then
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|causal|liger|grouped|gpu0|triton" | tee "$OUT/doctor.txt"
   run $B train $L --batch 1
   run $B train $L --batch 1 --ce-chunk 4096

@@ -3,7 +3,7 @@
 # Usage: source scripts/gpu_env.sh   (with .whl / .whl2 / .whl3 carried)
 set -e
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-for d in .whl .whl2 .whl3; do
+for d in .whl .whl2 .whl3 .whl4; do
   if ls $d/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $d/*.whl
   fi

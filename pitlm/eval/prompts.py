@@ -1,7 +1,7 @@
 """Prompts for the (stock, date) rows: the seed's template by default, named variants, or a custom format string.
 
 A template is a `str.format` string over the row's fields: `date` (YYYY-MM-DD), `code`, `name`, `sector`, and the
-numeric features (`ret_5d`, `ret_30d`, `vol_20d`, `log_close`, `log_volume`). The `anonymised` template replaces
+numeric features (`ret_5d`, `ret_30d`, `vol_20d`, `log_close`, `log_volume`). The `anonymised` templates replace
 both the company name and the code with one neutral token, so comparing `named` with `anonymised` measures how much
 of a model's signal comes through the entity's identity (entity masking).
 """
@@ -23,6 +23,11 @@ TEMPLATES = {
     "seed": "On {date}, Japanese Tokyo Stock Exchange securities code {code} " + _NUMBERS,
     "named": "On {date}, {name} (code {code}) shares " + _NUMBERS,
     "anonymised": "On {date}, {entity} shares " + _NUMBERS,
+    # No numbers: the prompt asks only what the model knows about this company on this date, ending where a news
+    # sentence states the move ("... shares had risen"). Price features cannot leak through the text, so the
+    # knowledge-free control has nothing to fit (the demo's template).
+    "bare": "On {date}, {name} (code {code}) shares had",
+    "bare-anonymised": "On {date}, {entity} shares had",
 }
 ANONYMOUS_ENTITY = "the company"
 FIELDS = ("date", "code", "name", "sector", "entity", "ret_5d", "ret_30d", "vol_20d", "log_close", "log_volume")
