@@ -204,6 +204,8 @@ def test_prompt_templates():
     assert named.startswith("On 2021-03-01, Acme Corp (code 7203) shares had recent")
     anon = build_prompts(rows, "anonymised")[0]
     assert "Acme" not in anon and "7203" not in anon and anon.startswith("On 2021-03-01, the company shares")
+    assert build_prompts(rows, "bare") == ["On 2021-03-01, Acme Corp (code 7203) shares had"]  # the demo's: no numbers
+    assert build_prompts(rows, "bare-anonymised") == ["On 2021-03-01, the company shares had"]
     assert build_prompts(rows, "{name} in {sector} on {date}") == ["Acme Corp in Tech on 2021-03-01"]
     assert prompts_hash(["a", "b"]) != prompts_hash(["b", "a"])
     for bad, match in (("nonsense", "unknown prompt template"), ("{price}", "unknown field"), ("{date", "valid")):
