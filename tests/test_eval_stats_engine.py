@@ -152,6 +152,30 @@ def test_inner_cv_alpha_on_purged_grid_equals_brute_force(draw):
         assert chosen[f] == (grid[int(np.argmin(sse))] if used else -1.0), (f, chosen[f], sse)
 
 
+def test_thread_pooled_linalg_equals_one_call():
+    """The CPU thread pool over a batch of small solves (fits and inner-CV eigh) gives what one call gives, for
+    any batch shape, and leaves torch's intra-op thread count as it found it."""
+    from pitlm.eval.engine import _cholesky_solve, batched_eigh, batched_linalg
+
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(3, 50, 12, 20, dtype=torch.float64, generator=g)
+    A = M @ M.mT + 0.1 * torch.eye(12, dtype=torch.float64)
+    b = torch.randn(3, 50, 12, dtype=torch.float64, generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, info = batched_linalg(_cholesky_solve, A, b)
+        assert torch.get_num_threads() == 2
+        assert x.shape == b.shape and info.shape == (3, 50) and (info == 0).all()
+        torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-10, atol=1e-12)
+        lam, V = batched_eigh(A)
+        lam_ref = torch.linalg.eigvalsh(A)
+        torch.testing.assert_close(lam, lam_ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(V @ torch.diag_embed(lam) @ V.mT, A, rtol=1e-10, atol=1e-10)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_rank_ic_equals_scipy_on_expanded_rows():
     rng = np.random.default_rng(0)
     n, n_dates = 300, 12
