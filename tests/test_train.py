@@ -323,4 +323,19 @@ def test_bench_train_runs_on_cpu_with_a_tiny_arch(run):
     assert code == 0, err
     s = summary_of(out)
     assert float(s["tokens_per_second"]) > 0 and s["lora_preset"] == "qwen3.5-moe"
-    assert int(s["trainable_params"]) > 0
+    assert int(s["trainable_params"]) > 0 and s["full_modules"] == "lm_head,embed_tokens"
+
+
+def test_bench_train_profile_and_lora_only(run, tmp_path):
+    """--full-modules '' trains the adapters alone (fewer trainable parameters); --profile writes an operator
+    table of one extra step."""
+    args = ["bench", "train", "--arch", "tiny-qwen3.5-moe", "--mode", "lora", "--seq", "16", "--batch", "1",
+            "--steps", "1", "--warmup", "0"]
+    code, out, err = run(*args)
+    full = summary_of(out)
+    code, out, err = run(*args, "--full-modules", "", "--profile", str(tmp_path / "prof.txt"))
+    assert code == 0, err
+    s = summary_of(out)
+    assert s["full_modules"] == "" and int(s["trainable_params"]) < int(full["trainable_params"])
+    table = (tmp_path / "prof.txt").read_text()
+    assert "Name" in table and "aten::" in table

@@ -43,7 +43,8 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
                 warmup: int = 2, device: str = "auto", lora_preset: str | None = None,
                 activation_checkpointing: bool = True, model_overrides: list[str] | None = None,
                 lr: float = 1e-5, ce_chunk: int | None = None, optim: str = "adamw",
-                adapter_dtype: str = "fp32") -> dict[str, Any] | None:
+                adapter_dtype: str = "fp32", full_modules: list[str] | None = None,
+                profile_path: str | None = None) -> dict[str, Any] | None:
     """Run warmup + steps training steps on random tokens; returns the measurements on rank 0 (None elsewhere)."""
     if mode not in ("lora", "full"):
         raise ValueError(f"mode must be lora or full, got {mode!r}")
@@ -55,7 +56,8 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
         dtype = torch.bfloat16 if on_gpu else torch.float32
         preset = lora_preset or ("qwen3.5-moe" if "qwen3_5_moe" in config.model_type else "dense")
         cfg = TrainConfig(mode=mode, corpus="bench", base="random", optim={"lr": lr, "name": optim},
-                          lora={"preset": preset, "adapter_dtype": adapter_dtype})
+                          lora={"preset": preset, "adapter_dtype": adapter_dtype,
+                                **({} if full_modules is None else {"full_modules": full_modules})})
         t0 = time.perf_counter()
         if mode == "lora":
             model = build_scratch_model(config, dtype, env.device)
@@ -92,6 +94,8 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
         if on_gpu:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t_start
+        if profile_path:
+            _profile_step(lambda: one_step(warmup + steps), profile_path, on_gpu)
         tokens = steps * batch_size * seq_len * env.world_size
         peak = torch.cuda.max_memory_allocated(env.device) / 2**20 if on_gpu else 0.0
         result = {
@@ -104,9 +108,28 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
             "activation_checkpointing": activation_checkpointing, "lora_preset": preset if mode == "lora" else None,
             "loss_last": round(losses[-1], 4), "build_seconds": round(build_seconds, 1),
             "ce_chunk": ce_chunk if mode == "lora" else None, "optim": optim,
-            "adapter_dtype": adapter_dtype if mode == "lora" else None, "fast_paths": fast_path_summary(),
+            "adapter_dtype": adapter_dtype if mode == "lora" else None,
+            "full_modules": ",".join(cfg.lora.full_modules) if mode == "lora" else None,
+            "profile": profile_path, "fast_paths": fast_path_summary(),
         }
         shutdown_distributed()
         return result if env.is_main else None
     finally:
         shutdown_distributed(wait=False)
+
+
+def _profile_step(step, path: str, on_gpu: bool, rows: int = 30) -> None:
+    """One more training step under torch.profiler; its top operators by device (or CPU) time go to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        step()
+        if on_gpu:
+            torch.cuda.synchronize()
+    key = "cuda_time_total" if on_gpu else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+    from pitlm.volume import atomic_write_text
+
+    atomic_write_text(path, table + "\n")
+    log.info("profile of one step (top %d operators by %s) -> %s", rows, key, path)

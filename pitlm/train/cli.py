@@ -114,6 +114,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             ce_chunk: Annotated[int | None, typer.Option("--ce-chunk", help="lora: LM head + loss this many tokens at a time (logits recomputed in backward).")] = None,
             optim: Annotated[str, typer.Option("--optim", help="adamw | adamw8bit (bitsandbytes: 2 bytes of state per parameter instead of 4-8).")] = "adamw",
             adapter_dtype: Annotated[str, typer.Option("--adapter-dtype", help="lora: fp32 (peft's default) | base (bf16 adapters on a bf16 base).")] = "fp32",
+            full_modules: Annotated[str | None, typer.Option("--full-modules", help="lora: comma list trained in full (default lm_head,embed_tokens as the seed; '' for none).")] = None,
+            profile: Annotated[str | None, typer.Option("--profile", help="Write a torch.profiler table of one extra step to this file.")] = None,
             set_: SetOpt = None) -> None:
         """Training throughput and peak memory of pitlm's own train_step on random weights and tokens."""
         from pitlm.log import emit_summary
@@ -121,6 +123,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
         result = bench_train(arch, mode, seq_len=seq, batch_size=batch, steps=steps, warmup=warmup, device=device,
                              lora_preset=lora_preset, activation_checkpointing=activation_checkpointing,
-                             model_overrides=set_, ce_chunk=ce_chunk, optim=optim, adapter_dtype=adapter_dtype)
+                             model_overrides=set_, ce_chunk=ce_chunk, optim=optim, adapter_dtype=adapter_dtype,
+                             full_modules=None if full_modules is None else [m for m in full_modules.split(",") if m],
+                             profile_path=profile)
         if result is not None:
             emit_summary(result)
