@@ -5,7 +5,9 @@
 #   phase 0 (carry .whl .whl2): wheels only, then phase 3 at once (carry .whl3 .whl4: z3 + bitsandbytes):
 #           the full 40-layer model on one H100 with the memory levers (bf16 adapters, 8-bit AdamW); embedding
 #           at larger batches
-# Usage: bash scripts/gpu_bench.sh 0|1|2|3
+#   phase 4 (after 0, .whl3, .whl4 are installed): a profile of the fitting 40-layer step; LoRA without lm_head/
+#           embed_tokens in full at batch 4 / 8; embedding at batch 1024
+# Usage: bash scripts/gpu_bench.sh 0|1|2|3|4
 set -u
 source scripts/gpu_env.sh
 mkdir -p "$OUT"
@@ -20,6 +22,13 @@ elif [ "$1" = 3 ]; then
   T=230 run $B train $L --batch 1 $M
   T=150 run $B train $L --batch 2 $M
   T=150 run $B embed --arch qwen3.5-35b-a3b --n-prompts 8192 --batch 512,1024,2048 --prompt-tokens 64
+elif [ "$1" = 4 ]; then
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  M="--adapter-dtype base --optim adamw8bit"
+  T=200 run $B train $L --batch 1 --ce-chunk 512 $M --profile "$OUT/profile_b1.txt"
+  T=130 run $B train $L --batch 4 --ce-chunk 2048 $M --full-modules ""
+  T=130 run $B train $L --batch 8 --ce-chunk 2048 $M --full-modules ""
+  T=100 run $B embed --arch qwen3.5-35b-a3b --n-prompts 4096 --batch 1024 --prompt-tokens 64
 elif [ "$1" = 1 ]; then
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|causal|liger|grouped|gpu0|triton" | tee "$OUT/doctor.txt"
   run $B train $L --batch 1
