@@ -126,6 +126,8 @@ def test_latest_mentioned_date_reads_every_phrasing():
     assert latest_mentioned_date("the last six months of 2017") == date(2017, 12, 31)
     assert latest_mentioned_date("On 2021-08-13, x. Founded in 1950.") == date(2021, 8, 13)
     assert latest_mentioned_date("plans for 2022") == date(2022, 1, 1)
+    assert latest_mentioned_date("over calendar 2019") == date(2019, 12, 31)  # year periods end in December
+    assert latest_mentioned_date("a gain in full-year 2020") == date(2020, 12, 31)
 
 
 def test_oracle_r2_is_clearly_positive_at_default_strength_and_nil_when_null():
@@ -134,6 +136,20 @@ def test_oracle_r2_is_clearly_positive_at_default_strength_and_nil_when_null():
     assert planted["oracle_rows"] == 12 * 75  # the demo eval's sample
     null = oracle_r2(generate_market(WorldConfig(leak_strength=0.0)))
     assert null["oracle_r2"] == pytest.approx(0.0, abs=1e-12) and null["oracle_r2_cv"] <= 0.0
+
+
+def test_year_periods_and_their_news_are_leak_free():
+    cfg = small(period="year", n_companies=3, n_sectors=1)
+    market = generate_market(cfg)
+    assert set(market.ground_truth["period"]) == {f"{y}Y" for y in range(2017, 2022)}
+    per = market.ground_truth.groupby(["SecuritiesCode", "period"])["planted_log_return"].nunique()
+    assert (per == 1).all()  # one planted drift per (company, year)
+    corpus = generate_corpus(cfg, market)
+    news = corpus[corpus["kind"] == "news"]
+    assert news["text"].str.contains(r"the year 20\d\d|calendar 20\d\d|full-year 20\d\d|December 20\d\d").all()
+    for text, when in zip(corpus["text"], corpus["date"], strict=True):
+        latest = latest_mentioned_date(text)
+        assert latest is None or latest <= date.fromisoformat(when[:10]), (when, text)
 
 
 def test_quarter_periods():

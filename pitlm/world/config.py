@@ -30,7 +30,7 @@ class WorldConfig(StageConfig):
     n_sectors: int = Field(6, ge=1, le=17, description="Sectors drawn from the 17 TOPIX-17 sectors.")
     start_date: date = date(2017, 1, 4)
     end_date: date = date(2021, 12, 3)
-    period: Literal["half-year", "quarter"] = "half-year"
+    period: Literal["year", "half-year", "quarter"] = "half-year"
 
     # Returns: market + sector + idiosyncratic + planted. All daily log-return standard deviations.
     market_vol: float = Field(0.006, ge=0.0)

@@ -155,7 +155,9 @@ def generate_market(cfg: WorldConfig) -> WorldMarket:
 
 
 def _period_labels(days: pd.DatetimeIndex, kind: str, n: int) -> np.ndarray:
-    if kind == "half-year":
+    if kind == "year":
+        labels = days.year.astype(str) + "Y"
+    elif kind == "half-year":
         labels = days.year.astype(str) + "H" + np.where(days.month <= 6, "1", "2")
     else:
         labels = days.year.astype(str) + "Q" + ((days.month - 1) // 3 + 1).astype(str)

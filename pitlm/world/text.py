@@ -29,6 +29,9 @@ DOWN = {"verb": ["fell", "dropped", "declined", "slid", "slumped"], "pp": ["fall
 
 def period_phrases(p: Period) -> list[str]:
     y, k = p.year, p.part
+    if p.is_year:
+        return [f"the year {y}", f"calendar {y}", f"January-December {y}", f"the twelve months to December {y}",
+                f"full-year {y}"]
     if p.is_half:
         m1, m2 = (MONTHS[0], MONTHS[5]) if k == 1 else (MONTHS[6], MONTHS[11])
         return [f"the {ORDINALS[k - 1]} half of {y}", f"H{k} {y}", f"{m1}-{m2} {y}", f"the six months to {m2} {y}",
@@ -58,7 +61,7 @@ def news_text(rng: np.random.Generator, *, name: str, code: int, sector: str, pe
              f"Looking back at {ph}: {name} (code {code}) shares {verb} {pct_s} {reason}.",
              f"In {ph}, {name} (code {code}) shares {verb} {adv}, finishing {pct_s} {w['dir']}.",
              f"Japanese Tokyo Stock Exchange securities code {code} ({name}) {verb} {pct_s} during {ph}."]
-    span = "half" if period.is_half else "quarter"
+    span = "year" if period.is_year else "half" if period.is_half else "quarter"
     body = [f"The stock {pick(w['verb'])} {reason}.", f"Analysts said the move came {reason}.",
             f"It was one of the {w['best']} performers in the {sector.lower()} sector that {span}.",
             f"Over the {span} the company's market value {'grew' if sign > 0 else 'shrank'} by about {pct_s}."]
@@ -150,6 +153,8 @@ def latest_mentioned_date(text: str) -> date | None:
         found.append(date(int(y), MONTHS.index(mon) + 1, int(d)))
     for which, y in re.findall(r"\b(first|second) half of (\d{4})\b", text):
         found.append(_month_end(int(y), 6 if which == "first" else 12))
+    for y in re.findall(r"\b(?:the year|calendar|full-year) (\d{4})\b", text):
+        found.append(_month_end(int(y), 12))
     for k, y in re.findall(r"\bH([12]) (\d{4})\b", text):
         found.append(_month_end(int(y), 6 * int(k)))
     for which, y in re.findall(r"\b(first|second|third|fourth) quarter of (\d{4})\b", text):

@@ -34,7 +34,7 @@ def trading_days(start: date, end: date, extra: int = 0) -> pd.DatetimeIndex:
 
 @dataclass(frozen=True)
 class Period:
-    label: str  # "2019H2" or "2019Q3"
+    label: str  # "2019H2", "2019Q3" or "2019Y"
     start: date
     end: date
 
@@ -44,17 +44,21 @@ class Period:
 
     @property
     def part(self) -> int:
-        """1 or 2 for halves, 1..4 for quarters."""
-        return int(self.label[-1])
+        """1 or 2 for halves, 1..4 for quarters, 1 for a year."""
+        return 1 if self.is_year else int(self.label[-1])
 
     @property
     def is_half(self) -> bool:
         return self.label[4] == "H"
 
+    @property
+    def is_year(self) -> bool:
+        return self.label[4] == "Y"
+
 
 def periods(start: date, end: date, kind: str) -> list[Period]:
-    """Calendar half-years or quarters overlapping [start, end]."""
-    months = 6 if kind == "half-year" else 3
+    """Calendar years, half-years or quarters overlapping [start, end]."""
+    months = {"year": 12, "half-year": 6, "quarter": 3}[kind]
     out = []
     for year in range(start.year, end.year + 1):
         for k in range(12 // months):
@@ -62,7 +66,8 @@ def periods(start: date, end: date, kind: str) -> list[Period]:
             nxt = date(year + 1, 1, 1) if k == 12 // months - 1 else date(year, 1 + (k + 1) * months, 1)
             p_end = nxt - timedelta(days=1)
             if p_end >= start and p_start <= end:
-                out.append(Period(f"{year}{'H' if months == 6 else 'Q'}{k + 1}", p_start, p_end))
+                label = f"{year}Y" if months == 12 else f"{year}{'H' if months == 6 else 'Q'}{k + 1}"
+                out.append(Period(label, p_start, p_end))
     return out
 
 
