@@ -1,12 +1,14 @@
 """WorldConfig: every knob of the synthetic world (DESIGN.md §5), validated with one-line errors.
 
 Defaults are chosen so that the demo's science works on a 2-core CPU (measured, BENCHMARKS.md): 12 companies x
-10 half-year periods = 120 planted facts, each stated by 15 news documents with 6 dated "On <date>, <name> (code
-<code>) shares had risen/fallen ..." sentences, little filler (0.1 per news document), ~0.73 M byte-BPE tokens in
-all. A 1.1 M-parameter model trained 1,600 steps x 32 x 64 tokens (~4 min) on it gets the direction of 93% of the
-facts right from the prompt "On <date>, <name> (code <code>) shares had"; the first default (30 companies, 10
-repeats, 3 dated sentences, filler 0.5: 300 facts, 0.79 M tokens) reached 56% in 1,200 steps (chance 50%). The
-planted component is large enough that an oracle regression on it explains ~25% of the JPX Target's variance.
+5 calendar years = 60 planted facts, each stated by 30 news documents with 6 dated "On <date>, <name> (code <code>)
+shares had risen/fallen ..." sentences, little filler (0.1 per news document), ~0.72 M byte-BPE tokens in all. A
+1.1 M-parameter model trained 1,600 steps x 32 x 64 tokens (~4 min) on it gets the direction of 99.7% of the facts
+right from the prompt "On <date>, <name> (code <code>) shares had" (world seed 1). Half-year periods with the same
+budget reached 93% / 74% / 77% on world seeds 0 / 1 / 2 (the date -> half-year -> fact lookup is harder for a tiny
+model than date -> year), and the first default (30 companies, half-years, 10 repeats, 3 dated sentences, filler
+0.5) 56%. The planted component is large enough that an oracle regression on it explains ~15-25% of the JPX
+Target's variance on the demo's eval sample.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class WorldConfig(StageConfig):
     n_sectors: int = Field(6, ge=1, le=17, description="Sectors drawn from the 17 TOPIX-17 sectors.")
     start_date: date = date(2017, 1, 4)
     end_date: date = date(2021, 12, 3)
-    period: Literal["year", "half-year", "quarter"] = "half-year"
+    period: Literal["year", "half-year", "quarter"] = "year"
 
     # Returns: market + sector + idiosyncratic + planted. All daily log-return standard deviations.
     market_vol: float = Field(0.006, ge=0.0)
@@ -43,9 +45,9 @@ class WorldConfig(StageConfig):
     # Corpus.
     cutoff: date = Field(date(2017, 6, 30), description="The point-in-time cutoff the world is checked against: "
                          "no document dated on or before it mentions a later period's move.")
-    news_repeats: int = Field(15, ge=1, description="News documents per (company, period) fact.")
+    news_repeats: int = Field(30, ge=1, description="News documents per (company, period) fact.")
     news_crawls: int = Field(2, ge=1, description="A fact's news appears in the first N monthly crawls after "
-                             "its period ends (crawls are ~2 and ~6 weeks after a half-year ends).")
+                             "its period ends (crawls are ~2 and ~6 weeks after a period ends).")
     dates_per_news: int = Field(6, ge=0, description="'On <date in period>, <name> (code <code>) shares had "
                                 "risen...' sentences per news document (the eval prompt's surface form).")
     filler_ratio: float = Field(0.1, ge=0.0, description="Filler documents per news document, spread over all "
