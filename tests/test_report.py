@@ -89,3 +89,25 @@ def test_report_refuses_runs_with_nothing_to_show(cli, home):
     assert code == 2 and "nothing to report" in err
     code, _, err = cli("report", "nope")
     assert code == 2 and err.startswith("error: no run 'nope'")
+
+
+def test_forest_colours_only_intervals_above_zero_as_flagged():
+    """A leakage statistic whose interval lies below 0 is not a finding: red only above 0 in the forest plot,
+    both ways for reductions (a difference either way is news)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    from pitlm.report.plots import CLEAR, FLAG, _interval_rows
+
+    rows = [("below", {"estimate": -1.0, "ci_lo": -2.0, "ci_hi": -0.5}, False),
+            ("above", {"estimate": 1.0, "ci_lo": 0.5, "ci_hi": 2.0}, False),
+            ("spans", {"estimate": 0.1, "ci_lo": -0.5, "ci_hi": 0.6}, False)]
+    for one_sided, expected in ((True, [CLEAR, FLAG, CLEAR]), (False, [FLAG, FLAG, CLEAR])):
+        fig, ax = plt.subplots()
+        _interval_rows(ax, rows, "t", "x", one_sided=one_sided)
+        colours = [to_hex(line.get_color()) for line in ax.get_lines()[0:6:2]]  # the interval lines, in row order
+        plt.close(fig)
+        assert colours == [to_hex(c) for c in expected], (one_sided, colours)

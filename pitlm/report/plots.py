@@ -16,15 +16,17 @@ CLEAR = "#2c3e50"
 CONTROL = "#7f8c8d"
 
 
-def _interval_rows(ax, rows: list[tuple[str, dict | None, bool]], title: str, xlabel: str) -> None:
-    """rows: (label, summary dict with estimate/ci_lo/ci_hi, is_control). Red = interval excludes 0."""
+def _interval_rows(ax, rows: list[tuple[str, dict | None, bool]], title: str, xlabel: str,
+                   one_sided: bool = False) -> None:
+    """rows: (label, summary dict with estimate/ci_lo/ci_hi, is_control). Red = interval excludes 0 (one_sided:
+    lies above 0, the direction a leak pushes a leakage statistic; an interval below 0 is not a finding)."""
     ys = np.arange(len(rows))[::-1]
     for y, (_label, s, is_control) in zip(ys, rows, strict=True):
         if not s or not np.isfinite(s.get("estimate", np.nan)):
             ax.text(0, y, "n/a", va="center", ha="center", fontsize=8, color=CONTROL)
             continue
         lo, hi, est = s["ci_lo"], s["ci_hi"], s["estimate"]
-        excludes = np.isfinite(lo) and np.isfinite(hi) and (lo > 0 or hi < 0)
+        excludes = np.isfinite(lo) and np.isfinite(hi) and (lo > 0 or (hi < 0 and not one_sided))
         colour = CONTROL if is_control else (FLAG if excludes else CLEAR)
         ax.plot([lo, hi], [y, y], color=colour, lw=2.2, solid_capstyle="butt")
         ax.plot([est], [y], "o", color=colour, ms=7, mfc="white" if is_control else colour)
@@ -66,8 +68,8 @@ def forest_plot(results: dict) -> plt.Figure:
                        [(m, leakage.get(m), False) for m in order if m != control]))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.55 * len(order) + 1.6), squeeze=False)
     for ax, (title, xlabel, rows) in zip(axes[0], panels, strict=True):
-        _interval_rows(ax, rows, title, xlabel)
-    fig.suptitle("Leakage by model (95% bootstrap CIs; red = CI excludes 0, grey = knowledge-free control)",
+        _interval_rows(ax, rows, title, xlabel, one_sided=True)
+    fig.suptitle("Leakage by model (95% bootstrap CIs; red = CI above 0, grey = knowledge-free control)",
                  fontsize=10)
     fig.tight_layout()
     return fig

@@ -160,8 +160,9 @@ def corpus_section(page: Page, corpora: dict[str, dict]) -> None:
         drops = ", ".join(f"{k}={v}" for k, v in docs.items() if k.startswith("dropped") and v)
         rows.append([name, m.get("cutoff", "?"), tokens.get("train", "?"), tokens.get("val", "?"),
                      docs.get("kept", "?"), drops or "none", f"{m.get('min_doc_date')} .. {m.get('max_doc_date')}",
-                     len(m.get("dumps_used") or [])])
-    page.table(["corpus", "cutoff", "train tokens", "val tokens", "docs kept", "dropped", "doc dates", "dumps"], rows)
+                     f"{len(m.get('dumps_used') or [])} used, {len(m.get('dumps_skipped') or [])} skipped (after cutoff)"])
+    page.table(["corpus", "cutoff", "train tokens", "val tokens", "docs kept", "dropped (docs)", "doc dates", "dumps"],
+               rows)
 
 
 def render(data: ReportData, out_dir: Path, title: str = "pitlm report") -> dict[str, Path]:
