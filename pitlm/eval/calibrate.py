@@ -10,11 +10,11 @@ eval sample is drawn as `pitlm eval` draws it and two "models" are scored on the
   where planted_target is the ground-truth planted log return inside the row's Target window (0 in a null world),
   planted_daily the world's typical planted daily drift (so the signal is O(gain)), e ~ N(0, 1) per row, and w a
   fixed Gaussian vector of `knowledge_dim` entries (a random projection of the scalar q). `knowledge_noise` sets how
-  well the "LM" knows the future (0 = perfectly). The oracle nests the control, so oracle - control isolates what
-  the knowledge adds; in a null world the knowledge columns are pure noise. With `control_design=matched` the
-  control is instead an independent random-features map as wide as the oracle, matched to it by `control_match`
-  (singular values, or total variance) the way `pitlm eval` matches its control to a real model: that checks the
-  eval's own design.
+  well the "LM" knows the future (0 = perfectly). By default (`control_design=matched`, with alpha by inner CV) the
+  control is an independent random-features map as wide as the oracle, matched to it by `control_match` (singular
+  values, or total variance) the way `pitlm eval` matches its control to a real model: calibrate checks the eval's
+  own design. With `control_design=nested` the oracle contains the control's features, so oracle - control
+  isolates exactly what the knowledge adds; in a null world the knowledge columns are pure noise.
 
 Per protocol, a world is *flagged* when the lower end of the 95% decision interval of the oracle's leakage
 statistic net of the control is above 0 (legacy: `net_leakage_premium`; purged: `net_r2_purged`; walk_forward:
@@ -39,9 +39,10 @@ from pitlm.config import StageConfig
 log = logging.getLogger("pitlm.eval")
 # Calibration needs only R2 statistics and percentile intervals: rank ICs and BCa jackknife replicates would
 # triple the cost of every world.
-PROTOCOL_DEFAULTS = {"n_boot": 200, "rank_ic": False, "jackknife_groups": 0}
+# alpha by inner CV, as `pitlm eval` does by default: calibrate measures the eval's own configuration.
+PROTOCOL_DEFAULTS = {"n_boot": 200, "rank_ic": False, "jackknife_groups": 0, "alpha_cv": True}
 # 60 companies x 30 dates = 1,800 rows a world: enough stocks for stock folds and a clustered bootstrap, and
-# ~8 s a world on 2 cores (20 null + 20 planted worlds: ~6 min).
+# ~26 s a world on 2 cores with alpha by inner CV (20 null + 20 planted worlds: ~17 min; ~4 s a world with a fixed alpha).
 WORLD_DEFAULTS = {"n_companies": 60}
 STATISTIC = {"legacy": "leakage_premium", "purged": "r2_purged", "walk_forward": "r2_walk_forward"}
 
@@ -63,7 +64,7 @@ class CalibrateConfig(StageConfig):
     knowledge_noise: float = Field(0.5, ge=0, description="Noise of the oracle's knowledge (signal sd ~1): 0.5 "
                                    "= correlation ~0.9 with the planted component.")
     control_design: Literal["nested", "matched"] = Field(
-        "nested", description="nested: the control is the oracle's own random-feature block (oracle - control = "
+        "matched", description="nested: the control is the oracle's own random-feature block (oracle - control = "
         "the knowledge); matched: an independent random-features map as wide as the oracle, matched to it by "
         "control_match, the way `pitlm eval` matches its control to a real model.")
     control_match: Literal["spectrum", "dim+scale", "none"] = Field(
