@@ -32,7 +32,7 @@ log = logging.getLogger("pitlm.demo")
 
 WORLD = "demo"
 TOKENIZER = "demo-bpe"
-CUTOFF = "2017-06-30"  # the seed's cutoff; the world's first news (about H1 2017) is published after it
+CUTOFF = "2017-06-30"  # the seed's cutoff; the world's first news (about 2017) is published after it
 CORPORA = {"demo-all": "2099-12-31", "demo-pit": CUTOFF}
 MODELS = {  # eval name -> training recipe (= model run name); the first arm after the base is the eval's primary
     "base": "demo-scratch-leaky",  # (its premium_reduction is the seed's key: base - LoRA arm)

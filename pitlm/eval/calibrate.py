@@ -41,8 +41,8 @@ log = logging.getLogger("pitlm.eval")
 # triple the cost of every world.
 # alpha by inner CV, as `pitlm eval` does by default: calibrate measures the eval's own configuration.
 PROTOCOL_DEFAULTS = {"n_boot": 200, "rank_ic": False, "jackknife_groups": 0, "alpha_cv": True}
-# 60 companies (x 60 dates = 3,600 rows a world): enough stocks for stock folds and a clustered bootstrap, and
-# ~26 s a world on 2 cores with alpha by inner CV (20 null + 20 planted worlds: ~17 min; ~4 s a world with a fixed alpha).
+# 60 companies: enough stocks for stock folds and a clustered bootstrap; ~25 s a world on 2 cores with alpha by
+# inner CV (20 null + 20 planted worlds: ~17 min; ~4 s a world with a fixed alpha).
 WORLD_DEFAULTS = {"n_companies": 60}
 STATISTIC = {"legacy": "leakage_premium", "purged": "r2_purged", "walk_forward": "r2_walk_forward"}
 
@@ -60,7 +60,7 @@ class CalibrateConfig(StageConfig):
     dates_per_stock: int = Field(60, ge=1)
     template: str = "seed"
     features_dim: int = Field(64, ge=1, description="Width of the control's random features (the oracle adds "
-                              "knowledge_dim columns). 64 (+16 +5 numeric) features on 1,800 rows: the seed's order of "
+                              "knowledge_dim columns). 64 (+16 +5 numeric) features on 3,600 rows: the seed's order of "
                               "rows per feature (30k rows / 2053).")
     knowledge_dim: int = Field(16, ge=1)
     knowledge_gain: float = Field(1.0, ge=0)
