@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Source on the lent GPU machine (device tool): installs carried wheels into /tmp/site and sets the env.
-# Usage: source scripts/gpu_env.sh   (with .whl / .whl2 / .whl3 carried)
+# Usage: source scripts/gpu_env.sh   (with any of .whl .. .whl5 carried; .whl5 = bitsandbytes without the
+# CUDA 11/12, ROCm and XPU libraries, 7 MB instead of 43, so it travels beside z3 in one call)
 set -e
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-for d in .whl .whl2 .whl3 .whl4; do
+for d in .whl .whl2 .whl3 .whl4 .whl5; do
   if ls $d/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $d/*.whl
   fi

@@ -168,9 +168,15 @@ def apply_lora(model: nn.Module, cfg) -> nn.Module:
     try:
         with warnings.catch_warnings():  # peft reads a property transformers deprecated; not the user's concern
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            return get_peft_model(model, lcfg, autocast_adapter_dtype=cfg.adapter_dtype == "fp32")
+            peft_model = get_peft_model(model, lcfg, autocast_adapter_dtype=cfg.adapter_dtype == "fp32")
     except ValueError as e:
         raise ConfigError(f"LoRA targets {modules + params} do not fit this model: {str(e).splitlines()[0]}") from e
+    if params and cfg.experts_path == "grouped":
+        from pitlm.train.experts import install_expert_lora
+
+        n = install_expert_lora(peft_model)
+        log.info("expert LoRA: grouped GEMMs on the routed tokens in %d experts modules", n)
+    return peft_model
 
 
 @dataclass

@@ -1,0 +1,140 @@
+"""LoRA on routed MoE experts without materialising W + B·A.
+
+peft adapts a fused 3-D expert parameter (`target_parameters`, e.g. Qwen3.5-MoE's `mlp.experts.gate_up_proj`,
+(experts, out, in)) through a parametrization: every forward, recompute and backward it builds W + s·lhs@rhs for all
+experts of the layer (one baddbmm plus copies: 44% of a training step of Qwen3.5-35B-A3B on an H100, BENCHMARKS.md),
+although each token meets only 8 of the 256 experts. The same output is
+
+    x @ (W_e + s·lhs_e @ rhs_e)^T = x @ W_e^T + s·((x @ rhs_e^T) @ lhs_e^T)
+
+per expert e on the tokens routed to it: the base grouped GEMM plus two rank-r grouped GEMMs over the same
+routed tokens. `install_expert_lora(model)` makes peft's outermost ParamWrapper of each experts module compute
+that, reading the adapter factors from peft (`get_delta_factors`), so adapters, saving, loading and merging stay
+peft's; it falls back to peft's own forward whenever adapters are disabled, merged or more than one is active.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+
+import torch
+from torch import nn
+
+log = logging.getLogger("pitlm.train")
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
+                   counts: list[int] | None = None) -> torch.Tensor:
+    """Row block g of x (rows offsets[g-1]..offsets[g]) times weight[g]^T, weight (groups, out, in): one grouped
+    GEMM where torch has one for these shapes, else a loop over the groups."""
+    w = weight.transpose(-2, -1)
+    gmm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+    aligned = all(t.shape[-1] * t.element_size() % 16 == 0 for t in (x, w)) and w.shape[-2] * w.element_size() % 16 == 0
+    native = x.dtype == torch.bfloat16 or (x.device.type == "cpu" and x.dtype == torch.float32)
+    if gmm is not None and aligned and native:
+        return gmm(x, w, offs=offsets)
+    counts = counts if counts is not None else torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()
+    parts = [blk @ w[g] for g, blk in enumerate(torch.split(x, counts)) if counts[g]]
+    return torch.cat(parts) if parts else x.new_zeros(0, w.shape[-1])
+
+
+def lora_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                         top_k_weights: torch.Tensor,
+                         factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
+    """transformers' grouped-GEMM experts forward (gated, no bias, weights (experts, out, in)) with LoRA factors
+    {parameter name: (lhs (E, out, r), rhs (E, r, in), scaling)} applied to the routed tokens only."""
+    num_tokens, hidden_dim = hidden_states.shape
+    top_k = top_k_index.shape[-1]
+    expert_ids, perm = torch.sort(top_k_index.reshape(-1))
+    x = hidden_states[perm // top_k]
+    weights = top_k_weights.reshape(-1)[perm]
+    n_experts = experts.gate_up_proj.shape[0]
+    hist_in = expert_ids.int() if x.device.type == "cuda" else expert_ids.float()
+    offsets = torch.cumsum(torch.histc(hist_in, bins=n_experts, min=0, max=n_experts - 1), 0, dtype=torch.int32)
+
+    def project(inp: torch.Tensor, name: str) -> torch.Tensor:
+        out = grouped_linear(inp, getattr(experts, name), offsets)
+        if name in factors:
+            lhs, rhs, scaling = factors[name]  # peft's lhs is a permuted view: grouped GEMMs want plain layouts
+            lhs, rhs = lhs.contiguous(), rhs.contiguous()
+            low = grouped_linear(inp, rhs, offsets)  # (S, r)
+            out = out + scaling * grouped_linear(low, lhs, offsets)
+        return out
+
+    h = project(x, "gate_up_proj")
+    if hasattr(experts, "_apply_gate"):
+        h = experts._apply_gate(h)
+    else:
+        gate, up = h.chunk(2, dim=-1)
+        h = experts.act_fn(gate) * up
+    h = project(h, "down_proj") * weights.unsqueeze(-1)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    return h[inv].view(num_tokens, top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
+
+
+def _supported(experts: nn.Module) -> str | None:
+    """Why this experts module cannot take the grouped LoRA path (None = it can)."""
+    for name in ("gate_up_proj", "down_proj"):
+        p = getattr(experts, name, None)
+        if not isinstance(p, torch.Tensor) or p.dim() != 3:
+            return f"no 3-D {name}"
+    if getattr(experts, "is_transposed", False) or getattr(experts, "has_bias", False):
+        return "transposed or biased expert weights"
+    if not getattr(experts, "has_gate", True) or not getattr(experts, "is_concatenated", True):
+        return "ungated or interleaved gate/up layout"
+    if getattr(experts, "_is_expert_parallel", False) or getattr(experts, "has_post_expert_norm", False):
+        return "expert parallelism or a post-expert norm"
+    if not hasattr(experts, "act_fn"):
+        return "no act_fn"
+    return None
+
+
+def _chain(wrapper: nn.Module) -> tuple[list[nn.Module], nn.Module]:
+    """The nested ParamWrappers from `wrapper` inwards, and the module they wrap."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    chain, inner = [], wrapper
+    while isinstance(inner, ParamWrapper):
+        chain.append(inner)
+        inner = inner.base_layer
+    return chain, inner
+
+
+def install_expert_lora(model: nn.Module) -> int:
+    """Route every LoRA-adapted experts module of a peft model through `lora_experts_forward`. Returns how many
+    experts modules now take the grouped path (0: none adapted, or none supported, each logged)."""
+    try:
+        from peft.tuners.lora.layer import ParamWrapper
+    except ImportError:
+        return 0
+    inner_ids = {id(m.base_layer) for m in model.modules() if isinstance(m, ParamWrapper)}
+    installed, refused = 0, set()
+    for module in model.modules():
+        if not isinstance(module, ParamWrapper) or id(module) in inner_ids:
+            continue  # only outermost wrappers
+        chain, experts = _chain(module)
+        why = _supported(experts)
+        if why or any(w.parameter_name not in ("gate_up_proj", "down_proj") for w in chain):
+            refused.add(why or "a LoRA parameter other than gate_up_proj/down_proj")
+            continue
+        module.forward = types.MethodType(_make_forward(chain, experts, module.forward), module)
+        installed += 1
+    for why in refused:
+        log.warning("expert LoRA: peft's materialising path kept for some experts (%s)", why)
+    return installed
+
+
+def _make_forward(chain: list[nn.Module], experts: nn.Module, fallback):
+    def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+        factors = {}
+        for w in chain:
+            adapters = [a for a in w.active_adapters if a in w.lora_A]
+            if args or kwargs or w.disable_adapters or w.merged or len(adapters) > 1:
+                return fallback(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+            if adapters:
+                factors[w.parameter_name] = w.get_delta_factors(adapters[0])
+        return lora_experts_forward(experts, hidden_states, top_k_index, top_k_weights, factors)
+
+    return forward
