@@ -8,7 +8,7 @@
 #   phase 4 (after 0, .whl3, .whl4 are installed): a profile of the fitting 40-layer step; LoRA without lm_head/
 #           embed_tokens in full at batch 4 / 8; embedding at batch 1024
 #   phase 5 (after 0; carry .whl3 .whl5: z3 + slim bitsandbytes): the grouped expert-LoRA path -- correctness
-#           against peft's path (scripts/gpu_check_experts.py), then the 40-layer LoRA recipe with it (profile)
+#           against peft's path (scripts/gpu_check_experts.py), then the 40-layer LoRA recipe with it
 #   phase 6 (after 5, machine still warm): larger batches with the grouped path
 # Usage: bash scripts/gpu_bench.sh 0|1|2|3|4|5|6
 set -u
@@ -36,10 +36,10 @@ elif [ "$1" = 5 ]; then
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
   M="--adapter-dtype base --optim adamw8bit"
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|gpu0|bitsandbytes|grouped" | tee "$OUT/doctor.txt"
-  T=120 run python3 scripts/gpu_check_experts.py --trials 2
-  T=170 run $B train $L --batch 1 --ce-chunk 512 $M --profile "$OUT/profile_b1_grouped.txt"
-  T=130 run $B train $L --batch 2 --ce-chunk 512 $M
-  T=130 run $B train $L --batch 4 --ce-chunk 2048 $M --full-modules ""
+  T=200 run python3 scripts/gpu_check_experts.py --trials 2
+  T=120 run $B train $L --batch 1 --ce-chunk 512 $M
+  T=130 run $B train $L --batch 3 --ce-chunk 512 $M
+  T=130 run $B train $L --batch 6 --ce-chunk 1024 $M --full-modules ""
 elif [ "$1" = 6 ]; then
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
   M="--adapter-dtype base --optim adamw8bit"
