@@ -25,6 +25,8 @@ invariant to that shift; it keeps the sums well scaled).
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -32,6 +34,19 @@ import numpy as np
 import torch
 
 from pitlm.eval.splitters import PanelFolds
+
+_CONTROLLER = None
+
+
+def _blas_threads(n: int):
+    """Context limiting BLAS libraries to n threads (threadpoolctl; its library scan, ~ms, done once)."""
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        import scipy.linalg  # noqa: F401  (scipy's own OpenBLAS, behind its Cython LAPACK, must be loaded)
+        from threadpoolctl import ThreadpoolController
+
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER.limit(limits=n)
 
 
 @contextmanager
@@ -41,12 +56,10 @@ def _single_thread(active: bool):
     if not active:
         yield
         return
-    from threadpoolctl import threadpool_limits
-
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with threadpool_limits(1):
+        with _blas_threads(1):
             yield
     finally:
         torch.set_num_threads(before)
@@ -98,7 +111,7 @@ class ClusterRidge:
     (ignored when the layout does not split stocks)."""
 
     def __init__(self, X, y, stock, cell, n_stocks: int, folds: PanelFolds, *, device: str = "cpu",
-                 mode: str = "auto", memory_bytes: int | None = None):
+                 mode: str = "auto", memory_bytes: int | None = None, fast: bool = False):
         self.device = torch.device(device)
         X = np.asarray(X, dtype=np.float64)
         y = np.asarray(y, dtype=np.float64)
@@ -110,37 +123,53 @@ class ClusterRidge:
         self.train_cells, self.test_cells = folds.train[:, :, present], folds.test[:, :, present]
         self.K, self.T = folds.n_stock_folds, len(present)
         self.mean_x, self.mean_y = X.mean(0), float(y.mean())
+        # [1, X, y] centred, one row per row: the fast path's Gram matrices hold n, sums, X'X, X'y, y'y at once
+        self.Zy = np.empty((self.n, self.d + 2))
+        self.Zy[:, 0] = 1.0
+        np.subtract(X, self.mean_x, out=self.Zy[:, 1:self.d + 1])
+        self.Zy[:, -1] = y - self.mean_y
         kw = {"dtype": torch.float64, "device": self.device}
-        self.X = torch.as_tensor(X - self.mean_x, **kw)
-        self.y = torch.as_tensor(y - self.mean_y, **kw)
-        self.stock = torch.as_tensor(np.asarray(stock), dtype=torch.long, device=self.device)
-        self.cell = torch.as_tensor(np.asarray(cell), dtype=torch.long, device=self.device)
+        if self.device.type == "cpu":  # views, no second copy of X
+            self.X, self.y = torch.from_numpy(self.Zy)[:, 1:self.d + 1], torch.from_numpy(self.Zy)[:, -1]
+        else:
+            self.X, self.y = torch.as_tensor(self.Zy[:, 1:self.d + 1], **kw), torch.as_tensor(self.Zy[:, -1], **kw)
+        self._stock_np, self._cell_np = np.asarray(stock, dtype=np.int64), np.asarray(cell, dtype=np.int64)
+        self.stock = torch.as_tensor(self._stock_np, device=self.device)
+        self.cell = torch.as_tensor(self._cell_np, device=self.device)
         self.p = 3 + 2 * self.d + self.d * self.d
         self.train_mask = torch.as_tensor(self.train_cells.reshape(folds.n_folds, -1), **kw)
         self.test_mask = torch.as_tensor(self.test_cells.reshape(folds.n_folds, -1), **kw)
         self._sep = self._separable()
         self.memory_bytes = memory_bytes or default_memory_bytes(self.device)
+        self.workers = max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
+        # the fast path (fixed alpha, CPU, every layout here): `solve_batch`
+        self.fast = bool(fast) and self._sep is not None and self.device.type == "cpu"
+        if self.fast:
+            self._fast_setup()
+            self.mode = self._choose_fast_mode(mode)
+            if self.mode == "stats":
+                self._pattern_stats()
+            self.cell_stats = None
+            return
         self.mode = self._choose_mode(mode)
         with self.threads():
             self.cell_stats = self._cell_stats() if self.mode == "stats" else None
-            self.patterns = self._patterns() if self.mode == "stats" else None
 
     # ---- block statistics -------------------------------------------------------------------------
     def _choose_mode(self, mode: str) -> str:
         if mode not in ("auto", "stats", "rows"):
             raise ValueError(f"engine mode must be auto, stats or rows (got {mode!r})")
-        n_patterns = 2 * self.folds.n_folds if self._sep is not None else 0  # at most; usually far fewer
-        stats_bytes = self.S * (self.T + min(n_patterns, 2 * self.T)) * self.p * 8
+        stats_bytes = self.S * self.T * self.p * 8
         if mode == "stats" and stats_bytes > self.memory_bytes * 4:
             raise ValueError(f"per-stock statistics need {stats_bytes / 2**30:.1f} GiB; use mode='rows'")
         if mode != "auto":
             return mode
-        # Cost per draw in multiply-adds: the stats path does one GEMM per fold and side (2*F*S*p; blocks
-        # K*T*S*p for other layouts); the rows pass a rank-k update over the ~63% of rows whose stock is drawn
-        # (half of d*d on CPU, where numpy uses syrk) plus one Python step per block. Measured on 2 cores,
-        # the rows pass runs ~3x slower per multiply-add (gathers, small blocks) than the batched GEMM.
+        # Cost per draw in multiply-adds: the stats path's block GEMM (K*T*S*p) plus, for layouts that are not
+        # separable, one GEMM per fold and side; the rows pass a rank-k update over the ~63% of rows whose stock
+        # is drawn (half of d*d on CPU, where numpy uses syrk) plus one Python step per block. Measured on 2
+        # cores, the rows pass runs ~3x slower per multiply-add (gathers, small blocks) than the batched GEMM.
         F = self.folds.n_folds
-        gemm = 2 * F * self.S * self.p if self._sep is not None else (self.K * self.T + 2 * F) * self.S * self.p
+        gemm = (self.K * self.T + (2 * F if self._sep is None else 0)) * self.S * self.p
         rows = 0.63 * self.n * self.d * self.d * (0.5 if self.device.type == "cpu" else 1.0) + 5e5 * self.K * self.T
         return "stats" if stats_bytes <= self.memory_bytes and gemm <= 3 * rows else "rows"
 
@@ -203,79 +232,287 @@ class ClusterRidge:
             empty[k] = False
         out[empty.to(self.device)] = 0.0
 
-    def _patterns(self) -> dict | None:
-        """For separable layouts in stats mode: per side, the per-stock statistics contracted over each
-        distinct cell pattern of the folds ((Q, S, p) tensors), and the folds sorted into groups that share
-        both patterns, so that each group's statistics are one GEMM into a contiguous slice."""
-        if self._sep is None:
-            return None
-        St = self.cell_stats.view(self.S, self.T, self.p)
-        inv, stats = {}, {}
-        for side, cells in (("train", self._sep[1]), ("test", self._sep[2])):
-            pats, idx = np.unique(cells.cpu().numpy(), axis=0, return_inverse=True)
-            P = torch.as_tensor(pats, dtype=torch.float64, device=self.device)
-            inv[side], stats[side] = np.asarray(idx).reshape(-1), torch.einsum("qt,stp->qsp", P, St).contiguous()
-        key = inv["train"] * (stats["test"].shape[0]) + inv["test"]
-        order = np.argsort(key, kind="stable")
-        starts = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1]])
-        ends = np.r_[starts[1:], len(order)]
-        groups = [(int(a), int(b), int(inv["train"][order[a]]), int(inv["test"][order[a]])) for a, b in zip(starts, ends, strict=True)]
-        return {"stats": stats, "order": order, "groups": groups,
-                "unsort": torch.as_tensor(np.argsort(order), device=self.device)}
-
-    @property
-    def direct(self) -> bool:
-        """Whether fold statistics come straight from per-stock statistics (no block tensor)."""
-        return self.patterns is not None
-
-    def direct_fold_stats(self, counts: torch.Tensor, assign: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(train, test) statistics of every fold, laid out (F, B, p) with folds in `patterns["order"]`: per
-        group one GEMM of per-draw stock weights (count x [stock fold is / is not the fold's own]) against
-        the contracted statistics. `fit_stats`/`score_stats` take them; `unsort` restores (B, F)."""
-        pt = self.patterns
-        own = torch.as_tensor(self._sep[0][pt["order"]], device=self.device)
-        B, F = counts.shape[0], len(own)
-        everyone = (own < 0)[:, None, None]
-        mine = (assign.clamp(min=0)[None, :, :] == own[:, None, None]) | everyone  # (F, B, S)
-        w = {"test": counts[None] * mine, "train": counts[None] * (~mine | everyone)}
-        out = {side: torch.empty(F, B, self.p, dtype=torch.float64, device=self.device) for side in w}
-        for a, b, q_train, q_test in pt["groups"]:
-            for side, q in (("train", q_train), ("test", q_test)):
-                torch.mm(w[side][a:b].reshape(-1, self.S), pt["stats"][side][q], out=out[side][a:b].view(-1, self.p))
-        return out["train"], out["test"]
-
-    def unsort(self, fit: FoldFit, score: FoldScore) -> tuple[FoldFit, FoldScore]:
-        """(F, B)-laid, fold-sorted results of the direct path back to (B, F) in fold order."""
-        inv = self.patterns["unsort"]
-
-        def back(t):
-            return t[inv].transpose(0, 1)
-
-        return (FoldFit(back(fit.beta), back(fit.intercept), back(fit.ok), back(fit.n_train)),
-                FoldScore(*(back(getattr(score, k)) for k in ("sse", "sst", "n", "sy", "syy"))))
-
     def light(self) -> bool:
         """Whether a draw's work is small (< ~5e7 multiply-adds): then one thread is faster (and on a shared
         CPU, far faster: every OpenMP region waits for its slowest, possibly descheduled, thread)."""
         if self.device.type != "cpu":
             return False
         F = self.folds.n_folds
-        direct = self.mode == "stats" and self._sep is not None
-        gemm = 2 * F * self.S * self.p if direct else self.K * self.T * self.S * self.p
-        work = gemm if self.mode == "stats" else self.n * self.d * self.d
+        work = self.K * self.T * self.S * self.p if self.mode == "stats" else self.n * self.d * self.d
         return work + F * self.d ** 3 / 3 < 5e7
 
     def threads(self):
-        """Context for the draw loop: single-threaded when `light()`."""
-        return _single_thread(self.light())
+        """Context for the draw loop: single-threaded when `light()`, and always for the fast path (which
+        runs its own pool of threads, one BLAS thread each)."""
+        return _single_thread(self.fast or self.light())
 
     def draw_batch_size(self) -> int:
         """Draws per batch so that block and fold statistics stay within the memory budget."""
         F = self.folds.n_folds
-        blocks = 0 if self.direct else self.K * self.T * self.p + F * self.p
-        per_draw = 8 * (blocks + 2 * F * self.p + 2 * F * self.d * self.d)
+        if self.fast:
+            per_draw = 8 * (F * (self._tri + self.d + 1) + 4 * self.n * max(self.K, 1))
+            return int(max(1, min(64, self.memory_bytes // max(per_draw, 1))))
+        per_draw = 8 * (self.K * self.T * self.p + 3 * F * self.p + 2 * F * self.d * self.d)
         cap = 256 if self.device.type == "cuda" else 64  # more draws per kernel launch on a GPU
         return int(max(1, min(cap, self.memory_bytes // max(per_draw, 1))))
+
+    # ---- fast path: fixed alpha, separable layouts, CPU ------------------------------------------------
+    # Fold f trains on cells allowed[f] of every stock fold but own[f] and is scored on the rows it tests.
+    # Training systems are Gram matrices of Z = [1, X, y] (centred): with the intercept first, Cholesky's first
+    # pivot is n and the rest is the centred X'X + alpha I that scikit-learn factorises; Z'y rides along.
+    # Test sides need no statistics: every row is tested by one fold (per group), so SSE comes from the rows'
+    # residuals, n*d multiply-adds per fold group instead of a d x d Gram per fold.
+    # - "stats": per (stock, training pattern) packed Gram matrices; a batch of draws is one GEMM per pattern
+    #   group (fold weights count x [stock fold != own]), written in LAPACK's rectangular full packed format,
+    #   which dpftrf factorises in place (no unpacking).
+    # - "rows": per draw, one syrk per (stock fold, super-cell) block from the count-weighted rows, blocks
+    #   combined into each fold's training Gram (total minus own stock fold), factorised by dpotrf.
+    # Solves run LAPACK through ctypes (GIL released) on a pool of `workers` threads, one BLAS thread each.
+    def _fast_setup(self) -> None:
+        own, allowed, inblock = self._sep
+        self._own = np.asarray(own)
+        allowed = allowed.cpu().numpy() > 0
+        inblock = inblock.cpu().numpy() > 0
+        d, F = self.d, self.folds.n_folds
+        m = d + 1
+        self._tri = m * (m + 1) // 2
+        # super-cells: cells that every training pattern takes or leaves together; -1: in no training set
+        used = allowed.any(0)
+        sig, sc = np.unique(allowed.T, axis=0, return_inverse=True)
+        sc = np.asarray(sc).reshape(-1)
+        keep_sig = np.flatnonzero(sig.any(1))
+        remap = np.full(len(sig), -1)
+        remap[keep_sig] = np.arange(len(keep_sig))
+        self._sc_of_cell = np.where(used, remap[sc], -1)
+        self._T2 = len(keep_sig)
+        self._sc_row = self._sc_of_cell[self._cell_np]
+        # training patterns over super-cells, and contiguous fold ranges that share one
+        pats, q_of_fold = np.unique(allowed, axis=0, return_inverse=True)
+        q_of_fold = np.asarray(q_of_fold).reshape(-1)
+        self._q_of_fold = q_of_fold
+        self._train_cells_of_pattern = pats  # (Q, T) bool
+        self._pattern_sc = np.array([[bool(pats[q][self._sc_of_cell == t].any()) for t in range(self._T2)]
+                                     for q in range(len(pats))], dtype=bool).reshape(len(pats), self._T2)
+        starts = np.flatnonzero(np.r_[True, q_of_fold[1:] != q_of_fold[:-1]])
+        self._train_groups = [(int(a), int(b), int(q_of_fold[a]))
+                              for a, b in zip(starts, np.r_[starts[1:], F], strict=True)]
+        # test groups: folds sharing their tested cells, and those cells' rows
+        tpats, t_of_fold = np.unique(inblock, axis=0, return_inverse=True)
+        t_of_fold = np.asarray(t_of_fold).reshape(-1)
+        self._test_groups = []
+        for r in range(len(tpats)):
+            members = np.flatnonzero(t_of_fold == r)
+            rows = np.flatnonzero(tpats[r][self._cell_np])
+            if len(rows) == 0:
+                continue
+            Zr = self.Zy[:, :m] if len(rows) == self.n else np.ascontiguousarray(self.Zy[rows, :m])
+            self._test_groups.append((members, rows, Zr, self.Zy[rows, -1].copy()))
+        self._H = self._bufs = self._out = None  # work buffers, allocated on first use
+
+    def _choose_fast_mode(self, mode: str) -> str:
+        if mode not in ("auto", "stats", "rows"):
+            raise ValueError(f"engine mode must be auto, stats or rows (got {mode!r})")
+        m1 = self.d + 2
+        pt = self._tri + self.d + 1
+        Q = len(self._train_cells_of_pattern)
+        stats_bytes = Q * self.S * pt * 8
+        if mode == "stats" and stats_bytes > self.memory_bytes * 4:
+            raise ValueError(f"per-stock statistics need {stats_bytes / 2**30:.1f} GiB; use mode='rows'")
+        if mode != "auto":
+            return mode
+        # multiply-adds per draw: the stats GEMM, one row of S weights per fold and packed statistic; the rows
+        # pass, a syrk over the ~63% of training rows whose stock is drawn, plus block combinations (memory
+        # passes, ~10 multiply-adds' worth per element) and per-block Python work (~2e5 multiply-adds' worth)
+        F = self.folds.n_folds
+        gemm = F * self.S * pt
+        n_train = int((self._sc_row >= 0).sum())
+        blocks = self.K * self._T2
+        rows = 0.63 * n_train * m1 * m1 / 2 + 10 * (blocks + 3 * F) * m1 * m1 + 2e5 * (blocks + F)
+        return "stats" if stats_bytes <= self.memory_bytes and gemm <= rows else "rows"
+
+    def _pattern_stats(self) -> None:
+        """(Q, S, tri + m) packed training statistics of every stock over every training pattern's cells:
+        [Z'Z in RFP order (Z = [1, X]), Z'y]."""
+        m = self.d + 1
+        self._rfp, self._rfp_diag = _rfp_index(m)
+        pats = self._train_cells_of_pattern
+        P = np.zeros((len(pats), self.S, self._tri + m))
+        order = np.argsort(self._stock_np, kind="stable")
+        bounds = np.searchsorted(self._stock_np[order], np.arange(self.S + 1))
+        G = np.empty((m + 1, m + 1))
+        for q in range(len(pats)):
+            in_q = pats[q][self._cell_np]
+            for s in range(self.S):
+                idx = order[bounds[s]:bounds[s + 1]]
+                idx = idx[in_q[idx]]
+                if len(idx) == 0:
+                    continue
+                Z = self.Zy[idx]
+                np.matmul(Z.T, Z, out=G)
+                P[q, s, :self._tri] = G[:m, :m].reshape(-1)[self._rfp]
+                P[q, s, self._tri:] = G[m, :m]
+        self._P = P
+
+    def solve_batch(self, counts, assign, alpha: float) -> tuple[FoldFit, FoldScore]:
+        """Fit and score every fold for a batch of count vectors (B, S) and stock-fold assignments (B, S):
+        (B, F) results as torch tensors, in fold order."""
+        counts = np.asarray(counts, dtype=np.float64)
+        assign = np.asarray(assign, dtype=np.int64).clip(min=0)
+        B, F, m = counts.shape[0], self.folds.n_folds, self.d + 1
+        theta = np.zeros((B, F, m))
+        n_train, sy_train = np.zeros((B, F)), np.zeros((B, F))
+        info = np.ones((B, F), dtype=np.int64)
+        with _single_thread(True):
+            if self.mode == "stats":
+                self._fit_stats_mode(counts, assign, float(alpha), theta, n_train, sy_train, info)
+            else:
+                for b in range(B):
+                    self._fit_rows_mode(counts[b], assign[b], float(alpha), theta[b], n_train[b], sy_train[b], info[b])
+            ok = (info == 0) & (n_train > 0)
+            theta[~ok] = 0.0
+            theta[..., 0] = np.where(ok, theta[..., 0], sy_train / np.maximum(n_train, 1.0))
+            score = self._score_rows(counts, assign, theta)
+        t = torch.from_numpy
+        return FoldFit(t(theta[..., 1:]), t(theta[..., 0].copy()), t(ok), t(n_train)), score
+
+    def _fit_stats_mode(self, counts, assign, alpha, theta, n_train, sy_train, info) -> None:
+        B, F, S, m = counts.shape[0], self.folds.n_folds, self.S, self.d + 1
+        pt = self._tri + m
+        if self._out is None or self._out.size < F * B * pt:  # kept: fresh pages cost more than the GEMM
+            self._out = np.empty(F * B * pt)
+        out = self._out[:F * B * pt].reshape(F, B, pt)
+        pool = _pool(self.workers)
+        jobs = []
+        for a, b, q in self._train_groups:
+            own = self._own[a:b]
+            W = counts[None] * ((assign[None] != own[:, None, None]) | (own < 0)[:, None, None])
+            W = W.reshape(-1, S)
+            dst = out[a:b].reshape(-1, pt)
+            for lo, hi in _chunks(len(W), self.workers):
+                jobs.append(pool.submit(np.matmul, W[lo:hi], self._P[q], out=dst[lo:hi]))
+        for j in jobs:
+            j.result()
+        flat = out.reshape(F * B, pt)
+        n_train[:] = flat[:, self._rfp_diag[0]].reshape(F, B).T
+        sy_train[:] = flat[:, self._tri].reshape(F, B).T
+        flat[:, self._rfp_diag[1:]] += alpha
+        res = np.empty(F * B, dtype=np.int64)
+        lap = _lapack()
+
+        def solve(lo, hi):
+            for i in range(lo, hi):
+                res[i] = lap.spd_rfp(flat[i], m)
+
+        for j in [pool.submit(solve, lo, hi) for lo, hi in _chunks(F * B, self.workers)]:
+            j.result()
+        theta[:] = flat[:, self._tri:].reshape(F, B, m).transpose(1, 0, 2)
+        info[:] = res.reshape(F, B).T
+
+    def _fit_rows_mode(self, counts, assign, alpha, theta, n_train, sy_train, info) -> None:
+        """One draw: (F, m) solutions from count-weighted block Gram matrices of the rows."""
+        K, T2, F, m = self.K, self._T2, self.folds.n_folds, self.d + 1
+        m1 = m + 1
+        if self._H is None:
+            self._H = np.zeros((K, T2, m1, m1))
+            self._bufs = np.empty((F, m1, m1))
+        H, bufs = self._H, self._bufs
+        w = counts[self._stock_np]
+        k_row = assign[self._stock_np] if K > 1 else np.zeros(self.n, dtype=np.int64)
+        keep = np.flatnonzero((w > 0) & (self._sc_row >= 0))
+        key = k_row[keep] * T2 + self._sc_row[keep]
+        o = np.argsort(key, kind="stable")
+        keep, key = keep[o], key[o]
+        keys, starts = np.unique(key, return_index=True)
+        ends = np.r_[starts[1:], len(key)]
+        flatH = H.reshape(K * T2, m1, m1)
+        filled = np.zeros(K * T2, dtype=bool)
+        filled[keys] = True
+        flatH[~filled] = 0.0
+        pool = _pool(self.workers)
+
+        def block(k, idx):
+            Z = self.Zy[idx]
+            Z *= np.sqrt(w[idx])[:, None]
+            np.matmul(Z.T, Z, out=flatH[k])  # numpy uses syrk for a.T @ a
+
+        sizes = ends - starts
+        by_size = np.argsort(-sizes, kind="stable")
+        if sizes.mean() * m1 * m1 > 2e8:  # big blocks: one at a time, BLAS threads inside (~1.3x the pool's rate)
+            with _blas_threads(self.workers):
+                for i in by_size:
+                    block(int(keys[i]), keep[starts[i]:ends[i]])
+        else:
+            for j in [pool.submit(block, int(keys[i]), keep[starts[i]:ends[i]]) for i in by_size]:
+                j.result()
+        # fold training Gram matrices, slab by slab of rows so that the sums stay in cache
+        slabs = _chunks(m1, max(1, m1 * m1 // 16384))
+        for j in [pool.submit(self._combine, H, bufs, part) for part in np.array_split(np.arange(len(slabs)), self.workers)
+                  if len(part)]:
+            j.result()
+        n_train[:], sy_train[:] = bufs[:, 0, 0], bufs[:, 0, m]
+        diag = np.arange(1, m)
+        bufs[:, diag, diag] += alpha
+        lap = _lapack()
+
+        def fold(f):
+            info[f] = lap.spd_full(bufs[f], m)
+            theta[f] = bufs[f, m, :m]
+
+        for j in [pool.submit(fold, f) for f in range(F)]:
+            j.result()
+
+    def _combine(self, H: np.ndarray, bufs: np.ndarray, slab_ids) -> None:
+        """Rows of the slabs `slab_ids` of every fold's training Gram from the block Gram matrices H (K, T2, m1,
+        m1): the pattern's total over stock folds minus the own stock fold's (via the complement when shorter)."""
+        T2, m1 = H.shape[1], H.shape[-1]
+        slabs = _chunks(m1, max(1, m1 * m1 // 16384))
+        pats = self._pattern_sc
+        for i in slab_ids:
+            lo, hi = slabs[i]
+            Hs = H[:, :, lo:hi]
+            U = Hs.sum(0)  # (T2, r, m1): every stock fold
+            Hall = None
+            UA = {}
+            for f in range(len(self._own)):
+                q, k = int(self._q_of_fold[f]), int(self._own[f])
+                inq, outq = np.flatnonzero(pats[q]), np.flatnonzero(~pats[q])
+                if q not in UA:
+                    UA[q] = U[inq].sum(0) if len(inq) > 1 else U[inq[0]]
+                buf = bufs[f, lo:hi]
+                if k < 0:
+                    np.copyto(buf, UA[q])
+                elif 2 * len(inq) > T2 + 1:  # fewer terms through the complement
+                    if Hall is None:
+                        Hall = Hs.sum(1)
+                    np.subtract(UA[q], Hall[k], out=buf)
+                    for t in outq:
+                        buf += Hs[k, t]
+                else:
+                    np.subtract(UA[q], Hs[k, inq[0]], out=buf)
+                    for t in inq[1:]:
+                        buf -= Hs[k, t]
+
+    def _score_rows(self, counts, assign, theta) -> FoldScore:
+        """Test-side sums of every fold from its tested rows' residuals: SSE, n, sum y, sum y^2 (weights =
+        counts; a row is tested by fold f when its cell is in f's test cells and its stock fold is f's own)."""
+        B, F, m = counts.shape[0], self.folds.n_folds, self.d + 1
+        sse, n, sy, syy = (np.zeros((B, F)) for _ in range(4))
+        for members, rows, Zr, yr in self._test_groups:
+            th = theta[:, members, :].reshape(-1, m)  # (B*G, m)
+            res = np.empty((len(rows), len(th)))
+            _par_matmul(Zr, th.T, res, self.workers)
+            np.subtract(yr[:, None], res, out=res)
+            res = res.reshape(len(rows), B, len(members))
+            stock = self._stock_np[rows]
+            own = self._own[members]
+            Wm = counts[:, stock].T[:, :, None] * ((assign[:, stock].T[:, :, None] == own) | (own < 0))
+            sse[:, members] = np.einsum("rbg,rbg->bg", Wm, res * res)
+            n[:, members] = Wm.sum(0)
+            sy[:, members] = np.einsum("rbg,r->bg", Wm, yr)
+            syy[:, members] = np.einsum("rbg,r->bg", Wm, yr * yr)
+        sst = syy - sy ** 2 / np.where(n > 0, n, 1.0)
+        t = torch.from_numpy
+        return FoldScore(t(sse), t(sst), t(n), t(sy), t(syy))
 
     # ---- solving and scoring ---------------------------------------------------------------------
     def _unpack(self, s: torch.Tensor):
@@ -424,6 +661,103 @@ class ClusterRidge:
             1, owner, usable.to(torch.float64)) > 0
         best = grid_t[total.argmin(-1)]
         return torch.where(any_inner, best, torch.full_like(best, default))
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    if n not in _POOLS:
+        _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="pitlm-engine")
+    return _POOLS[n]
+
+
+def _chunks(n: int, parts: int) -> list[tuple[int, int]]:
+    bounds = np.linspace(0, n, max(1, min(parts, n)) + 1).astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
+def _par_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, workers: int) -> None:
+    """out = a @ b, rows of `a` split over the pool (one BLAS thread each)."""
+    pool = _pool(workers)
+    for j in [pool.submit(np.matmul, a[lo:hi], b, out=out[lo:hi]) for lo, hi in _chunks(len(a), workers)]:
+        j.result()
+
+
+def _rfp_index(m: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions in a C-ordered m x m matrix of each entry of its lower triangle in LAPACK's rectangular full
+    packed format (TRANSR='N', UPLO='L'), position of each diagonal entry in that packed array)."""
+    from scipy.linalg import lapack
+
+    flat = np.arange(m * m, dtype=np.float64).reshape(m, m)
+    arf, info = lapack.dtrttf(np.asfortranarray(flat), transr="N", uplo="L")
+    assert info == 0
+    index = np.rint(arf).astype(np.int64)
+    where = np.empty(m * m, dtype=np.int64)
+    where[index] = np.arange(len(index))
+    return index, where[np.arange(m) * (m + 1)]
+
+
+class _Lapack:
+    """dpotrf/dpotrs and the rectangular-full-packed dpftrf/dpftrs from scipy's Cython LAPACK exports, called
+    through ctypes, which releases the GIL (scipy.linalg.lapack's wrappers hold it), so a pool of threads runs
+    one factorisation per core. Same LAPACK, same arithmetic as scipy.linalg."""
+
+    def __init__(self):
+        import ctypes
+
+        from scipy.linalg import cython_lapack
+
+        self.c = ctypes
+        get_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(("PyCapsule_GetName", ctypes.pythonapi))
+        get_ptr = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+            ("PyCapsule_GetPointer", ctypes.pythonapi))
+        Ip, P, C = ctypes.POINTER(ctypes.c_int), ctypes.c_void_p, ctypes.c_char_p
+
+        def fn(name, *argtypes):
+            cap = cython_lapack.__pyx_capi__[name]
+            return ctypes.CFUNCTYPE(None, *argtypes)(get_ptr(cap, get_name(cap)))
+
+        self.potrf = fn("dpotrf", C, Ip, P, Ip, Ip)
+        self.potrs = fn("dpotrs", C, Ip, Ip, P, Ip, P, Ip, Ip)
+        self.pftrf = fn("dpftrf", C, C, Ip, P, Ip)
+        self.pftrs = fn("dpftrs", C, C, Ip, Ip, P, P, Ip, Ip)
+
+    def spd_full(self, a: np.ndarray, m: int) -> int:
+        """Solve in place; `a` is a C-contiguous (m+1, m+1) array: its leading m x m block (upper triangle
+        read) the system, the first m entries of its last row the right-hand side, overwritten by the
+        solution. Returns LAPACK's info (0: solved; > 0: not positive definite)."""
+        assert a.flags.c_contiguous and a.shape == (m + 1, m + 1)
+        c = self.c
+        n, lda, one, info = c.c_int(m), c.c_int(m + 1), c.c_int(1), c.c_int(0)
+        ptr = a.ctypes.data
+        self.potrf(b"L", c.byref(n), ptr, c.byref(lda), c.byref(info))
+        if info.value == 0:
+            self.potrs(b"L", c.byref(n), c.byref(one), ptr, c.byref(lda), ptr + 8 * m * (m + 1), c.byref(lda),
+                       c.byref(info))
+        return info.value
+
+    def spd_rfp(self, row: np.ndarray, m: int) -> int:
+        """Solve in place; `row` = [system in RFP (m(m+1)/2), right-hand side (m)], contiguous."""
+        tri = m * (m + 1) // 2
+        assert row.flags.c_contiguous and row.shape[0] >= tri + m
+        c = self.c
+        n, one, info = c.c_int(m), c.c_int(1), c.c_int(0)
+        ptr = row.ctypes.data
+        self.pftrf(b"N", b"L", c.byref(n), ptr, c.byref(info))
+        if info.value == 0:
+            self.pftrs(b"N", b"L", c.byref(n), c.byref(one), ptr, ptr + 8 * tri, c.byref(n), c.byref(info))
+        return info.value
+
+
+_LAPACK: _Lapack | None = None
+
+
+def _lapack() -> _Lapack:
+    global _LAPACK
+    if _LAPACK is None:
+        _LAPACK = _Lapack()
+    return _LAPACK
 
 
 def _cholesky_solve(A: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
