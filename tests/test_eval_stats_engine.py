@@ -18,6 +18,7 @@ from pitlm.eval.splitters import (
     WalkForwardSplit,
     group_kfold_assignment,
     group_kfold_folds,
+    legacy_folds,
 )
 
 TOL = 1e-8
@@ -206,3 +207,93 @@ def test_cuda_engine_equals_cpu():
         H = eng.block_stats(torch.tensor(counts[None], dtype=torch.float64, device=device), assign.to(device))
         out.append(eng.score(H, eng.fit(H, 1.0)).r2.cpu().numpy())
     close(out[1], out[0])
+
+
+def _fast_layout(name, cal):
+    if name == "legacy":
+        return legacy_folds(cal, "2020-12-31", "2021-01-01", 5)
+    if name == "purged":
+        return PurgedPanelSplit(4, 3, embargo_days=5, horizon=2).folds(cal)
+    return WalkForwardSplit(embargo_days=5, horizon=2).folds(cal)
+
+
+@pytest.mark.parametrize("mode", ["stats", "rows"])
+@pytest.mark.parametrize("layout", ["legacy", "purged", "walk_forward"])
+def test_fast_path_equals_sklearn_on_draws(mode, layout):
+    """solve_batch (fixed alpha: packed statistics + RFP Cholesky, or row blocks + dpotrf; test sides from
+    residuals) gives every fold's coefficients, predictions, SSE, SST and R2 of a scikit-learn Ridge refit on
+    bootstrap draws materialised by row duplication."""
+    X, y, stock, dates, cal = data(seed=21, d=7)
+    S, alpha = 24, 2.5
+    folds = _fast_layout(layout, cal)
+    cell = folds.cell_of_pos[folds.positions(dates)]
+    eng = ClusterRidge(X, y, stock, cell, S, folds, mode=mode, fast=True)
+    assert eng.fast and eng.mode == mode
+    counts = np.concatenate([np.ones((1, S), int), draw_counts(S, 2, seed=5)])
+    K = folds.n_stock_folds
+    assign = np.stack([group_kfold_assignment(c * np.bincount(stock, minlength=S), K) if K > 1 else np.zeros(S, int)
+                       for c in counts])
+    fit, sc = eng.solve_batch(counts, assign, alpha)
+    pred = eng.predict(fit).numpy()
+    checked = 0
+    for b, c in enumerate(counts):
+        idx = expand(c, stock)
+        Xb, yb, kb, tb = X[idx], y[idx], assign[b][stock][idx], cell[idx]
+        for f in range(folds.n_folds):
+            tr, te = folds.train[f][kb, tb], folds.test[f][kb, tb]
+            assert sc.n[b, f].item() == te.sum()
+            if not te.any() or not tr.any():
+                continue
+            assert fit.ok[b, f]
+            m = Ridge(alpha=alpha).fit(Xb[tr], yb[tr])
+            close(fit.beta[b, f].numpy(), m.coef_)
+            close(pred[b, f], m.predict(X))
+            close(sc.sse[b, f].item(), ((yb[te] - m.predict(Xb[te])) ** 2).sum())
+            close(sc.sst[b, f].item(), ((yb[te] - yb[te].mean()) ** 2).sum())
+            if te.sum() >= 2:
+                close(sc.r2[b, f].item(), r2_score(yb[te], m.predict(Xb[te])))
+            checked += 1
+    assert checked >= 2 * folds.n_folds
+
+
+def test_fast_modes_agree_and_match_the_general_path():
+    """stats and rows modes of the fast path, and the general block-statistics path, on the same draws."""
+    X, y, stock, dates, cal = data(seed=4, d=5)
+    folds = PurgedPanelSplit(3, 4, embargo_days=3, horizon=2).folds(cal)
+    cell = folds.cell_of_pos[folds.positions(dates)]
+    counts = draw_counts(24, 5, seed=9)
+    assign = np.stack([group_kfold_assignment(c * np.bincount(stock, minlength=24), 3) for c in counts])
+    out = []
+    for mode in ("stats", "rows"):
+        eng = ClusterRidge(X, y, stock, cell, 24, folds, mode=mode, fast=True)
+        out.append(eng.solve_batch(counts, assign, 0.7))
+    eng = ClusterRidge(X, y, stock, cell, 24, folds, mode="stats")
+    H = eng.block_stats(torch.tensor(counts, dtype=torch.float64), torch.tensor(assign))
+    fit = eng.fit(H, 0.7)
+    out.append((fit, eng.score(H, fit)))
+    (f0, s0), rest = out[0], out[1:]
+    for f1, s1 in rest:
+        assert torch.equal(f0.ok, f1.ok)
+        torch.testing.assert_close(f1.beta, f0.beta, rtol=1e-9, atol=1e-12)
+        for k in ("sse", "sst", "n", "sy"):
+            torch.testing.assert_close(getattr(s1, k), getattr(s0, k), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["stats", "rows"])
+def test_fast_path_flags_a_fold_without_training_rows(mode):
+    """One drawn stock: GroupKFold's fold holding it has no training rows (not ok, zero coefficients); the
+    others test nothing and train on that stock alone (equal to sklearn)."""
+    X, y, stock, dates, cal = data(seed=6, d=4)
+    folds = group_kfold_folds(cal, 4)
+    eng = ClusterRidge(X, y, stock, np.zeros(len(y), int), 24, folds, mode=mode, fast=True)
+    counts = np.zeros((1, 24), int)
+    counts[0, 3] = 2
+    assign = (np.arange(24) % 4)[None]
+    fit, sc = eng.solve_batch(counts, assign, 1.0)
+    own = 3
+    assert not fit.ok[0, own] and (fit.beta[0, own] == 0).all() and sc.n[0, own] == 28
+    rows = np.flatnonzero(stock == 3)
+    m = Ridge(alpha=1.0).fit(X[np.r_[rows, rows]], y[np.r_[rows, rows]])
+    for f in set(range(4)) - {own}:
+        assert fit.ok[0, f] and sc.n[0, f] == 0
+        close(fit.beta[0, f].numpy(), m.coef_)
