@@ -10,6 +10,7 @@
 #   phase 5 (after 0; carry .whl3 .whl5: z3 + slim bitsandbytes): the grouped expert-LoRA path -- correctness
 #           against peft's path (scripts/gpu_check_experts.py), then the 40-layer LoRA recipe with it
 #   phase 6 (after 5, machine still warm): larger batches with the grouped path
+#   phase 7 (after 0; carry .whl3 .whl5): batch 1 with the full target list, LoRA-only batch 6
 # Usage: bash scripts/gpu_bench.sh 0|1|2|3|4|5|6
 set -u
 source scripts/gpu_env.sh
@@ -46,6 +47,11 @@ elif [ "$1" = 6 ]; then
   T=140 run $B train $L --batch ${B1:-4} --ce-chunk 512 $M
   T=140 run $B train $L --batch ${B2:-8} --ce-chunk 1024 $M --full-modules "" --profile "$OUT/profile_lora_only.txt"
   T=140 run $B train $L --batch ${B3:-2} --ce-chunk 512 $M --experts-path peft
+elif [ "$1" = 7 ]; then  # after 0, carry .whl3 .whl5; the first run pays fla's Triton autotuning (~70 s)
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  M="--adapter-dtype base --optim adamw8bit"
+  T=250 run $B train $L --batch 1 --ce-chunk 512 $M
+  T=200 run $B train $L --batch 6 --ce-chunk 1024 $M --full-modules ""
 elif [ "$1" = 1 ]; then
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|causal|liger|grouped|gpu0|triton" | tee "$OUT/doctor.txt"
   run $B train $L --batch 1
