@@ -296,17 +296,24 @@ class ClusterRidge:
         starts = np.flatnonzero(np.r_[True, q_of_fold[1:] != q_of_fold[:-1]])
         self._train_groups = [(int(a), int(b), int(q_of_fold[a]))
                               for a, b in zip(starts, np.r_[starts[1:], F], strict=True)]
-        # test groups: folds sharing their tested cells, and those cells' rows
+        # test groups: folds sharing their tested cells (and those cells' rows [1, X, y]) whose own stock folds
+        # differ, so that a row of a draw is tested by at most one fold of its group
         tpats, t_of_fold = np.unique(inblock, axis=0, return_inverse=True)
         t_of_fold = np.asarray(t_of_fold).reshape(-1)
         self._test_groups = []
         for r in range(len(tpats)):
-            members = np.flatnonzero(t_of_fold == r)
             rows = np.flatnonzero(tpats[r][self._cell_np])
             if len(rows) == 0:
                 continue
-            Zr = self.Zy[:, :m] if len(rows) == self.n else np.ascontiguousarray(self.Zy[rows, :m])
-            self._test_groups.append((members, rows, Zr, self.Zy[rows, -1].copy()))
+            Zr = self.Zy if len(rows) == self.n else self.Zy[rows]
+            folds_r = np.flatnonzero(t_of_fold == r)
+            split = [folds_r[self._own[folds_r] >= 0]] + [[f] for f in folds_r[self._own[folds_r] < 0]]
+            for members in split:
+                while len(members):  # a repeated own stock fold starts another group
+                    _, first = np.unique(self._own[members], return_index=True)
+                    take = np.sort(first)
+                    self._test_groups.append((np.asarray(members)[take], rows, Zr, self._stock_np[rows]))
+                    members = np.delete(np.asarray(members), take)
         self._H = self._bufs = self._out = None  # work buffers, allocated on first use
 
     def _choose_fast_mode(self, mode: str) -> str:
@@ -335,6 +342,7 @@ class ClusterRidge:
         [Z'Z in RFP order (Z = [1, X]), Z'y]."""
         m = self.d + 1
         self._rfp, self._rfp_diag = _rfp_index(m)
+        rfp = (self._rfp // m) * (m + 1) + self._rfp % m  # the same entries of an (m+1) x (m+1) matrix
         pats = self._train_cells_of_pattern
         P = np.zeros((len(pats), self.S, self._tri + m))
         order = np.argsort(self._stock_np, kind="stable")
@@ -349,7 +357,7 @@ class ClusterRidge:
                     continue
                 Z = self.Zy[idx]
                 np.matmul(Z.T, Z, out=G)
-                P[q, s, :self._tri] = G[:m, :m].reshape(-1)[self._rfp]
+                np.take(G.reshape(-1), rfp, out=P[q, s, :self._tri])
                 P[q, s, self._tri:] = G[m, :m]
         self._P = P
 
@@ -494,22 +502,33 @@ class ClusterRidge:
 
     def _score_rows(self, counts, assign, theta) -> FoldScore:
         """Test-side sums of every fold from its tested rows' residuals: SSE, n, sum y, sum y^2 (weights =
-        counts; a row is tested by fold f when its cell is in f's test cells and its stock fold is f's own)."""
+        counts; a row is tested by fold f when its cell is in f's test cells and its stock fold is f's own).
+        Per test group one GEMM gives every member's residuals [1, x, y] . [b0, beta, -1]; each (row, draw)
+        keeps its own fold's, and the sums are weighted bincounts over (draw, fold)."""
         B, F, m = counts.shape[0], self.folds.n_folds, self.d + 1
         sse, n, sy, syy = (np.zeros((B, F)) for _ in range(4))
-        for members, rows, Zr, yr in self._test_groups:
-            th = theta[:, members, :].reshape(-1, m)  # (B*G, m)
-            res = np.empty((len(rows), len(th)))
-            _par_matmul(Zr, th.T, res, self.workers)
-            np.subtract(yr[:, None], res, out=res)
-            res = res.reshape(len(rows), B, len(members))
-            stock = self._stock_np[rows]
-            own = self._own[members]
-            Wm = counts[:, stock].T[:, :, None] * ((assign[:, stock].T[:, :, None] == own) | (own < 0))
-            sse[:, members] = np.einsum("rbg,rbg->bg", Wm, res * res)
-            n[:, members] = Wm.sum(0)
-            sy[:, members] = np.einsum("rbg,r->bg", Wm, yr)
-            syy[:, members] = np.einsum("rbg,r->bg", Wm, yr * yr)
+        for members, rows, Zr, stock in self._test_groups:
+            G, R = len(members), len(rows)
+            th = np.empty((B, G, m + 1))
+            th[..., :m], th[..., m] = theta[:, members, :], -1.0
+            res = np.empty((R, B * G))
+            _par_matmul(Zr, th.reshape(-1, m + 1).T, res, self.workers)
+            own = self._own[members]  # everything below is (R, B), C-ordered
+            if own[0] < 0:
+                g = np.zeros((R, B), dtype=np.int64)
+                c = counts.T[stock]
+            else:
+                pos = np.full(self.K, -1)
+                pos[own] = np.arange(G)
+                g = pos[assign.T[stock]]
+                c = counts.T[stock] * (g >= 0)
+                g = g.clip(min=0)
+            e = np.take_along_axis(res.reshape(R, B, G), g[:, :, None], axis=2)[:, :, 0]
+            key = (g + np.arange(B) * G).ravel()
+            y = Zr[:, m:m + 1]
+            cy = c * y
+            for out, w in ((sse, c * e * e), (n, c), (sy, cy), (syy, cy * y)):
+                out[:, members] = np.bincount(key, weights=w.ravel(), minlength=B * G).reshape(B, G)
         sst = syy - sy ** 2 / np.where(n > 0, n, 1.0)
         t = torch.from_numpy
         return FoldScore(t(sse), t(sst), t(n), t(sy), t(syy))
