@@ -227,7 +227,7 @@ def test_fast_path_equals_sklearn_on_draws(mode, layout):
     S, alpha = 24, 2.5
     folds = _fast_layout(layout, cal)
     cell = folds.cell_of_pos[folds.positions(dates)]
-    eng = ClusterRidge(X, y, stock, cell, S, folds, mode=mode, fast=True)
+    eng = ClusterRidge(X, y, stock, cell, S, folds, mode=mode, fixed_alpha=True)
     assert eng.fast and eng.mode == mode
     counts = np.concatenate([np.ones((1, S), int), draw_counts(S, 2, seed=5)])
     K = folds.n_stock_folds
@@ -265,7 +265,7 @@ def test_fast_modes_agree_and_match_the_general_path():
     assign = np.stack([group_kfold_assignment(c * np.bincount(stock, minlength=24), 3) for c in counts])
     out = []
     for mode in ("stats", "rows"):
-        eng = ClusterRidge(X, y, stock, cell, 24, folds, mode=mode, fast=True)
+        eng = ClusterRidge(X, y, stock, cell, 24, folds, mode=mode, fixed_alpha=True)
         out.append(eng.solve_batch(counts, assign, 0.7))
     eng = ClusterRidge(X, y, stock, cell, 24, folds, mode="stats")
     H = eng.block_stats(torch.tensor(counts, dtype=torch.float64), torch.tensor(assign))
@@ -285,7 +285,7 @@ def test_fast_path_flags_a_fold_without_training_rows(mode):
     others test nothing and train on that stock alone (equal to sklearn)."""
     X, y, stock, dates, cal = data(seed=6, d=4)
     folds = group_kfold_folds(cal, 4)
-    eng = ClusterRidge(X, y, stock, np.zeros(len(y), int), 24, folds, mode=mode, fast=True)
+    eng = ClusterRidge(X, y, stock, np.zeros(len(y), int), 24, folds, mode=mode, fixed_alpha=True)
     counts = np.zeros((1, 24), int)
     counts[0, 3] = 2
     assign = (np.arange(24) % 4)[None]
@@ -297,3 +297,26 @@ def test_fast_path_flags_a_fold_without_training_rows(mode):
     for f in set(range(4)) - {own}:
         assert fit.ok[0, f] and sc.n[0, f] == 0
         close(fit.beta[0, f].numpy(), m.coef_)
+
+
+def test_direct_path_equals_block_path():
+    """The direct path (fixed alpha off the CPU: fold statistics straight from per-stock statistics, one GEMM
+    per fold group) gives what the block-statistics path gives; run here on the CPU."""
+    X, y, stock, dates, cal = data(seed=8, d=5)
+    folds = PurgedPanelSplit(3, 3, embargo_days=3, horizon=2).folds(cal)
+    cell = folds.cell_of_pos[folds.positions(dates)]
+    counts = torch.tensor(draw_counts(24, 3, seed=2), dtype=torch.float64)
+    assign = torch.tensor(np.stack([group_kfold_assignment(c * np.bincount(stock, minlength=24), 3)
+                                    for c in counts.numpy().astype(int)]))
+    eng = ClusterRidge(X, y, stock, cell, 24, folds, mode="stats")
+    H = eng.block_stats(counts, assign)
+    fit = eng.fit(H, 1.5)
+    ref = eng.score(H, fit)
+    eng.patterns = eng._patterns()
+    assert eng.direct
+    train_s, test_s = eng.direct_fold_stats(counts, assign)
+    fit_d = eng.fit_stats(train_s, torch.full((folds.n_folds, 3), 1.5, dtype=torch.float64))
+    fit_d, sc = eng.unsort(fit_d, eng.score_stats(test_s, fit_d))
+    torch.testing.assert_close(fit_d.beta, fit.beta, rtol=1e-9, atol=1e-12)
+    for k in ("sse", "sst", "n"):
+        torch.testing.assert_close(getattr(sc, k), getattr(ref, k), rtol=1e-9, atol=1e-10)

@@ -111,7 +111,7 @@ class ClusterRidge:
     (ignored when the layout does not split stocks)."""
 
     def __init__(self, X, y, stock, cell, n_stocks: int, folds: PanelFolds, *, device: str = "cpu",
-                 mode: str = "auto", memory_bytes: int | None = None, fast: bool = False):
+                 mode: str = "auto", memory_bytes: int | None = None, fixed_alpha: bool = False):
         self.device = torch.device(device)
         X = np.asarray(X, dtype=np.float64)
         y = np.asarray(y, dtype=np.float64)
@@ -142,34 +142,42 @@ class ClusterRidge:
         self._sep = self._separable()
         self.memory_bytes = memory_bytes or default_memory_bytes(self.device)
         self.workers = max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
-        # the fast path (fixed alpha, CPU, every layout here): `solve_batch`
-        self.fast = bool(fast) and self._sep is not None and self.device.type == "cpu"
+        # fixed alpha (no inner CV) on the CPU, any separable layout (every layout here): the fast path,
+        # `solve_batch`; fixed alpha elsewhere: the direct path (`direct_fold_stats`); else block statistics
+        self.fast = bool(fixed_alpha) and self._sep is not None and self.device.type == "cpu"
         if self.fast:
             self._fast_setup()
             self.mode = self._choose_fast_mode(mode)
             if self.mode == "stats":
                 self._pattern_stats()
-            self.cell_stats = None
+            self.cell_stats = self.patterns = None
             return
-        self.mode = self._choose_mode(mode)
+        self.mode = self._choose_mode(mode, direct=fixed_alpha)
+        self.patterns = None
         with self.threads():
             self.cell_stats = self._cell_stats() if self.mode == "stats" else None
+            # the direct path (fixed alpha off the CPU): fold statistics straight from per-stock statistics
+            self.patterns = self._patterns() if self.mode == "stats" and fixed_alpha else None
 
     # ---- block statistics -------------------------------------------------------------------------
-    def _choose_mode(self, mode: str) -> str:
+    def _choose_mode(self, mode: str, direct: bool = False) -> str:
         if mode not in ("auto", "stats", "rows"):
             raise ValueError(f"engine mode must be auto, stats or rows (got {mode!r})")
-        stats_bytes = self.S * self.T * self.p * 8
+        n_patterns = 2 * self.folds.n_folds if direct and self._sep is not None else 0  # at most
+        stats_bytes = self.S * (self.T + min(n_patterns, 2 * self.T)) * self.p * 8
         if mode == "stats" and stats_bytes > self.memory_bytes * 4:
             raise ValueError(f"per-stock statistics need {stats_bytes / 2**30:.1f} GiB; use mode='rows'")
         if mode != "auto":
             return mode
-        # Cost per draw in multiply-adds: the stats path's block GEMM (K*T*S*p) plus, for layouts that are not
-        # separable, one GEMM per fold and side; the rows pass a rank-k update over the ~63% of rows whose stock
-        # is drawn (half of d*d on CPU, where numpy uses syrk) plus one Python step per block. Measured on 2
-        # cores, the rows pass runs ~3x slower per multiply-add (gathers, small blocks) than the batched GEMM.
+        # Cost per draw in multiply-adds: the direct path does one GEMM per fold and side (2*F*S*p), the block
+        # path K*T*S*p (plus 2*F*S*p for layouts that are not separable); the rows pass a rank-k update over the
+        # ~63% of rows whose stock is drawn (half of d*d on CPU, where numpy uses syrk) plus one Python step per
+        # block. Measured on 2 cores, the rows pass runs ~3x slower per multiply-add than the batched GEMM.
         F = self.folds.n_folds
-        gemm = (self.K * self.T + (2 * F if self._sep is None else 0)) * self.S * self.p
+        if n_patterns:
+            gemm = 2 * F * self.S * self.p
+        else:
+            gemm = (self.K * self.T + (2 * F if self._sep is None else 0)) * self.S * self.p
         rows = 0.63 * self.n * self.d * self.d * (0.5 if self.device.type == "cpu" else 1.0) + 5e5 * self.K * self.T
         return "stats" if stats_bytes <= self.memory_bytes and gemm <= 3 * rows else "rows"
 
@@ -232,13 +240,65 @@ class ClusterRidge:
             empty[k] = False
         out[empty.to(self.device)] = 0.0
 
+    def _patterns(self) -> dict | None:
+        """For separable layouts in stats mode: per side, the per-stock statistics contracted over each
+        distinct cell pattern of the folds ((Q, S, p) tensors), and the folds sorted into groups that share
+        both patterns, so that each group's statistics are one GEMM into a contiguous slice."""
+        if self._sep is None:
+            return None
+        St = self.cell_stats.view(self.S, self.T, self.p)
+        inv, stats = {}, {}
+        for side, cells in (("train", self._sep[1]), ("test", self._sep[2])):
+            pats, idx = np.unique(cells.cpu().numpy(), axis=0, return_inverse=True)
+            P = torch.as_tensor(pats, dtype=torch.float64, device=self.device)
+            inv[side], stats[side] = np.asarray(idx).reshape(-1), torch.einsum("qt,stp->qsp", P, St).contiguous()
+        key = inv["train"] * (stats["test"].shape[0]) + inv["test"]
+        order = np.argsort(key, kind="stable")
+        starts = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1]])
+        ends = np.r_[starts[1:], len(order)]
+        groups = [(int(a), int(b), int(inv["train"][order[a]]), int(inv["test"][order[a]])) for a, b in zip(starts, ends, strict=True)]
+        return {"stats": stats, "order": order, "groups": groups,
+                "unsort": torch.as_tensor(np.argsort(order), device=self.device)}
+
+    @property
+    def direct(self) -> bool:
+        """Whether fold statistics come straight from per-stock statistics (no block tensor)."""
+        return self.patterns is not None
+
+    def direct_fold_stats(self, counts: torch.Tensor, assign: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(train, test) statistics of every fold, laid out (F, B, p) with folds in `patterns["order"]`: per
+        group one GEMM of per-draw stock weights (count x [stock fold is / is not the fold's own]) against
+        the contracted statistics. `fit_stats`/`score_stats` take them; `unsort` restores (B, F)."""
+        pt = self.patterns
+        own = torch.as_tensor(self._sep[0][pt["order"]], device=self.device)
+        B, F = counts.shape[0], len(own)
+        everyone = (own < 0)[:, None, None]
+        mine = (assign.clamp(min=0)[None, :, :] == own[:, None, None]) | everyone  # (F, B, S)
+        w = {"test": counts[None] * mine, "train": counts[None] * (~mine | everyone)}
+        out = {side: torch.empty(F, B, self.p, dtype=torch.float64, device=self.device) for side in w}
+        for a, b, q_train, q_test in pt["groups"]:
+            for side, q in (("train", q_train), ("test", q_test)):
+                torch.mm(w[side][a:b].reshape(-1, self.S), pt["stats"][side][q], out=out[side][a:b].view(-1, self.p))
+        return out["train"], out["test"]
+
+    def unsort(self, fit: FoldFit, score: FoldScore) -> tuple[FoldFit, FoldScore]:
+        """(F, B)-laid, fold-sorted results of the direct path back to (B, F) in fold order."""
+        inv = self.patterns["unsort"]
+
+        def back(t):
+            return t[inv].transpose(0, 1)
+
+        return (FoldFit(back(fit.beta), back(fit.intercept), back(fit.ok), back(fit.n_train)),
+                FoldScore(*(back(getattr(score, k)) for k in ("sse", "sst", "n", "sy", "syy"))))
+
     def light(self) -> bool:
         """Whether a draw's work is small (< ~5e7 multiply-adds): then one thread is faster (and on a shared
         CPU, far faster: every OpenMP region waits for its slowest, possibly descheduled, thread)."""
         if self.device.type != "cpu":
             return False
         F = self.folds.n_folds
-        work = self.K * self.T * self.S * self.p if self.mode == "stats" else self.n * self.d * self.d
+        gemm = 2 * F * self.S * self.p if self.direct else self.K * self.T * self.S * self.p
+        work = gemm if self.mode == "stats" else self.n * self.d * self.d
         return work + F * self.d ** 3 / 3 < 5e7
 
     def threads(self):
@@ -252,7 +312,8 @@ class ClusterRidge:
         if self.fast:
             per_draw = 8 * (F * (self._tri + self.d + 1) + 4 * self.n * max(self.K, 1))
             return int(max(1, min(64, self.memory_bytes // max(per_draw, 1))))
-        per_draw = 8 * (self.K * self.T * self.p + 3 * F * self.p + 2 * F * self.d * self.d)
+        blocks = 0 if self.direct else self.K * self.T * self.p + F * self.p
+        per_draw = 8 * (blocks + 2 * F * self.p + 2 * F * self.d * self.d)
         cap = 256 if self.device.type == "cuda" else 64  # more draws per kernel launch on a GPU
         return int(max(1, min(cap, self.memory_bytes // max(per_draw, 1))))
 

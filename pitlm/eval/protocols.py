@@ -171,7 +171,7 @@ def run_layout(X: np.ndarray, panel: Panel, folds: PanelFolds, counts: np.ndarra
     cell = panel.cells(folds)
     memory = int(cfg.memory_gb * 2**30) if cfg.memory_gb else None
     eng = ClusterRidge(X, panel.y, panel.stock, cell, panel.n_stocks, folds, device=cfg.device,
-                       mode=cfg.engine, memory_bytes=memory, fast=not cfg.alpha_cv)
+                       mode=cfg.engine, memory_bytes=memory, fixed_alpha=not cfg.alpha_cv)
     C, F = counts.shape[0], folds.n_folds
     out = {k: np.zeros((C, F)) for k in ("sse", "sst", "n", "sy", "syy", "alpha")}
     out["ok"] = np.zeros((C, F), dtype=bool)
@@ -198,6 +198,10 @@ def _draw_loop(eng: ClusterRidge, panel: Panel, folds: PanelFolds, counts: np.nd
         alpha = torch.full((cnt.shape[0], F), cfg.alpha, dtype=torch.float64, device=eng.device)
         if eng.fast:
             fit, sc = eng.solve_batch(counts[sl], assign[sl], cfg.alpha)
+        elif eng.direct:
+            train_s, test_s = eng.direct_fold_stats(cnt, asg)
+            fit = eng.fit_stats(train_s, alpha.T)
+            fit, sc = eng.unsort(fit, eng.score_stats(test_s, fit))
         else:
             H = eng.block_stats(cnt, asg)
             if cfg.alpha_cv:
