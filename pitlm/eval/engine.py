@@ -309,9 +309,12 @@ class ClusterRidge:
     def draw_batch_size(self) -> int:
         """Draws per batch so that block and fold statistics stay within the memory budget."""
         F = self.folds.n_folds
-        if self.fast:
-            per_draw = 8 * (F * (self._tri + self.d + 1) + 4 * self.n * max(self.K, 1))
-            return int(max(1, min(64, self.memory_bytes // max(per_draw, 1))))
+        if self.fast:  # stats mode: the batch's packed systems, at most ~192 MB (first touches of fresh pages
+            # cost more than re-reading the statistics per batch); both modes: the scoring residuals
+            packed = 8 * F * (self._tri + self.d + 1) if self.mode == "stats" else 0
+            per_draw = packed + 8 * 4 * self.n * max(self.K, 1)
+            cap = 64 if not packed else max(1, min(64, (192 << 20) // packed))
+            return int(max(1, min(cap, self.memory_bytes // max(per_draw, 1))))
         blocks = 0 if self.direct else self.K * self.T * self.p + F * self.p
         per_draw = 8 * (blocks + 2 * F * self.p + 2 * F * self.d * self.d)
         cap = 256 if self.device.type == "cuda" else 64  # more draws per kernel launch on a GPU
