@@ -10,6 +10,7 @@ from sklearn.linear_model import Ridge
 from sklearn.metrics import r2_score
 from sklearn.model_selection import GroupKFold
 
+import pitlm.eval.engine as engine_module
 from pitlm.eval.bootstrap import draw_counts
 from pitlm.eval.engine import ClusterRidge, per_date_rank_ic
 from pitlm.eval.splitters import (
@@ -217,9 +218,9 @@ def _fast_layout(name, cal):
     return WalkForwardSplit(embargo_days=5, horizon=2).folds(cal)
 
 
-@pytest.mark.parametrize("mode", ["stats", "rows"])
+@pytest.mark.parametrize("mode", ["stats", "rows", "rows-big-blocks"])
 @pytest.mark.parametrize("layout", ["legacy", "purged", "walk_forward"])
-def test_fast_path_equals_sklearn_on_draws(mode, layout):
+def test_fast_path_equals_sklearn_on_draws(mode, layout, monkeypatch):
     """solve_batch (fixed alpha: packed statistics + RFP Cholesky, or row blocks + dpotrf; test sides from
     residuals) gives every fold's coefficients, predictions, SSE, SST and R2 of a scikit-learn Ridge refit on
     bootstrap draws materialised by row duplication."""
@@ -227,6 +228,9 @@ def test_fast_path_equals_sklearn_on_draws(mode, layout):
     S, alpha = 24, 2.5
     folds = _fast_layout(layout, cal)
     cell = folds.cell_of_pos[folds.positions(dates)]
+    if mode == "rows-big-blocks":  # the seed-scale branch: blocks one at a time, gathered into a kept buffer
+        monkeypatch.setattr(engine_module, "BIG_BLOCK", 0.0)
+        mode = "rows"
     eng = ClusterRidge(X, y, stock, cell, S, folds, mode=mode, fixed_alpha=True)
     assert eng.fast and eng.mode == mode
     counts = np.concatenate([np.ones((1, S), int), draw_counts(S, 2, seed=5)])

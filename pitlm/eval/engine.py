@@ -36,6 +36,7 @@ import torch
 from pitlm.eval.splitters import PanelFolds
 
 _CONTROLLER = None
+BIG_BLOCK = 2e8  # rows mode: mean block work (rows x (d+2)^2) above which blocks run one at a time
 
 
 def _blas_threads(n: int):
@@ -378,7 +379,7 @@ class ClusterRidge:
                     take = np.sort(first)
                     self._test_groups.append((np.asarray(members)[take], rows, Zr, self._stock_np[rows]))
                     members = np.delete(np.asarray(members), take)
-        self._H = self._bufs = self._out = None  # work buffers, allocated on first use
+        self._H = self._bufs = self._out = self._Z = None  # work buffers, allocated on first use
 
     def _choose_fast_mode(self, mode: str) -> str:
         if mode not in ("auto", "stats", "rows"):
@@ -509,10 +510,21 @@ class ClusterRidge:
 
         sizes = ends - starts
         by_size = np.argsort(-sizes, kind="stable")
-        if sizes.mean() * m1 * m1 > 2e8:  # big blocks: one at a time, BLAS threads inside (~1.3x the pool's rate)
-            with _blas_threads(self.workers):
-                for i in by_size:
-                    block(int(keys[i]), keep[starts[i]:ends[i]])
+        if sizes.mean() * m1 * m1 > BIG_BLOCK:  # one at a time, BLAS threads inside (~1.3x the pool's rate)
+            if self._Z is None or len(self._Z) < sizes.max():  # kept: fresh pages cost ~as much as the gather
+                self._Z = np.empty((int(sizes.max() * 1.25), m1))
+
+            def gather(Z, idx, lo, hi):
+                np.take(self.Zy, idx[lo:hi], axis=0, out=Z[lo:hi])
+                Z[lo:hi] *= np.sqrt(w[idx[lo:hi]])[:, None]
+
+            for i in by_size:
+                idx = keep[starts[i]:ends[i]]
+                Z = self._Z[:len(idx)]
+                for j in [pool.submit(gather, Z, idx, lo, hi) for lo, hi in _chunks(len(idx), self.workers)]:
+                    j.result()
+                with _blas_threads(self.workers):
+                    np.matmul(Z.T, Z, out=flatH[int(keys[i])])
         else:
             for j in [pool.submit(block, int(keys[i]), keep[starts[i]:ends[i]]) for i in by_size]:
                 j.result()
