@@ -11,6 +11,8 @@
 #           against peft's path (scripts/gpu_check_experts.py), then the 40-layer LoRA recipe with it
 #   phase 6 (after 5, machine still warm): larger batches with the grouped path
 #   phase 7 (after 0; carry .whl3 .whl5): batch 1 with the full target list, LoRA-only batch 6
+#   phase 8 (several GPUs, after 0; carry .whl3): FSDP2 full-weight bench on all GPUs, then train -> sharded
+#           checkpoint -> pitlm merge -> logits check (scripts/fsdp_merge_check.py)
 # Usage: bash scripts/gpu_bench.sh 0|1|2|3|4|5|6
 set -u
 source scripts/gpu_env.sh
@@ -52,6 +54,13 @@ elif [ "$1" = 7 ]; then  # after 0, carry .whl3 .whl5; the first run pays fla's 
   M="--adapter-dtype base --optim adamw8bit"
   T=250 run $B train $L --batch 1 --ce-chunk 512 $M
   T=200 run $B train $L --batch 6 --ce-chunk 1024 $M --full-modules ""
+elif [ "$1" = 8 ]; then  # several GPUs (nvidia-h200-x2 or larger), after 0, carry .whl3: issue 10
+  N=$(python3 -c "import torch; print(torch.cuda.device_count())")
+  nvidia-smi --query-gpu=index,memory.used,memory.total --format=csv -l 2 > "$OUT/smi.csv" 2>&1 &
+  F="--arch qwen3.5-35b-a3b --mode full --seq 2048 --steps 3 --warmup 1"
+  T=290 run python3 -m torch.distributed.run --standalone --nproc-per-node=$N -m pitlm.cli bench train $F --batch 1 --set num_hidden_layers=${LAYERS:-20}
+  T=240 run python3 scripts/fsdp_merge_check.py --arch qwen3.5-35b-a3b --layers 4 --nproc $N --seq 512 --batch 4
+  kill %1 2>/dev/null
 elif [ "$1" = 1 ]; then
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|causal|liger|grouped|gpu0|triton" | tee "$OUT/doctor.txt"
   run $B train $L --batch 1
