@@ -404,26 +404,33 @@ class ClusterRidge:
 
     def _pattern_stats(self) -> None:
         """(Q, S, tri + m) packed training statistics of every stock over every training pattern's cells:
-        [Z'Z in RFP order (Z = [1, X]), Z'y]."""
+        [Z'Z in RFP order (Z = [1, X]), Z'y]; stocks split over the pool."""
         m = self.d + 1
         self._rfp, self._rfp_diag = _rfp_index(m)
         rfp = (self._rfp // m) * (m + 1) + self._rfp % m  # the same entries of an (m+1) x (m+1) matrix
         pats = self._train_cells_of_pattern
-        P = np.zeros((len(pats), self.S, self._tri + m))
+        P = np.empty((len(pats), self.S, self._tri + m))
         order = np.argsort(self._stock_np, kind="stable")
         bounds = np.searchsorted(self._stock_np[order], np.arange(self.S + 1))
-        G = np.empty((m + 1, m + 1))
-        for q in range(len(pats)):
-            in_q = pats[q][self._cell_np]
-            for s in range(self.S):
-                idx = order[bounds[s]:bounds[s + 1]]
-                idx = idx[in_q[idx]]
-                if len(idx) == 0:
-                    continue
-                Z = self.Zy[idx]
-                np.matmul(Z.T, Z, out=G)
-                np.take(G.reshape(-1), rfp, out=P[q, s, :self._tri])
-                P[q, s, self._tri:] = G[m, :m]
+        in_q = [q[self._cell_np] for q in pats]
+
+        def stocks(lo, hi):
+            G = np.empty((m + 1, m + 1))
+            for s in range(lo, hi):
+                for q in range(len(pats)):
+                    idx = order[bounds[s]:bounds[s + 1]]
+                    idx = idx[in_q[q][idx]]
+                    if len(idx) == 0:
+                        P[q, s] = 0.0
+                        continue
+                    Z = self.Zy[idx]
+                    np.matmul(Z.T, Z, out=G)
+                    np.take(G.reshape(-1), rfp, out=P[q, s, :self._tri])
+                    P[q, s, self._tri:] = G[m, :m]
+
+        with _single_thread(True):
+            for j in [_pool(self.workers).submit(stocks, lo, hi) for lo, hi in _chunks(self.S, self.workers)]:
+                j.result()
         self._P = P
 
     def solve_batch(self, counts, assign, alpha: float) -> tuple[FoldFit, FoldScore]:
