@@ -21,6 +21,15 @@ Statistics are flat vectors [n, sy, yy, sx (d), sxy (d), X'X (d*d)]: full Gram m
 triangles, so that a fold's system is a view, never an unpacking gather (memory-bound, and slower than the
 GEMM it would save). X and y are centred by their global means first (Ridge with intercept and R2 are
 invariant to that shift; it keeps the sums well scaled).
+
+Fixed alpha on the CPU (every protocol but alpha by inner CV) takes a faster path, `solve_batch`, built on
+two facts: a fold's training system is the Gram matrix of Z = [1, X] (intercept first: Cholesky's first pivot
+is n, the rest is the centred X'X + alpha I) with Z'y beside it, and a fold's test side needs no statistics at
+all -- each (row, draw) is tested by one fold of its group, so SSE comes from residuals, one GEMM of the rows
+against the fold coefficients. Training statistics are kept per (stock, training pattern) in LAPACK's
+rectangular full packed (RFP) format, half a full Gram and factorised in place by dpftrf ("stats"), or built
+per draw by syrk per (stock fold, super-cell) block and combined slab by slab ("rows"). The factorisations
+are LAPACK's, called through ctypes so that a pool of threads (one BLAS thread each) runs one per core.
 """
 
 from __future__ import annotations
