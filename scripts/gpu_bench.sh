@@ -58,8 +58,8 @@ elif [ "$1" = 8 ]; then  # several GPUs (nvidia-h200-x2 or larger), after 0, car
   N=$(python3 -c "import torch; print(torch.cuda.device_count())")
   nvidia-smi --query-gpu=index,memory.used,memory.total --format=csv -l 2 > "$OUT/smi.csv" 2>&1 &
   F="--arch qwen3.5-35b-a3b --mode full --seq 2048 --steps 3 --warmup 1"
-  T=290 run python3 -m torch.distributed.run --standalone --nproc-per-node=$N -m pitlm.cli bench train $F --batch 1 --set num_hidden_layers=${LAYERS:-20}
-  T=240 run python3 scripts/fsdp_merge_check.py --arch qwen3.5-35b-a3b --layers 4 --nproc $N --seq 512 --batch 4
+  T=220 run python3 -m torch.distributed.run --standalone --nproc-per-node=$N -m pitlm.cli bench train $F --batch 1 --set num_hidden_layers=${LAYERS:-20}
+  T=360 run python3 scripts/fsdp_merge_check.py --arch qwen3.5-35b-a3b --layers 4 --nproc $N --seq 512 --batch 4
   kill %1 2>/dev/null
 elif [ "$1" = 1 ]; then
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|causal|liger|grouped|gpu0|triton" | tee "$OUT/doctor.txt"
