@@ -45,6 +45,7 @@ import torch
 from pitlm.eval.splitters import PanelFolds
 
 _CONTROLLER = None
+STATS_BATCH_BYTES = 192 << 20  # stats mode: packed systems per batch, at most
 BIG_BLOCK = 2e8  # rows mode: mean block work (rows x (d+2)^2) above which blocks run one at a time
 
 
@@ -323,7 +324,7 @@ class ClusterRidge:
             # cost more than re-reading the statistics per batch); both modes: the scoring residuals
             packed = 8 * F * (self._tri + self.d + 1) if self.mode == "stats" else 0
             per_draw = packed + 8 * 4 * self.n * max(self.K, 1)
-            cap = 64 if not packed else max(1, min(64, (192 << 20) // packed))
+            cap = 64 if not packed else max(1, min(64, STATS_BATCH_BYTES // packed))
             return int(max(1, min(cap, self.memory_bytes // max(per_draw, 1))))
         blocks = 0 if self.direct else self.K * self.T * self.p + F * self.p
         per_draw = 8 * (blocks + 2 * F * self.p + 2 * F * self.d * self.d)
