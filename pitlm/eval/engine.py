@@ -152,6 +152,8 @@ class ClusterRidge:
         self.test_mask = torch.as_tensor(self.test_cells.reshape(folds.n_folds, -1), **kw)
         self._sep = self._separable()
         self.memory_bytes = memory_bytes or default_memory_bytes(self.device)
+        if mode not in ("auto", "stats", "rows"):
+            raise ValueError(f"engine mode must be auto, stats or rows (got {mode!r})")
         self.workers = max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
         # fixed alpha (no inner CV) on the CPU, any separable layout (every layout here): the fast path,
         # `solve_batch`; fixed alpha elsewhere: the direct path (`direct_fold_stats`); else block statistics
@@ -172,8 +174,6 @@ class ClusterRidge:
 
     # ---- block statistics -------------------------------------------------------------------------
     def _choose_mode(self, mode: str, direct: bool = False) -> str:
-        if mode not in ("auto", "stats", "rows"):
-            raise ValueError(f"engine mode must be auto, stats or rows (got {mode!r})")
         n_patterns = 2 * self.folds.n_folds if direct and self._sep is not None else 0  # at most
         stats_bytes = self.S * (self.T + min(n_patterns, 2 * self.T)) * self.p * 8
         if mode == "stats" and stats_bytes > self.memory_bytes * 4:
@@ -392,8 +392,6 @@ class ClusterRidge:
         self._H = self._bufs = self._out = self._Z = None  # work buffers, allocated on first use
 
     def _choose_fast_mode(self, mode: str) -> str:
-        if mode not in ("auto", "stats", "rows"):
-            raise ValueError(f"engine mode must be auto, stats or rows (got {mode!r})")
         m1 = self.d + 2
         pt = self._tri + self.d + 1
         Q = len(self._train_cells_of_pattern)
@@ -889,14 +887,10 @@ def batched_linalg(fn, *args: torch.Tensor, min_batch: int = 64) -> tuple[torch.
     n = int(np.prod(lead)) if lead else 1
     if args[0].device.type != "cpu" or n_threads < 2 or n < min_batch:
         return fn(*args)
-    from concurrent.futures import ThreadPoolExecutor
-
     flat = [a.reshape(n, *a.shape[len(lead):]) for a in args]
-    bounds = np.linspace(0, n, n_threads + 1).astype(int)
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(n_threads) as pool:
-            parts = list(pool.map(lambda i: fn(*(a[bounds[i]:bounds[i + 1]] for a in flat)), range(n_threads)))
+        parts = list(_pool(n_threads).map(lambda r: fn(*(a[r[0]:r[1]] for a in flat)), _chunks(n, n_threads)))
     finally:
         torch.set_num_threads(n_threads)
     return tuple(torch.cat([p[j] for p in parts]).reshape(*lead, *parts[0][j].shape[1:]) for j in range(len(parts[0])))

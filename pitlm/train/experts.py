@@ -24,8 +24,7 @@ from torch import nn
 log = logging.getLogger("pitlm.train")
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
-                   counts: list[int] | None = None) -> torch.Tensor:
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Row block g of x (rows offsets[g-1]..offsets[g]) times weight[g]^T, weight (groups, out, in): one grouped
     GEMM where torch has one for these shapes, else a loop over the groups."""
     w = weight.transpose(-2, -1)
@@ -34,7 +33,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
     native = x.dtype == torch.bfloat16 or (x.device.type == "cpu" and x.dtype == torch.float32)
     if gmm is not None and aligned and native:
         return gmm(x, w, offs=offsets)
-    counts = counts if counts is not None else torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()
     parts = [blk @ w[g] for g, blk in enumerate(torch.split(x, counts)) if counts[g]]
     return torch.cat(parts) if parts else x.new_zeros(0, w.shape[-1])
 
