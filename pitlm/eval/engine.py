@@ -45,7 +45,7 @@ import torch
 from pitlm.eval.splitters import PanelFolds
 
 _CONTROLLER = None
-STATS_BATCH_BYTES = 192 << 20  # stats mode: packed systems per batch, at most
+STATS_BATCH_BYTES = 32 << 20  # stats mode: packed systems per batch, at most
 BIG_BLOCK = 2e8  # rows mode: mean block work (rows x (d+2)^2) above which blocks run one at a time
 
 
@@ -320,11 +320,12 @@ class ClusterRidge:
     def draw_batch_size(self) -> int:
         """Draws per batch so that block and fold statistics stay within the memory budget."""
         F = self.folds.n_folds
-        if self.fast:  # stats mode: the batch's packed systems, at most ~192 MB (first touches of fresh pages
-            # cost more than re-reading the statistics per batch); both modes: the scoring residuals
+        if self.fast:  # stats mode: the batch's packed systems, at most the larger of ~32 MB and the per-stock
+            # statistics that the batch's GEMMs read once (fresh pages, and systems falling out of the cache
+            # before their Cholesky, cost more than re-reading the statistics); both modes: scoring residuals
             packed = 8 * F * (self._tri + self.d + 1) if self.mode == "stats" else 0
             per_draw = packed + 8 * 4 * self.n * max(self.K, 1)
-            cap = 64 if not packed else max(1, min(64, STATS_BATCH_BYTES // packed))
+            cap = 64 if not packed else max(1, min(64, max(STATS_BATCH_BYTES, self._P.nbytes) // packed))
             return int(max(1, min(cap, self.memory_bytes // max(per_draw, 1))))
         blocks = 0 if self.direct else self.K * self.T * self.p + F * self.p
         per_draw = 8 * (blocks + 2 * F * self.p + 2 * F * self.d * self.d)
