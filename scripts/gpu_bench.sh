@@ -13,7 +13,11 @@
 #   phase 7 (after 0; carry .whl3 .whl5): batch 1 with the full target list, LoRA-only batch 6
 #   phase 8 (several GPUs, after 0; carry .whl3): FSDP2 full-weight bench on all GPUs, then train -> sharded
 #           checkpoint -> pitlm merge -> logits check (scripts/fsdp_merge_check.py)
-# Usage: bash scripts/gpu_bench.sh 0|1|2|3|4|5|6
+#   phase 9 (after 0; carry .whl3 .whl5): fla's fused conv/norm kernels (pitlm.kernels) -- GPU correctness test,
+#           embedding with them (profiled), the seed's recipe at batch 2 with them (profiled)
+#   phase 10 (after 9, warm): larger batches with the full target list now that peft's frozen copies of
+#           lm_head/embed_tokens share the trained storage
+# Usage: bash scripts/gpu_bench.sh 0|1|...|10
 set -u
 source scripts/gpu_env.sh
 mkdir -p "$OUT"
@@ -61,6 +65,17 @@ elif [ "$1" = 8 ]; then  # several GPUs (nvidia-h200-x2 or larger), after 0, car
   T=220 run python3 -m torch.distributed.run --standalone --nproc-per-node=$N -m pitlm.cli bench train $F --batch 1 --set num_hidden_layers=${LAYERS:-20}
   T=360 run python3 scripts/fsdp_merge_check.py --arch qwen3.5-35b-a3b --layers 4 --nproc $N --seq 512 --batch 4
   kill %1 2>/dev/null
+elif [ "$1" = 9 ]; then
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  M="--adapter-dtype base --optim adamw8bit"
+  T=200 run python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py
+  T=240 run $B embed --arch qwen3.5-35b-a3b --n-prompts 4096 --batch 1024 --prompt-tokens 64 --profile "$OUT/profile_embed.txt"
+  T=240 run $B train $L --batch 2 --ce-chunk 512 $M --profile "$OUT/profile_b2.txt"
+elif [ "$1" = 10 ]; then
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  M="--adapter-dtype base --optim adamw8bit"
+  T=240 run $B train $L --batch ${B1:-4} --ce-chunk 512 $M
+  T=200 run $B train $L --batch ${B2:-3} --ce-chunk 512 $M
 elif [ "$1" = 1 ]; then
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|causal|liger|grouped|gpu0|triton" | tee "$OUT/doctor.txt"
   run $B train $L --batch 1

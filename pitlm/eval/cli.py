@@ -87,13 +87,16 @@ def bench_embed_command(
     batch: Annotated[str, typer.Option("--batch", help="Prompts per forward pass; a comma list times each on one model.")] = "32",
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="Tokens per prompt.")] = 64,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:i].")] = "auto",
+    fast_kernels: Annotated[bool, typer.Option("--fast-kernels/--no-fast-kernels", help="GPU: fla's fused causal conv1d and RMSNorms (pitlm.kernels).")] = True,
+    profile: Annotated[str | None, typer.Option("--profile", help="Write a torch.profiler table of one more batch to this file.")] = None,
 ) -> None:
     """Forward-only embedding throughput (prompts/s) of a random-weight architecture, as `pitlm eval` runs it."""
     from pitlm.eval.embed import bench_embed
     from pitlm.log import emit_summary
 
     batches = tuple(int(b) for b in batch.split(",") if b.strip())
-    out = bench_embed(arch, n_prompts=n_prompts, batch_sizes=batches, device=device, prompt_tokens=prompt_tokens)
+    out = bench_embed(arch, n_prompts=n_prompts, batch_sizes=batches, device=device, prompt_tokens=prompt_tokens,
+                      fast_kernels=fast_kernels, profile_path=profile)
     emit_summary(out)
 
 

@@ -205,11 +205,13 @@ def embed_prompts(model_spec: ModelSpec | str, prompts: list[str], vol: Volume, 
 # ----------------------------------------------------------------------------- throughput (pitlm bench embed)
 
 def bench_embed(arch: str, n_prompts: int = 256, batch_sizes: tuple[int, ...] = (32,), device: str = "auto",
-                prompt_tokens: int = 64, seed: int = 0) -> dict[str, Any]:
+                prompt_tokens: int = 64, seed: int = 0, fast_kernels: bool = True,
+                profile_path: str | None = None) -> dict[str, Any]:
     """Forward-only embedding throughput of a random-weight `arch` (builtin name, HF id or dir) on prompts of
     `prompt_tokens` random tokens: the same batching and last-token path as `pitlm eval`. Only the backbone is built
     (no lm_head), once, directly on the target device in its eval dtype; each batch size is then timed after a
-    warm-up batch. Keys: the first batch size's figures, plus `prompts_per_s_batch<B>` for every B."""
+    warm-up batch; on a GPU with pitlm's fused kernels unless `fast_kernels` is off; `profile_path`: a
+    torch.profiler table of one more batch of the first size. Keys: the first batch size's figures, plus `prompts_per_s_batch<B>` for every B."""
     import torch
     from transformers import AutoModel
 
@@ -223,7 +225,12 @@ def bench_embed(arch: str, n_prompts: int = 256, batch_sizes: tuple[int, ...] = 
     t0 = time.perf_counter()
     with torch.device(device):
         model = AutoModel.from_config(config, dtype=dtype).eval()
-    out: dict[str, Any] = {"arch": arch, "device": device, "dtype": str(dtype).replace("torch.", ""),
+    kernels = []
+    if fast_kernels and cuda:
+        from pitlm.kernels import install_fast_kernels
+
+        kernels = install_fast_kernels(model)
+    out: dict[str, Any] = {"fast_kernels": ", ".join(kernels) or "none","arch": arch, "device": device, "dtype": str(dtype).replace("torch.", ""),
                            "params": sum(p.numel() for p in model.parameters()),
                            "build_seconds": round(time.perf_counter() - t0, 3), "n_prompts": n_prompts,
                            "prompt_tokens": prompt_tokens}
@@ -247,6 +254,10 @@ def bench_embed(arch: str, n_prompts: int = 256, batch_sizes: tuple[int, ...] = 
         if cuda:
             row["peak_vram_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
         out[f"prompts_per_s_batch{b}"] = row["prompts_per_s"]
+        if profile_path and b == batch_sizes[0]:  # one more forward of the first batch size, profiled
+            from pitlm.profiling import profile_call
+
+            profile_call(lambda b=b: embed_token_ids(model, seqs[:b], b, device, description="profile"), profile_path, cuda)
         if b == batch_sizes[0]:
             out.update(row)
     return out

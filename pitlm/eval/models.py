@@ -319,4 +319,8 @@ def load_causal_lm(spec: ModelSpec, device: str, dtype):
         raise PitlmError(f"'{spec.raw}' is not a language model")
     if getattr(model, "hf_device_map", None) is None:  # a model dispatched by device_map is already in place
         model = model.to(device)
+    if device.startswith("cuda"):
+        from pitlm.kernels import install_fast_kernels
+
+        install_fast_kernels(model)
     return model.eval()

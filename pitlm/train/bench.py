@@ -44,7 +44,7 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
                 activation_checkpointing: bool = True, model_overrides: list[str] | None = None,
                 lr: float = 1e-5, ce_chunk: int | None = None, optim: str = "adamw",
                 adapter_dtype: str = "fp32", full_modules: list[str] | None = None, experts_path: str = "grouped",
-                profile_path: str | None = None) -> dict[str, Any] | None:
+                profile_path: str | None = None, fast_kernels: bool = True) -> dict[str, Any] | None:
     """Run warmup + steps training steps on random tokens; returns the measurements on rank 0 (None elsewhere)."""
     if mode not in ("lora", "full"):
         raise ValueError(f"mode must be lora or full, got {mode!r}")
@@ -69,6 +69,11 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
         else:
             model = build_fsdp_model_random(config, env, dtype, activation_checkpointing)
             total = count_params(model)
+        kernels = []
+        if fast_kernels and on_gpu:
+            from pitlm.kernels import install_fast_kernels
+
+            kernels = install_fast_kernels(model)
         model.train()
         build_seconds = time.perf_counter() - t0
         optimizer = build_optimizer(model, cfg)
@@ -95,7 +100,9 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t_start
         if profile_path:
-            _profile_step(lambda: one_step(warmup + steps), profile_path, on_gpu)
+            from pitlm.profiling import profile_call
+
+            profile_call(lambda: one_step(warmup + steps), profile_path, on_gpu)
         tokens = steps * batch_size * seq_len * env.world_size
         peak = torch.cuda.max_memory_allocated(env.device) / 2**20 if on_gpu else 0.0
         result = {
@@ -112,25 +119,10 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
             "experts_path": experts_path if mode == "lora" else None,
             "full_modules": ",".join(cfg.lora.full_modules) if mode == "lora" else None,
             "profile": profile_path, "fast_paths": fast_path_summary(),
+            "fast_kernels": ", ".join(kernels) or "none",
         }
         shutdown_distributed()
         return result if env.is_main else None
     finally:
         shutdown_distributed(wait=False)
 
-
-def _profile_step(step, path: str, on_gpu: bool, rows: int = 30) -> None:
-    """One more training step under torch.profiler; its top operators by device (or CPU) time go to `path`."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    with profile(activities=activities) as prof:
-        step()
-        if on_gpu:
-            torch.cuda.synchronize()
-    key = "cuda_time_total" if on_gpu else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
-    from pitlm.volume import atomic_write_text
-
-    atomic_write_text(path, table + "\n")
-    log.info("profile of one step (top %d operators by %s) -> %s", rows, key, path)

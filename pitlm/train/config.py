@@ -47,6 +47,11 @@ class LoraConfig(StageConfig):
     # Trained in full (peft modules_to_save) in their own param group at a smaller LR, as the seed did.
     full_modules: list[str] = Field(default_factory=lambda: ["lm_head", "embed_tokens"])
     full_modules_lr: float | None = None  # None -> optim.lr / 10
+    # peft keeps a frozen copy of each module trained in full beside the trained one (2 GB for the seed's lm_head +
+    # embed_tokens on Qwen3.5-35B-A3B). Off: the frozen original shares the trained copy's storage, so a training
+    # process holds one; adapters saved, loaded and merged are unchanged, but inside that process disabling the
+    # adapter no longer restores the base lm_head / embed_tokens (nothing in pitlm's training does).
+    full_modules_base_copy: bool = False
     # Refuse to start when LoRA adapter parameters are below this fraction of the model (the seed's attention-only
     # list on Qwen3.5-35B-A3B gives 0.0099%), or when a hybrid model's adapted layers miss whole layer kinds.
     min_trainable_fraction: float = Field(1e-4, ge=0)
@@ -94,6 +99,7 @@ class TrainConfig(StageConfig):
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # parameter dtype; auto: fp32 on CPU and for scratch, else bf16
     attn_implementation: str | None = None  # e.g. sdpa, flash_attention_2; None: transformers' default
     gradient_checkpointing: bool = False  # lora/scratch; full mode uses fsdp.activation_checkpointing
+    fast_kernels: bool = True  # on a GPU: fla's fused causal conv1d and RMSNorms for DeltaNet hybrids (pitlm.kernels)
     # lora/scratch: LM head + loss computed this many tokens at a time, logits recomputed in backward (a 248k
     # vocabulary's logits are 8 GB in fp32 at 4 x 2048 tokens). None: the plain full-logits loss.
     ce_chunk: int | None = Field(None, ge=1)

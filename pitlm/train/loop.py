@@ -139,6 +139,10 @@ def prepare(cfg: TrainConfig, vol, env: DistEnv) -> Setup:
 
     model = build_model(cfg, env, base_path, max(len(tokenizer), index.vocab_size), tokenizer,
                         torch_dtype(dtype_name), fsdp)
+    if cfg.fast_kernels and env.device.type == "cuda":
+        from pitlm.kernels import install_fast_kernels
+
+        install_fast_kernels(model)
     vocab = _unwrapped_config(model).vocab_size
     if index.vocab_size > vocab:
         raise PitlmError(f"corpus {corpus_dir.name} was tokenized with a {index.vocab_size}-token vocabulary but the "

@@ -171,12 +171,36 @@ def apply_lora(model: nn.Module, cfg) -> nn.Module:
             peft_model = get_peft_model(model, lcfg, autocast_adapter_dtype=cfg.adapter_dtype == "fp32")
     except ValueError as e:
         raise ConfigError(f"LoRA targets {modules + params} do not fit this model: {str(e).splitlines()[0]}") from e
+    if cfg.full_modules and not cfg.full_modules_base_copy:
+        n = share_full_module_storage(peft_model)
+        log.info("full modules: %s of frozen base copies released (they share the trained copies' storage)",
+                 f"{n / 2**30:.2f} GiB")
     if params and cfg.experts_path == "grouped":
         from pitlm.train.experts import install_expert_lora
 
         n = install_expert_lora(peft_model)
         log.info("expert LoRA: grouped GEMMs on the routed tokens in %d experts modules", n)
     return peft_model
+
+
+def share_full_module_storage(model: nn.Module) -> int:
+    """Point the frozen original of every peft ModulesToSaveWrapper at its trained copy's tensors (same shape and
+    dtype only), so the original's memory is released. Returns the bytes released."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    released = 0
+    for wrapper in model.modules():
+        if not isinstance(wrapper, ModulesToSaveWrapper):
+            continue
+        trained = {n: p for name in wrapper.modules_to_save for n, p in wrapper.modules_to_save[name].named_parameters()}
+        for n, p in wrapper.original_module.named_parameters():
+            q = trained.get(n)
+            if q is None or q.shape != p.shape or q.dtype != p.dtype or q.device != p.device:
+                continue
+            if p.data_ptr() != q.data_ptr():
+                released += p.numel() * p.element_size()
+                p.data = q.data
+    return released
 
 
 @dataclass

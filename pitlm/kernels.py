@@ -1,0 +1,127 @@
+"""Fused GPU kernels for the Gated-DeltaNet hybrids (Qwen3.5 / Qwen3.5-MoE / Qwen3-Next), installed on a built model.
+
+transformers picks flash-linear-attention's chunked delta rule by itself when fla imports, but three other
+pieces of these layers stay eager torch on a GPU (BENCHMARKS.md, the profiles of issue 9):
+
+- the depthwise causal conv1d before the delta rule: transformers looks for Dao's `causal_conv1d` package (a
+  CUDA build, not installed here) and otherwise runs `F.conv1d`, ~12x slower than memory speed on an H100;
+  fla ships a Triton one (`fla.modules.causal_conv1d`), same maths, which takes (B, T, D), the layout the
+  hidden states already have before transformers transposes them;
+- RMSNorm with the (1 + weight) scale: ~8 float32 elementwise kernels forward and more backward, per norm;
+  fla's fused `rms_norm` (one kernel each way) with the scale (1 + weight) passed as its weight, in float32;
+- the gated RMSNorm of the delta-rule output (norm, scale, silu gate): fla's `rms_norm_gated`.
+
+`install_fast_kernels(model)` patches instances (the norms) and the conv function of the model's modeling
+module, each only for CUDA tensors (CPU calls keep the reference path), and returns what it installed.
+Correctness against the reference path: `scripts/gpu_check_kernels.py` (bf16 tolerance, METHOD.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import types
+
+from torch import nn
+
+log = logging.getLogger("pitlm")
+
+# modeling modules whose GatedDeltaNet calls a module-level `causal_conv1d_fn(x (B, D, T), weight (D, W), bias,
+# activation=...)`, and their RMSNorm classes that scale by (1 + weight)
+MODELING = {"qwen3_5_moe": "Qwen3_5Moe", "qwen3_5": "Qwen3_5", "qwen3_next": "Qwen3Next"}  # module -> class prefix
+OFFSET_NORMS = {"Qwen3_5MoeRMSNorm", "Qwen3_5RMSNorm", "Qwen3NextRMSNorm"}
+GATED_NORMS = {"Qwen3_5MoeRMSNormGated", "Qwen3_5RMSNormGated", "Qwen3NextRMSNormGated"}
+
+
+def _fla():
+    """fla's conv and norm functions, or None where fla does not import (no GPU stack, wrong Triton)."""
+    try:
+        from fla.modules.causal_conv1d import causal_conv1d
+        from fla.modules.norm.fused_norm_gate import rms_norm_gated
+        from fla.modules.norm.layernorm import rms_norm
+    except Exception as e:  # noqa: BLE001 - any import failure means: not usable here
+        log.debug("fla kernels unavailable: %s", e)
+        return None
+    return types.SimpleNamespace(conv=causal_conv1d, rms_norm=rms_norm, rms_norm_gated=rms_norm_gated)
+
+
+def _patch_conv(modeling, fla) -> bool:
+    ref = getattr(modeling, "causal_conv1d_fn", None)
+    if ref is None:
+        return False
+    if getattr(ref, "_pitlm_fast", False):
+        return True
+
+    def causal_conv1d_fn(hidden_states, weight, bias=None, activation=None, **kwargs):
+        if not hidden_states.is_cuda or kwargs.get("seq_idx") is not None or kwargs.get("cu_seqlens") is not None:
+            return ref(hidden_states, weight, bias, activation=activation, **kwargs)
+        # transformers hands (B, D, T), a transpose of the (B, T, D) projection: fla reads that layout directly
+        out, _ = fla.conv(hidden_states.transpose(1, 2), weight, bias, activation=activation)
+        return out.transpose(1, 2)
+
+    causal_conv1d_fn._pitlm_fast = True
+    causal_conv1d_fn.__wrapped__ = ref
+    modeling.causal_conv1d_fn = causal_conv1d_fn
+    return True
+
+
+def _offset_norm_forward(fla, ref):
+    def forward(self, x):
+        if not x.is_cuda:
+            return ref(x)
+        return fla.rms_norm(x, 1.0 + self.weight.float(), None, eps=self.eps)
+
+    return forward
+
+
+def _gated_norm_forward(fla, ref):
+    def forward(self, hidden_states, gate=None):
+        if not hidden_states.is_cuda or gate is None or getattr(self, "activation", "silu") not in ("silu", "swish"):
+            return ref(hidden_states, gate)
+        return fla.rms_norm_gated(hidden_states, gate, self.weight, None, activation="swish",
+                                  eps=self.variance_epsilon)
+
+    return forward
+
+
+def install_fast_kernels(model: nn.Module) -> list[str]:
+    """Route `model`'s causal conv1d and RMSNorms through fla's fused kernels (CUDA tensors only). Returns the
+    names of what was installed: [] on a model without these layers or where fla does not import."""
+    kinds = {type(m).__name__ for m in model.modules()}
+    if not kinds & (OFFSET_NORMS | GATED_NORMS) and not any("GatedDeltaNet" in k for k in kinds):
+        return []
+    fla = _fla()
+    if fla is None:
+        return []
+    installed = []
+    for name, prefix in MODELING.items():
+        if f"{prefix}GatedDeltaNet" not in kinds:
+            continue
+        try:
+            modeling = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+        except ImportError:
+            continue
+        if _patch_conv(modeling, fla):
+            installed.append(f"fla-causal-conv1d ({name})")
+    n_norm = n_gated = 0
+    for m in model.modules():
+        kind = type(m).__name__
+        if getattr(m, "_pitlm_fast", False):
+            continue
+        if kind in OFFSET_NORMS:
+            m.forward = types.MethodType(_offset_norm_forward(fla, m.forward), m)
+            n_norm += 1
+        elif kind in GATED_NORMS:
+            m.forward = types.MethodType(_gated_norm_forward(fla, m.forward), m)
+            n_gated += 1
+        else:
+            continue
+        m._pitlm_fast = True
+    if n_norm:
+        installed.append(f"fla-rmsnorm x{n_norm}")
+    if n_gated:
+        installed.append(f"fla-gated-rmsnorm x{n_gated}")
+    if installed:
+        log.info("fast kernels: %s", ", ".join(installed))
+    return installed
+

@@ -1,0 +1,110 @@
+"""pitlm.kernels: fla's fused conv/norm kernels installed on Gated-DeltaNet hybrids, CUDA tensors only."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from pitlm import kernels
+
+
+def tiny_hybrid(dtype=torch.float32, device="cpu"):
+    from pitlm.train.model import build_model_config, build_scratch_model
+
+    torch.manual_seed(0)
+    return build_scratch_model(build_model_config("tiny-qwen3.5-moe"), dtype, device)
+
+
+def refusing_fla():
+    def never(*a, **k):
+        raise AssertionError("a CPU tensor reached the GPU kernel")
+
+    return types.SimpleNamespace(conv=never, rms_norm=never, rms_norm_gated=never)
+
+
+def test_install_patches_conv_and_norms_and_keeps_cpu_on_the_reference(monkeypatch):
+    from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as modeling
+
+    monkeypatch.setattr(modeling, "causal_conv1d_fn", modeling.causal_conv1d_fn)  # restored after the test
+    model = tiny_hybrid().eval()
+    tokens = torch.randint(0, model.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        before = model(input_ids=tokens).logits
+    monkeypatch.setattr(kernels, "_fla", refusing_fla)
+    installed = kernels.install_fast_kernels(model)
+    n_layers = model.config.num_hidden_layers
+    n_attn = sum(t == "full_attention" for t in model.config.layer_types)
+    n_norm = 2 * n_layers + 2 * n_attn + 1  # input/post-attention per layer, q/k per attention layer, final
+    assert installed == ["fla-causal-conv1d (qwen3_5_moe)", f"fla-rmsnorm x{n_norm}",
+                         f"fla-gated-rmsnorm x{n_layers - n_attn}"]
+    assert kernels.install_fast_kernels(model) == ["fla-causal-conv1d (qwen3_5_moe)"]  # norms: once only
+    with torch.no_grad():
+        after = model(input_ids=tokens).logits
+    assert torch.equal(before, after)
+
+
+def test_install_is_a_no_op_without_deltanet_layers_or_fla(monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dense = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=64))
+    monkeypatch.setattr(kernels, "_fla", refusing_fla)
+    assert kernels.install_fast_kernels(dense) == []
+    monkeypatch.setattr(kernels, "_fla", lambda: None)
+    assert kernels.install_fast_kernels(tiny_hybrid()) == []
+
+
+def test_full_module_originals_share_the_trained_storage():
+    from pitlm.train.config import LoraConfig
+    from pitlm.train.model import apply_lora
+
+    def wrappers(model):
+        return {n: m for n, m in model.named_modules() if type(m).__name__ == "ModulesToSaveWrapper"}
+
+    shared = apply_lora(tiny_hybrid(), LoraConfig(full_modules=["lm_head", "embed_tokens"]))
+    assert len(wrappers(shared)) == 2
+    for w in wrappers(shared).values():
+        orig, copy = w.original_module.weight, w.modules_to_save["default"].weight
+        assert orig.data_ptr() == copy.data_ptr() and not orig.requires_grad and copy.requires_grad
+    kept = apply_lora(tiny_hybrid(), LoraConfig(full_modules=["lm_head", "embed_tokens"], full_modules_base_copy=True))
+    for w in wrappers(kept).values():
+        assert w.original_module.weight.data_ptr() != w.modules_to_save["default"].weight.data_ptr()
+
+
+def fla_usable() -> bool:
+    return torch.cuda.is_available() and kernels._fla() is not None
+
+
+@pytest.mark.skipif(not fla_usable(), reason="needs a CUDA GPU with flash-linear-attention")
+def test_fast_kernels_match_the_reference_on_the_gpu():
+    """bf16 on a GPU: loss and gradients with the fused kernels vs the reference path, both against float32."""
+    from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as modeling
+
+    ref_conv = modeling.causal_conv1d_fn
+    try:
+        m32 = tiny_hybrid(torch.float32, "cuda")
+        tokens = torch.randint(0, m32.config.vocab_size, (2, 257), device="cuda")
+
+        def run(model):
+            model.zero_grad(set_to_none=True)
+            out = model(input_ids=tokens, labels=tokens)
+            out.loss.backward()
+            return out.loss.detach().float(), torch.cat([p.grad.float().flatten() for p in model.parameters()
+                                                         if p.grad is not None])
+
+        loss32, g32 = run(m32)
+        m16 = tiny_hybrid(torch.bfloat16, "cuda")
+        m16.load_state_dict({k: v.to(torch.bfloat16) for k, v in m32.state_dict().items()})
+        loss_ref, g_ref = run(m16)
+        assert kernels.install_fast_kernels(m16)
+        loss_fast, g_fast = run(m16)
+
+        def rel(a, b):
+            return float((a - b).norm() / b.norm())
+
+        assert rel(loss_fast, loss32) <= 1.5 * max(rel(loss_ref, loss32), 1e-3)
+        assert rel(g_fast, g32) <= 1.5 * max(rel(g_ref, g32), 1e-2)
+    finally:
+        modeling.causal_conv1d_fn = ref_conv
