@@ -9,7 +9,10 @@ pieces of these layers stay eager torch on a GPU (BENCHMARKS.md, the profiles of
   hidden states already have before transformers transposes them;
 - RMSNorm with the (1 + weight) scale: ~8 float32 elementwise kernels forward and more backward, per norm;
   fla's fused `rms_norm` (one kernel each way) with the scale (1 + weight) passed as its weight, in float32;
-- the gated RMSNorm of the delta-rule output (norm, scale, silu gate): fla's `rms_norm_gated`.
+- the gated RMSNorm of the delta-rule output (norm, scale, silu gate): fla's `rms_norm_gated`;
+- the routed experts: transformers' grouped-GEMM forward masks the routed-token tensors for expert parallelism
+  (in 5.17 on every call: ~30% of an embedding forward of the 35B on an H100); pitlm's grouped forward
+  (`pitlm.train.experts.lora_experts_forward` without adapters) is the same GEMMs without the masks.
 
 `install_fast_kernels(model)` patches instances (the norms) and the conv function of the model's modeling
 module, each only for CUDA tensors (CPU calls keep the reference path), and returns what it installed.
@@ -84,6 +87,17 @@ def _gated_norm_forward(fla, ref):
     return forward
 
 
+def _experts_forward(ref):
+    from pitlm.train.experts import lora_experts_forward
+
+    def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+        if not hidden_states.is_cuda or args or kwargs:
+            return ref(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+        return lora_experts_forward(self, hidden_states, top_k_index, top_k_weights, {})
+
+    return forward
+
+
 def install_fast_kernels(model: nn.Module) -> list[str]:
     """Route `model`'s causal conv1d and RMSNorms through fla's fused kernels (CUDA tensors only). Returns the
     names of what was installed: [] on a model without these layers or where fla does not import."""
@@ -103,12 +117,17 @@ def install_fast_kernels(model: nn.Module) -> list[str]:
             continue
         if _patch_conv(modeling, fla):
             installed.append(f"fla-causal-conv1d ({name})")
-    n_norm = n_gated = 0
+    from pitlm.train.experts import experts_unsupported
+
+    n_norm = n_gated = n_experts = 0
     for m in model.modules():
         kind = type(m).__name__
         if getattr(m, "_pitlm_fast", False):
             continue
-        if kind in OFFSET_NORMS:
+        if kind.endswith("Experts") and experts_unsupported(m) is None:
+            m.forward = types.MethodType(_experts_forward(m.forward), m)
+            n_experts += 1
+        elif kind in OFFSET_NORMS:
             m.forward = types.MethodType(_offset_norm_forward(fla, m.forward), m)
             n_norm += 1
         elif kind in GATED_NORMS:
@@ -121,6 +140,8 @@ def install_fast_kernels(model: nn.Module) -> list[str]:
         installed.append(f"fla-rmsnorm x{n_norm}")
     if n_gated:
         installed.append(f"fla-gated-rmsnorm x{n_gated}")
+    if n_experts:
+        installed.append(f"grouped-experts x{n_experts}")
     if installed:
         log.info("fast kernels: %s", ", ".join(installed))
     return installed

@@ -17,7 +17,9 @@
 #           embedding with them (profiled), the seed's recipe at batch 2 with them (profiled)
 #   phase 10 (after 9, warm): larger batches with the full target list now that peft's frozen copies of
 #           lm_head/embed_tokens share the trained storage
-# Usage: bash scripts/gpu_bench.sh 0|1|...|10
+#   phase 11 (after 0; carry .whl3 .whl5): the kernel tests with their output; embedding with the grouped experts
+#           forward added (no expert-parallel masks)
+# Usage: bash scripts/gpu_bench.sh 0|1|...|11
 set -u
 source scripts/gpu_env.sh
 mkdir -p "$OUT"
@@ -76,6 +78,9 @@ elif [ "$1" = 10 ]; then
   M="--adapter-dtype base --optim adamw8bit"
   T=240 run $B train $L --batch ${B1:-4} --ce-chunk 512 $M
   T=200 run $B train $L --batch ${B2:-3} --ce-chunk 512 $M
+elif [ "$1" = 11 ]; then
+  timeout 420 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -25
+  T=240 run $B embed --arch qwen3.5-35b-a3b --n-prompts 4096 --batch 1024 --prompt-tokens 64 --profile "$OUT/profile_embed2.txt"
 elif [ "$1" = 1 ]; then
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|causal|liger|grouped|gpu0|triton" | tee "$OUT/doctor.txt"
   run $B train $L --batch 1

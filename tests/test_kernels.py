@@ -38,11 +38,31 @@ def test_install_patches_conv_and_norms_and_keeps_cpu_on_the_reference(monkeypat
     n_attn = sum(t == "full_attention" for t in model.config.layer_types)
     n_norm = 2 * n_layers + 2 * n_attn + 1  # input/post-attention per layer, q/k per attention layer, final
     assert installed == ["fla-causal-conv1d (qwen3_5_moe)", f"fla-rmsnorm x{n_norm}",
-                         f"fla-gated-rmsnorm x{n_layers - n_attn}"]
+                         f"fla-gated-rmsnorm x{n_layers - n_attn}", f"grouped-experts x{n_layers}"]
     assert kernels.install_fast_kernels(model) == ["fla-causal-conv1d (qwen3_5_moe)"]  # norms: once only
     with torch.no_grad():
         after = model(input_ids=tokens).logits
     assert torch.equal(before, after)
+
+
+def test_grouped_experts_forward_equals_transformers_experts():
+    """The experts path installed for CUDA tensors (pitlm's grouped forward without adapters) against
+    transformers' own experts forward, on the CPU in float32: same routed GEMMs, no masks."""
+    from pitlm.train.experts import lora_experts_forward
+
+    model = tiny_hybrid()
+    experts = next(m for m in model.modules() if type(m).__name__.endswith("Experts"))
+    for p in experts.parameters():  # random weights of a realistic scale (the init leaves some at zero)
+        torch.nn.init.normal_(p, std=0.05)
+    n, k = 37, model.config.num_experts_per_tok
+    h = torch.randn(n, model.config.hidden_size)
+    idx = torch.stack([torch.randperm(model.config.num_experts)[:k] for _ in range(n)])
+    w = torch.rand(n, k)
+    with torch.no_grad():
+        ref = experts(h, idx, w)
+        ours = lora_experts_forward(experts, h, idx, w, {})
+    assert ref.abs().max() > 1e-3
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_install_is_a_no_op_without_deltanet_layers_or_fla(monkeypatch):

@@ -73,7 +73,7 @@ def lora_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_
     return h[inv].view(num_tokens, top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
 
 
-def _supported(experts: nn.Module) -> str | None:
+def experts_unsupported(experts: nn.Module) -> str | None:
     """Why this experts module cannot take the grouped LoRA path (None = it can)."""
     for name in ("gate_up_proj", "down_proj"):
         p = getattr(experts, name, None)
@@ -114,7 +114,7 @@ def install_expert_lora(model: nn.Module) -> int:
         if not isinstance(module, ParamWrapper) or id(module) in inner_ids:
             continue  # only outermost wrappers
         chain, experts = _chain(module)
-        why = _supported(experts)
+        why = experts_unsupported(experts)
         if why or any(w.parameter_name not in ("gate_up_proj", "down_proj") for w in chain):
             refused.add(why or "a LoRA parameter other than gate_up_proj/down_proj")
             continue
