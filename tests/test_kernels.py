@@ -17,6 +17,17 @@ def tiny_hybrid(dtype=torch.float32, device="cpu"):
     return build_scratch_model(build_model_config("tiny-qwen3.5-moe"), dtype, device)
 
 
+def reference_delta_rule(monkeypatch, modeling):
+    """transformers binds fla's chunked delta rule at import where fla imports (a GPU machine): CPU forwards then
+    need its torch reference back."""
+    import inspect
+
+    ref = getattr(modeling.torch_chunk_gated_delta_rule, "__wrapped__", modeling.torch_chunk_gated_delta_rule)
+    params = set(inspect.signature(ref).parameters)
+    monkeypatch.setattr(modeling, "torch_chunk_gated_delta_rule",
+                        lambda *a, **k: ref(*a, **{n: v for n, v in k.items() if n in params}))
+
+
 def refusing_fla():
     def never(*a, **k):
         raise AssertionError("a CPU tensor reached the GPU kernel")
@@ -28,6 +39,7 @@ def test_install_patches_conv_and_norms_and_keeps_cpu_on_the_reference(monkeypat
     from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as modeling
 
     monkeypatch.setattr(modeling, "causal_conv1d_fn", modeling.causal_conv1d_fn)  # restored after the test
+    reference_delta_rule(monkeypatch, modeling)
     model = tiny_hybrid().eval()
     tokens = torch.randint(0, model.config.vocab_size, (2, 24))
     with torch.no_grad():
