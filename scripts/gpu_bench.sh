@@ -19,7 +19,8 @@
 #           lm_head/embed_tokens share the trained storage
 #   phase 11 (after 0; carry .whl3 .whl5): the kernel tests with their output; embedding with the grouped experts
 #           forward added (no expert-parallel masks)
-# Usage: bash scripts/gpu_bench.sh 0|1|...|11
+#   phase 12 (after 0; carry .whl3 .whl5): the kernel and expert tests alone, their output shown
+# Usage: bash scripts/gpu_bench.sh 0|1|...|12
 set -u
 source scripts/gpu_env.sh
 mkdir -p "$OUT"
@@ -81,6 +82,8 @@ elif [ "$1" = 10 ]; then
 elif [ "$1" = 11 ]; then
   timeout 420 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -25
   T=240 run $B embed --arch qwen3.5-35b-a3b --n-prompts 4096 --batch 1024 --prompt-tokens 64 --profile "$OUT/profile_embed2.txt"
+elif [ "$1" = 12 ]; then
+  timeout 500 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_train_experts.py 2>&1 | tail -15
 elif [ "$1" = 1 ]; then
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|causal|liger|grouped|gpu0|triton" | tee "$OUT/doctor.txt"
   run $B train $L --batch 1
