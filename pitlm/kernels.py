@@ -68,6 +68,36 @@ def _patch_conv(modeling, fla) -> bool:
     return True
 
 
+DELTA_RULES = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule")
+
+
+def cpu_safe_delta_rules() -> None:
+    """Where fla imports, transformers binds its Triton delta rules at import for every call, so a CPU forward of
+    a DeltaNet hybrid on a GPU machine fails ("cannot be accessed from Triton (cpu tensor?)"). Route CPU calls
+    back to transformers' torch reference (the `__wrapped__` of its binding). Idempotent."""
+    import inspect
+    import sys
+
+    for name in MODELING:
+        modeling = sys.modules.get(f"transformers.models.{name}.modeling_{name}")
+        for fn_name in DELTA_RULES if modeling is not None else ():
+            bound = getattr(modeling, fn_name, None)
+            ref = getattr(bound, "__wrapped__", None)
+            if bound is None or ref is None or getattr(bound, "_pitlm_cpu_safe", False):
+                continue
+            params = set(inspect.signature(ref).parameters)
+
+            def dispatch(*args, _bound=bound, _ref=ref, _params=params, **kwargs):
+                first = args[0] if args else next(iter(kwargs.values()), None)
+                if getattr(first, "is_cuda", True):
+                    return _bound(*args, **kwargs)
+                return _ref(*args, **{k: v for k, v in kwargs.items() if k in _params})
+
+            dispatch._pitlm_cpu_safe = True
+            dispatch.__wrapped__ = ref
+            setattr(modeling, fn_name, dispatch)
+
+
 def _offset_norm_forward(fla, ref):
     def forward(self, x):
         if not x.is_cuda:

@@ -17,17 +17,6 @@ def tiny_hybrid(dtype=torch.float32, device="cpu"):
     return build_scratch_model(build_model_config("tiny-qwen3.5-moe"), dtype, device)
 
 
-def reference_delta_rule(monkeypatch, modeling):
-    """transformers binds fla's chunked delta rule at import where fla imports (a GPU machine): CPU forwards then
-    need its torch reference back."""
-    import inspect
-
-    ref = getattr(modeling.torch_chunk_gated_delta_rule, "__wrapped__", modeling.torch_chunk_gated_delta_rule)
-    params = set(inspect.signature(ref).parameters)
-    monkeypatch.setattr(modeling, "torch_chunk_gated_delta_rule",
-                        lambda *a, **k: ref(*a, **{n: v for n, v in k.items() if n in params}))
-
-
 def refusing_fla():
     def never(*a, **k):
         raise AssertionError("a CPU tensor reached the GPU kernel")
@@ -39,7 +28,6 @@ def test_install_patches_conv_and_norms_and_keeps_cpu_on_the_reference(monkeypat
     from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as modeling
 
     monkeypatch.setattr(modeling, "causal_conv1d_fn", modeling.causal_conv1d_fn)  # restored after the test
-    reference_delta_rule(monkeypatch, modeling)
     model = tiny_hybrid().eval()
     tokens = torch.randint(0, model.config.vocab_size, (2, 24))
     with torch.no_grad():
@@ -55,6 +43,27 @@ def test_install_patches_conv_and_norms_and_keeps_cpu_on_the_reference(monkeypat
     with torch.no_grad():
         after = model(input_ids=tokens).logits
     assert torch.equal(before, after)
+
+
+def test_cpu_forwards_survive_transformers_binding_a_gpu_delta_rule(monkeypatch):
+    """On a GPU machine transformers binds fla's Triton delta rule for every call; building a model through pitlm
+    routes CPU calls back to the torch reference (here the GPU binding is a function refusing CPU tensors)."""
+    import functools
+
+    from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as modeling
+
+    ref = getattr(modeling.torch_chunk_gated_delta_rule, "__wrapped__", modeling.torch_chunk_gated_delta_rule)
+
+    @functools.wraps(ref)
+    def gpu_only(*args, **kwargs):
+        raise ValueError("Pointer argument (at 0) cannot be accessed from Triton (cpu tensor?)")
+
+    monkeypatch.setattr(modeling, "torch_chunk_gated_delta_rule", gpu_only)
+    model = tiny_hybrid().eval()  # pitlm's builder installs the CPU dispatch
+    assert modeling.torch_chunk_gated_delta_rule is not gpu_only
+    with torch.no_grad():
+        logits = model(input_ids=torch.randint(0, model.config.vocab_size, (2, 16))).logits
+    assert torch.isfinite(logits).all()
 
 
 def test_grouped_experts_forward_equals_transformers_experts():

@@ -319,8 +319,9 @@ def load_causal_lm(spec: ModelSpec, device: str, dtype):
         raise PitlmError(f"'{spec.raw}' is not a language model")
     if getattr(model, "hf_device_map", None) is None:  # a model dispatched by device_map is already in place
         model = model.to(device)
-    if device.startswith("cuda"):
-        from pitlm.kernels import install_fast_kernels
+    from pitlm.kernels import cpu_safe_delta_rules, install_fast_kernels
 
+    cpu_safe_delta_rules()
+    if device.startswith("cuda"):
         install_fast_kernels(model)
     return model.eval()

@@ -101,9 +101,13 @@ def build_scratch_model(config, dtype: torch.dtype, device: torch.device | str =
     """Random weights from a config, built directly on `device` (use device='meta' to materialise later)."""
     from transformers import AutoModelForCausalLM
 
+    from pitlm.kernels import cpu_safe_delta_rules
+
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with torch.device(device):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    cpu_safe_delta_rules()
+    return model
 
 
 def load_pretrained_model(path: str, dtype: torch.dtype, device: torch.device | str = "cpu",
@@ -119,6 +123,9 @@ def load_pretrained_model(path: str, dtype: torch.dtype, device: torch.device | 
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         raise PitlmError(f"cannot load model '{path}': {str(e).splitlines()[0]}") from e
+    from pitlm.kernels import cpu_safe_delta_rules
+
+    cpu_safe_delta_rules()
     return model.to(device)
 
 
