@@ -20,7 +20,9 @@
 #   phase 11 (after 0; carry .whl3 .whl5): the kernel tests with their output; embedding with the grouped experts
 #           forward added (no expert-parallel masks)
 #   phase 12 (after 0; carry .whl3 .whl5): the kernel and expert tests alone, their output shown
-# Usage: bash scripts/gpu_bench.sh 0|1|...|12
+#   phase 13 (after 0; carry .whl3 .whl5): where a batch-4 step of the seed's recipe goes now (profile), and
+#           LoRA alone at batch 8 with the fused kernels
+# Usage: bash scripts/gpu_bench.sh 0|1|...|13
 set -u
 source scripts/gpu_env.sh
 mkdir -p "$OUT"
@@ -84,6 +86,11 @@ elif [ "$1" = 11 ]; then
   T=240 run $B embed --arch qwen3.5-35b-a3b --n-prompts 4096 --batch 1024 --prompt-tokens 64 --profile "$OUT/profile_embed2.txt"
 elif [ "$1" = 12 ]; then
   timeout 500 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_train_experts.py 2>&1 | tail -15
+elif [ "$1" = 13 ]; then
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  M="--adapter-dtype base --optim adamw8bit"
+  T=330 run $B train $L --batch 4 --ce-chunk 512 $M --profile "$OUT/profile_b4.txt"
+  T=220 run $B train $L --batch 8 --ce-chunk 1024 $M --full-modules ""
 elif [ "$1" = 1 ]; then
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|causal|liger|grouped|gpu0|triton" | tee "$OUT/doctor.txt"
   run $B train $L --batch 1
