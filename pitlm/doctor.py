@@ -119,9 +119,14 @@ def fast_kernel_checks(gpus: list[dict]) -> list[Check]:
         checks.append(Check("flash-linear-attention", "ok" if ok else "warn",
                             f"usable (backend {backend})" if ok else f"fails to import: {err}",
                             "" if ok else "reinstall flash-linear-attention / fla-core"))
-    for mod, label, hint in (("causal_conv1d", "causal-conv1d", "pip install causal-conv1d (DeltaNet conv kernel)"),
+    fla_ok = bool(checks) and checks[-1].status == "ok"
+    # pitlm.kernels: fla's Triton causal conv1d (instead of Dao's CUDA package) and fused RMSNorms, on a GPU
+    checks.append(Check("fused conv1d + RMSNorm", "ok" if fla_ok else "info",
+                        "fla's Triton kernels via pitlm.kernels" if fla_ok else "off (needs a usable fla on a GPU)",
+                        "" if fla_ok else "make flash-linear-attention usable (above)"))
+    for mod, label, hint in (("causal_conv1d", "causal-conv1d", "optional: pitlm uses fla's conv kernel"),
                              ("flash_attn", "flash-attn", "pip install flash-attn (optional; sdpa is used otherwise)"),
-                             ("liger_kernel", "liger-kernel", "pip install liger-kernel (fused linear cross-entropy)")):
+                             ("liger_kernel", "liger-kernel", "optional; pitlm's paths do not use it")):
         if not _has(mod):
             checks.append(Check(label, "info", "not installed", hint))
         else:
