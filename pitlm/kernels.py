@@ -1,7 +1,7 @@
 """Fused GPU kernels for the Gated-DeltaNet hybrids (Qwen3.5 / Qwen3.5-MoE / Qwen3-Next), installed on a built model.
 
-transformers picks flash-linear-attention's chunked delta rule by itself when fla imports, but three other
-pieces of these layers stay eager torch on a GPU (BENCHMARKS.md, the profiles of issue 9):
+transformers picks flash-linear-attention's chunked delta rule by itself when fla imports, but four other
+pieces of these models run slower than they need to on a GPU (BENCHMARKS.md, the profiles of issue 9):
 
 - the depthwise causal conv1d before the delta rule: transformers looks for Dao's `causal_conv1d` package (a
   CUDA build, not installed here) and otherwise runs `F.conv1d`, ~12x slower than memory speed on an H100;
@@ -14,9 +14,11 @@ pieces of these layers stay eager torch on a GPU (BENCHMARKS.md, the profiles of
   (in 5.17 on every call: ~30% of an embedding forward of the 35B on an H100); pitlm's grouped forward
   (`pitlm.train.experts.lora_experts_forward` without adapters) is the same GEMMs without the masks.
 
-`install_fast_kernels(model)` patches instances (the norms) and the conv function of the model's modeling
-module, each only for CUDA tensors (CPU calls keep the reference path), and returns what it installed.
-Correctness against the reference path: `scripts/gpu_check_kernels.py` (bf16 tolerance, METHOD.md).
+`install_fast_kernels(model)` patches instances (norms, experts) and the conv function of the model's modeling
+module, each only for CUDA tensors (CPU calls keep the reference path), and returns what it installed. The
+experts forward is installed for inference only (`experts=True`, the eval's embedding path): in LoRA training
+pitlm's expert-LoRA path already computes the experts, and the FSDP2 full-weight path keeps transformers' own.
+Correctness against the reference path, on a GPU in bf16: tests/test_kernels.py (METHOD.md's tolerance).
 """
 
 from __future__ import annotations
@@ -128,9 +130,10 @@ def _experts_forward(ref):
     return forward
 
 
-def install_fast_kernels(model: nn.Module) -> list[str]:
-    """Route `model`'s causal conv1d and RMSNorms through fla's fused kernels (CUDA tensors only). Returns the
-    names of what was installed: [] on a model without these layers or where fla does not import."""
+def install_fast_kernels(model: nn.Module, experts: bool = False) -> list[str]:
+    """Route `model`'s causal conv1d and RMSNorms through fla's fused kernels and, with `experts`, its routed
+    experts through pitlm's grouped forward (CUDA tensors only). Returns the names of what was installed: [] on a
+    model without these layers or where fla does not import."""
     kinds = {type(m).__name__ for m in model.modules()}
     if not kinds & (OFFSET_NORMS | GATED_NORMS) and not any("GatedDeltaNet" in k for k in kinds):
         return []
@@ -154,7 +157,7 @@ def install_fast_kernels(model: nn.Module) -> list[str]:
         kind = type(m).__name__
         if getattr(m, "_pitlm_fast", False):
             continue
-        if kind.endswith("Experts") and experts_unsupported(m) is None:
+        if experts and kind.endswith("Experts") and experts_unsupported(m) is None:
             m.forward = types.MethodType(_experts_forward(m.forward), m)
             n_experts += 1
         elif kind in OFFSET_NORMS:

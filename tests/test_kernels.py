@@ -33,13 +33,13 @@ def test_install_patches_conv_and_norms_and_keeps_cpu_on_the_reference(monkeypat
     with torch.no_grad():
         before = model(input_ids=tokens).logits
     monkeypatch.setattr(kernels, "_fla", refusing_fla)
-    installed = kernels.install_fast_kernels(model)
+    installed = kernels.install_fast_kernels(model, experts=True)
     n_layers = model.config.num_hidden_layers
     n_attn = sum(t == "full_attention" for t in model.config.layer_types)
     n_norm = 2 * n_layers + 2 * n_attn + 1  # input/post-attention per layer, q/k per attention layer, final
     assert installed == ["fla-causal-conv1d (qwen3_5_moe)", f"fla-rmsnorm x{n_norm}",
                          f"fla-gated-rmsnorm x{n_layers - n_attn}", f"grouped-experts x{n_layers}"]
-    assert kernels.install_fast_kernels(model) == ["fla-causal-conv1d (qwen3_5_moe)"]  # norms: once only
+    assert kernels.install_fast_kernels(model, experts=True) == ["fla-causal-conv1d (qwen3_5_moe)"]  # once only
     with torch.no_grad():
         after = model(input_ids=tokens).logits
     assert torch.equal(before, after)
@@ -139,7 +139,7 @@ def test_fast_kernels_match_the_reference_on_the_gpu():
         m16 = tiny_hybrid(torch.bfloat16, "cuda")
         m16.load_state_dict({k: v.to(torch.bfloat16) for k, v in m32.state_dict().items()})
         loss_ref, g_ref = run(m16)
-        assert kernels.install_fast_kernels(m16)
+        assert kernels.install_fast_kernels(m16, experts=True)
         loss_fast, g_fast = run(m16)
 
         def rel(a, b):

@@ -229,7 +229,7 @@ def bench_embed(arch: str, n_prompts: int = 256, batch_sizes: tuple[int, ...] = 
     if fast_kernels and cuda:
         from pitlm.kernels import install_fast_kernels
 
-        kernels = install_fast_kernels(model)
+        kernels = install_fast_kernels(model, experts=True)
     out: dict[str, Any] = {"fast_kernels": ", ".join(kernels) or "none","arch": arch, "device": device, "dtype": str(dtype).replace("torch.", ""),
                            "params": sum(p.numel() for p in model.parameters()),
                            "build_seconds": round(time.perf_counter() - t0, 3), "n_prompts": n_prompts,

@@ -323,5 +323,5 @@ def load_causal_lm(spec: ModelSpec, device: str, dtype):
 
     cpu_safe_delta_rules()
     if device.startswith("cuda"):
-        install_fast_kernels(model)
+        install_fast_kernels(model, experts=True)
     return model.eval()

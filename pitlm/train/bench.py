@@ -70,7 +70,7 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
             model = build_fsdp_model_random(config, env, dtype, activation_checkpointing)
             total = count_params(model)
         kernels = []
-        if fast_kernels and on_gpu:
+        if fast_kernels and on_gpu and mode == "lora":  # FSDP2 (full) + these kernels: not verified yet
             from pitlm.kernels import install_fast_kernels
 
             kernels = install_fast_kernels(model)

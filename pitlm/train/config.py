@@ -99,7 +99,9 @@ class TrainConfig(StageConfig):
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # parameter dtype; auto: fp32 on CPU and for scratch, else bf16
     attn_implementation: str | None = None  # e.g. sdpa, flash_attention_2; None: transformers' default
     gradient_checkpointing: bool = False  # lora/scratch; full mode uses fsdp.activation_checkpointing
-    fast_kernels: bool = True  # on a GPU: fla's fused causal conv1d and RMSNorms for DeltaNet hybrids (pitlm.kernels)
+    # one GPU (lora, single-process scratch): fla's fused causal conv1d and RMSNorms for DeltaNet hybrids
+    # (pitlm.kernels); FSDP2 runs keep transformers' path until that combination is verified on GPUs
+    fast_kernels: bool = True
     # lora/scratch: LM head + loss computed this many tokens at a time, logits recomputed in backward (a 248k
     # vocabulary's logits are 8 GB in fp32 at 4 x 2048 tokens). None: the plain full-logits loss.
     ce_chunk: int | None = Field(None, ge=1)

@@ -139,7 +139,7 @@ def prepare(cfg: TrainConfig, vol, env: DistEnv) -> Setup:
 
     model = build_model(cfg, env, base_path, max(len(tokenizer), index.vocab_size), tokenizer,
                         torch_dtype(dtype_name), fsdp)
-    if cfg.fast_kernels and env.device.type == "cuda":
+    if cfg.fast_kernels and env.device.type == "cuda" and not fsdp:  # FSDP2 + these kernels: not verified yet
         from pitlm.kernels import install_fast_kernels
 
         install_fast_kernels(model)
