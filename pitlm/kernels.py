@@ -91,7 +91,8 @@ def cpu_safe_delta_rules() -> None:
 
             def dispatch(*args, _bound=bound, _ref=ref, _params=params, **kwargs):
                 first = args[0] if args else next(iter(kwargs.values()), None)
-                if getattr(first, "is_cuda", True):
+                packed = kwargs.get("cu_seqlens") is not None or kwargs.get("seq_idx") is not None
+                if getattr(first, "is_cuda", True) or packed:  # packed sequences: transformers' own handling
                     return _bound(*args, **kwargs)
                 return _ref(*args, **{k: v for k, v in kwargs.items() if k in _params})
 
