@@ -10,8 +10,10 @@ from pitlm.train.model import apply_lora, build_model_config, build_scratch_mode
 
 
 def lora_model(seed: int = 0, **lora):
+    """peft's own paths (the reference) unless `lora` says otherwise; the tests install pitlm's."""
     torch.manual_seed(seed)
     base = build_scratch_model(build_model_config("tiny-qwen3.5-moe"), torch.float32)
+    lora = {"experts_path": "peft", "linear_path": "peft", **lora}
     model = apply_lora(base, LoraConfig(preset="qwen3.5-moe", **lora))
     with torch.no_grad():  # peft starts B at 0; random B makes every adapter change the output
         for name, p in model.named_parameters():

@@ -57,8 +57,8 @@ def lora_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_
         if name in factors:
             lhs, rhs, scaling = factors[name]  # peft's lhs is a permuted view: grouped GEMMs want plain layouts
             lhs, rhs = lhs.contiguous(), rhs.contiguous()
-            low = grouped_linear(inp, rhs, offsets)  # (S, r)
-            out = out + scaling * grouped_linear(low, lhs, offsets)
+            low = grouped_linear(inp, rhs, offsets) * scaling  # (S, r): the scale on r columns, not on the output's
+            out = out + grouped_linear(low, lhs, offsets)
         return out
 
     h = project(x, "gate_up_proj")
@@ -67,7 +67,8 @@ def lora_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_
     else:
         gate, up = h.chunk(2, dim=-1)
         h = experts.act_fn(gate) * up
-    h = project(h, "down_proj") * weights.unsqueeze(-1)
+    # the routing weight scales each routed row; down_proj is linear, so it goes on the narrow input side
+    h = project(h * weights.unsqueeze(-1).to(h.dtype), "down_proj")
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device)
     return h[inv].view(num_tokens, top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
