@@ -13,7 +13,7 @@ def lora_model(seed: int = 0, **lora):
     """peft's own paths (the reference) unless `lora` says otherwise; the tests install pitlm's."""
     torch.manual_seed(seed)
     base = build_scratch_model(build_model_config("tiny-qwen3.5-moe"), torch.float32)
-    lora = {"experts_path": "peft", "linear_path": "peft", **lora}
+    lora = {"experts_path": "peft", **lora}
     model = apply_lora(base, LoraConfig(preset="qwen3.5-moe", **lora))
     with torch.no_grad():  # peft starts B at 0; random B makes every adapter change the output
         for name, p in model.named_parameters():
@@ -83,3 +83,26 @@ def test_merge_after_training_on_the_grouped_path_is_peft_merge():
         out = model(input_ids=ids).logits
         merged = model.merge_and_unload()(input_ids=ids).logits
     assert torch.allclose(merged, out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_grouped_experts_match_peft_in_bf16_on_the_gpu():
+    """bf16 on a GPU: the grouped expert-LoRA path is no further from a float32 reference than peft's own bf16
+    path (METHOD.md's tolerance rule)."""
+    import copy
+
+    ref32 = lora_model(seed=9).cuda()
+    ids = torch.randint(2, 258, (2, 64), generator=torch.Generator().manual_seed(6)).cuda()
+    loss32, g32 = loss_and_grads(ref32, ids)
+    peft16 = copy.deepcopy(ref32).to(torch.bfloat16)
+    ours16 = copy.deepcopy(peft16)
+    install_expert_lora(ours16)
+
+    def errors(model):
+        loss, grads = loss_and_grads(model, ids)
+        g = torch.cat([grads[n].float().flatten() for n in g32])
+        ref = torch.cat([g32[n].flatten() for n in g32])
+        return float((loss.float() - loss32).abs() / loss32.abs()), float((g - ref).norm() / ref.norm())
+
+    (lp, gp), (lo, go) = errors(peft16), errors(ours16)
+    assert lo <= 1.5 * max(lp, 1e-3) and go <= 1.5 * max(gp, 1e-2), ((lo, go), (lp, gp))

@@ -44,8 +44,7 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
                 activation_checkpointing: bool = True, model_overrides: list[str] | None = None,
                 lr: float = 1e-5, ce_chunk: int | None = None, optim: str = "adamw",
                 adapter_dtype: str = "fp32", full_modules: list[str] | None = None, experts_path: str = "grouped",
-                profile_path: str | None = None, fast_kernels: bool = True,
-                linear_path: str = "fused") -> dict[str, Any] | None:
+                profile_path: str | None = None, fast_kernels: bool = True) -> dict[str, Any] | None:
     """Run warmup + steps training steps on random tokens; returns the measurements on rank 0 (None elsewhere)."""
     if mode not in ("lora", "full"):
         raise ValueError(f"mode must be lora or full, got {mode!r}")
@@ -58,7 +57,6 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
         preset = lora_preset or ("qwen3.5-moe" if "qwen3_5_moe" in config.model_type else "dense")
         cfg = TrainConfig(mode=mode, corpus="bench", base="random", optim={"lr": lr, "name": optim},
                           lora={"preset": preset, "adapter_dtype": adapter_dtype, "experts_path": experts_path,
-                                "linear_path": linear_path,
                                 **({} if full_modules is None else {"full_modules": full_modules})})
         t0 = time.perf_counter()
         if mode == "lora":
@@ -119,7 +117,6 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
             "ce_chunk": ce_chunk if mode == "lora" else None, "optim": optim,
             "adapter_dtype": adapter_dtype if mode == "lora" else None,
             "experts_path": experts_path if mode == "lora" else None,
-            "linear_path": linear_path if mode == "lora" else None,
             "full_modules": ",".join(cfg.lora.full_modules) if mode == "lora" else None,
             "profile": profile_path, "fast_paths": fast_path_summary(),
             "fast_kernels": ", ".join(kernels) or "none",

@@ -118,7 +118,6 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             experts_path: Annotated[str, typer.Option("--experts-path", help="lora: grouped (LoRA on routed tokens, grouped GEMMs) | peft (peft materialises W + B·A).")] = "grouped",
             profile: Annotated[str | None, typer.Option("--profile", help="Write a torch.profiler table of one extra step to this file.")] = None,
             fast_kernels: Annotated[bool, typer.Option("--fast-kernels/--no-fast-kernels", help="GPU: fla's fused causal conv1d and RMSNorms (pitlm.kernels).")] = True,
-            linear_path: Annotated[str, typer.Option("--linear-path", help="lora: fused (scale + add in the GEMM epilogue) | peft.")] = "fused",
             set_: SetOpt = None) -> None:
         """Training throughput and peak memory of pitlm's own train_step on random weights and tokens."""
         from pitlm.log import emit_summary
@@ -128,7 +127,6 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                              lora_preset=lora_preset, activation_checkpointing=activation_checkpointing,
                              model_overrides=set_, ce_chunk=ce_chunk, optim=optim, adapter_dtype=adapter_dtype,
                              full_modules=None if full_modules is None else [m for m in full_modules.split(",") if m],
-                             experts_path=experts_path, profile_path=profile, fast_kernels=fast_kernels,
-                             linear_path=linear_path)
+                             experts_path=experts_path, profile_path=profile, fast_kernels=fast_kernels)
         if result is not None:
             emit_summary(result)

@@ -44,9 +44,6 @@ class LoraConfig(StageConfig):
     # GEMMs (pitlm.train.experts); `peft` keeps peft's parametrization, which materialises W + B·A for every expert
     # on every forward (44% of a 35B-A3B step on an H100). Same adapters, same results.
     experts_path: Literal["grouped", "peft"] = "grouped"
-    # LoRA on nn.Linear: `fused` adds scaling * (x·A^T)·B^T to the base output inside one addmm (pitlm.train.
-    # lora_linear) instead of peft's separate scale and add kernels over the full-width output. Same results.
-    linear_path: Literal["fused", "peft"] = "fused"
     # Trained in full (peft modules_to_save) in their own param group at a smaller LR, as the seed did.
     full_modules: list[str] = Field(default_factory=lambda: ["lm_head", "embed_tokens"])
     full_modules_lr: float | None = None  # None -> optim.lr / 10

@@ -182,11 +182,6 @@ def apply_lora(model: nn.Module, cfg) -> nn.Module:
         n = share_full_module_storage(peft_model)
         log.info("full modules: %s of frozen base copies released (they share the trained copies' storage)",
                  f"{n / 2**30:.2f} GiB")
-    if cfg.linear_path == "fused":
-        from pitlm.train.lora_linear import install_fused_lora_linear
-
-        n = install_fused_lora_linear(peft_model)
-        log.info("LoRA linear: scale and sum in the GEMM epilogue in %d modules", n)
     if params and cfg.experts_path == "grouped":
         from pitlm.train.experts import install_expert_lora
 
