@@ -225,11 +225,10 @@ def bench_embed(arch: str, n_prompts: int = 256, batch_sizes: tuple[int, ...] = 
     t0 = time.perf_counter()
     with torch.device(device):
         model = AutoModel.from_config(config, dtype=dtype).eval()
-    kernels = []
-    if fast_kernels and cuda:
-        from pitlm.kernels import install_fast_kernels
+    from pitlm.kernels import cpu_safe_delta_rules, install_fast_kernels
 
-        kernels = install_fast_kernels(model, experts=True)
+    cpu_safe_delta_rules()
+    kernels = install_fast_kernels(model, experts=True) if fast_kernels and cuda else []
     out: dict[str, Any] = {"fast_kernels": ", ".join(kernels) or "none","arch": arch, "device": device, "dtype": str(dtype).replace("torch.", ""),
                            "params": sum(p.numel() for p in model.parameters()),
                            "build_seconds": round(time.perf_counter() - t0, 3), "n_prompts": n_prompts,
