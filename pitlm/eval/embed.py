@@ -211,7 +211,8 @@ def bench_embed(arch: str, n_prompts: int = 256, batch_sizes: tuple[int, ...] = 
     `prompt_tokens` random tokens: the same batching and last-token path as `pitlm eval`. Only the backbone is built
     (no lm_head), once, directly on the target device in its eval dtype; each batch size is then timed after a
     warm-up batch; on a GPU with pitlm's fused kernels unless `fast_kernels` is off; `profile_path`: a
-    torch.profiler table of one more batch of the first size. Keys: the first batch size's figures, plus `prompts_per_s_batch<B>` for every B."""
+    torch.profiler table of one more batch of the first size. Keys: the first batch size's figures, plus
+    `prompts_per_s_batch<B>` for every B."""
     import torch
     from transformers import AutoModel
 
@@ -229,10 +230,10 @@ def bench_embed(arch: str, n_prompts: int = 256, batch_sizes: tuple[int, ...] = 
 
     cpu_safe_delta_rules()
     kernels = install_fast_kernels(model, experts=True) if fast_kernels and cuda else []
-    out: dict[str, Any] = {"fast_kernels": ", ".join(kernels) or "none","arch": arch, "device": device, "dtype": str(dtype).replace("torch.", ""),
+    out: dict[str, Any] = {"arch": arch, "device": device, "dtype": str(dtype).replace("torch.", ""),
                            "params": sum(p.numel() for p in model.parameters()),
                            "build_seconds": round(time.perf_counter() - t0, 3), "n_prompts": n_prompts,
-                           "prompt_tokens": prompt_tokens}
+                           "prompt_tokens": prompt_tokens, "fast_kernels": ", ".join(kernels) or "none"}
     if cuda:
         out["gpu"] = torch.cuda.get_device_name()
     rng = np.random.default_rng(seed)
@@ -256,7 +257,8 @@ def bench_embed(arch: str, n_prompts: int = 256, batch_sizes: tuple[int, ...] = 
         if profile_path and b == batch_sizes[0]:  # one more forward of the first batch size, profiled
             from pitlm.profiling import profile_call
 
-            profile_call(lambda b=b: embed_token_ids(model, seqs[:b], b, device, description="profile"), profile_path, cuda)
+            profile_call(lambda b=b: embed_token_ids(model, seqs[:b], b, device, description="profile"),
+                         profile_path, cuda)
         if b == batch_sizes[0]:
             out.update(row)
     return out

@@ -426,9 +426,9 @@ class ClusterRidge:
         def stocks(lo, hi):
             G = np.empty((m + 1, m + 1))
             for s in range(lo, hi):
+                rows = order[bounds[s]:bounds[s + 1]]
                 for q in range(len(pats)):
-                    idx = order[bounds[s]:bounds[s + 1]]
-                    idx = idx[in_q[q][idx]]
+                    idx = rows[in_q[q][rows]]
                     if len(idx) == 0:
                         P[q, s] = 0.0
                         continue
@@ -438,8 +438,7 @@ class ClusterRidge:
                     P[q, s, self._tri:] = G[m, :m]
 
         with _single_thread(True):
-            for j in [_pool(self.workers).submit(stocks, lo, hi) for lo, hi in _chunks(self.S, self.workers)]:
-                j.result()
+            _run_all(self.workers, stocks, _chunks(self.S, self.workers))
         self._P = P
 
     def solve_batch(self, counts, assign, alpha: float) -> tuple[FoldFit, FoldScore]:
@@ -470,17 +469,10 @@ class ClusterRidge:
         if self._out is None or self._out.size < F * B * pt:  # kept: fresh pages cost more than the GEMM
             self._out = np.empty(F * B * pt)
         out = self._out[:F * B * pt].reshape(F, B, pt)
-        pool = _pool(self.workers)
-        jobs = []
         for a, b, q in self._train_groups:
             own = self._own[a:b]
             W = counts[None] * ((assign[None] != own[:, None, None]) | (own < 0)[:, None, None])
-            W = W.reshape(-1, S)
-            dst = out[a:b].reshape(-1, pt)
-            for lo, hi in _chunks(len(W), self.workers):
-                jobs.append(pool.submit(np.matmul, W[lo:hi], self._P[q], out=dst[lo:hi]))
-        for j in jobs:
-            j.result()
+            _par_matmul(W.reshape(-1, S), self._P[q], out[a:b].reshape(-1, pt), self.workers)
         flat = out.reshape(F * B, pt)
         n_train[:] = flat[:, self._rfp_diag[0]].reshape(F, B).T
         sy_train[:] = flat[:, self._tri].reshape(F, B).T
@@ -492,8 +484,7 @@ class ClusterRidge:
             for i in range(lo, hi):
                 res[i] = lap.spd_rfp(flat[i], m)
 
-        for j in [pool.submit(solve, lo, hi) for lo, hi in _chunks(F * B, self.workers)]:
-            j.result()
+        _run_all(self.workers, solve, _chunks(F * B, self.workers))
         theta[:] = flat[:, self._tri:].reshape(F, B, m).transpose(1, 0, 2)
         info[:] = res.reshape(F, B).T
 
@@ -517,7 +508,6 @@ class ClusterRidge:
         filled = np.zeros(K * T2, dtype=bool)
         filled[keys] = True
         flatH[~filled] = 0.0
-        pool = _pool(self.workers)
 
         def block(k, idx):
             Z = self.Zy[idx]
@@ -537,18 +527,15 @@ class ClusterRidge:
             for i in by_size:
                 idx = keep[starts[i]:ends[i]]
                 Z = self._Z[:len(idx)]
-                for j in [pool.submit(gather, Z, idx, lo, hi) for lo, hi in _chunks(len(idx), self.workers)]:
-                    j.result()
+                _run_all(self.workers, gather, [(Z, idx, lo, hi) for lo, hi in _chunks(len(idx), self.workers)])
                 with _blas_threads(self.workers):
                     np.matmul(Z.T, Z, out=flatH[int(keys[i])])
         else:
-            for j in [pool.submit(block, int(keys[i]), keep[starts[i]:ends[i]]) for i in by_size]:
-                j.result()
+            _run_all(self.workers, block, [(int(keys[i]), keep[starts[i]:ends[i]]) for i in by_size])
         # fold training Gram matrices, slab by slab of rows so that the sums stay in cache
         slabs = _chunks(m1, max(1, m1 * m1 // 16384))
-        for j in [pool.submit(self._combine, H, bufs, part) for part in np.array_split(np.arange(len(slabs)), self.workers)
-                  if len(part)]:
-            j.result()
+        _run_all(self.workers, self._combine,
+                 [(H, bufs, part) for part in np.array_split(np.arange(len(slabs)), self.workers) if len(part)])
         n_train[:], sy_train[:] = bufs[:, 0, 0], bufs[:, 0, m]
         diag = np.arange(1, m)
         bufs[:, diag, diag] += alpha
@@ -558,8 +545,7 @@ class ClusterRidge:
             info[f] = lap.spd_full(bufs[f], m)
             theta[f] = bufs[f, m, :m]
 
-        for j in [pool.submit(fold, f) for f in range(F)]:
-            j.result()
+        _run_all(self.workers, fold, [(f,) for f in range(F)])
 
     def _combine(self, H: np.ndarray, bufs: np.ndarray, slab_ids) -> None:
         """Rows of the slabs `slab_ids` of every fold's training Gram from the block Gram matrices H (K, T2, m1,
@@ -788,11 +774,16 @@ def _chunks(n: int, parts: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
 
 
+def _run_all(workers: int, fn, arg_tuples) -> None:
+    """fn(*args) for every args in `arg_tuples` on the engine's pool; waits for all (the first error is raised)."""
+    pool = _pool(workers)
+    for job in [pool.submit(fn, *args) for args in arg_tuples]:
+        job.result()
+
+
 def _par_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, workers: int) -> None:
     """out = a @ b, rows of `a` split over the pool (one BLAS thread each)."""
-    pool = _pool(workers)
-    for j in [pool.submit(np.matmul, a[lo:hi], b, out=out[lo:hi]) for lo, hi in _chunks(len(a), workers)]:
-        j.result()
+    _run_all(workers, lambda lo, hi: np.matmul(a[lo:hi], b, out=out[lo:hi]), _chunks(len(a), workers))
 
 
 def _rfp_index(m: int) -> tuple[np.ndarray, np.ndarray]:
