@@ -24,7 +24,10 @@
 #           LoRA alone at batch 8 with the fused kernels
 #   phase 14 (after 0; carry .whl3 .whl5): the expert-LoRA GPU test, then the seed's recipe at batch 4 (session 4
 #           also timed a fused LoRA-linear option here, removed after it measured no gain)
-# Usage: bash scripts/gpu_bench.sh 0|1|...|14
+#   phase 15 (carry .whl: the one-archive site of scripts/pack_gpu_site.sh): the optimizer step inside backward --
+#           GPU test against the ordinary 8-bit step, then the seed's recipe swept over batch x in_backward under an
+#           H100's memory (--memory-cap-gib 79.0 on an H200), one model; then the H200's own memory
+# Usage: bash scripts/gpu_bench.sh 0|1|...|15
 set -u
 source scripts/gpu_env.sh
 mkdir -p "$OUT"
@@ -98,6 +101,13 @@ elif [ "$1" = 14 ]; then
   M="--adapter-dtype base --optim adamw8bit"
   timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_train_experts.py 2>&1 | tail -4
   T=330 run $B train $L --batch 4 --warmup 2 --ce-chunk 512 $M
+elif [ "$1" = 15 ]; then
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  M="--adapter-dtype base --optim adamw8bit --ce-chunk 512"
+  python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|gpu0|bitsandbytes|grouped" | tee "$OUT/doctor.txt"
+  timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_train_in_backward.py -k gpu 2>&1 | tail -3
+  T=${T1:-320} run $B train $L $M --batch ${B1:-4,6,8} --in-backward off,on --memory-cap-gib 79.0 --profile "$OUT/profile_ib.txt"
+  T=${T2:-120} run $B train $L $M --batch ${B2:-8,12} --in-backward on
 elif [ "$1" = 1 ]; then
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|causal|liger|grouped|gpu0|triton" | tee "$OUT/doctor.txt"
   run $B train $L --batch 1

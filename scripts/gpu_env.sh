@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Source on the lent GPU machine (device tool): installs carried wheels into /tmp/site and sets the env.
-# Usage: source scripts/gpu_env.sh   (with any of .whl .. .whl5 carried; .whl5 = bitsandbytes without the
-# CUDA 11/12, ROCm and XPU libraries, 7 MB instead of 43, so it travels beside z3 in one call)
+# Usage: source scripts/gpu_env.sh   (carry .whl: .whl/site.tar.xz from scripts/pack_gpu_site.sh holds every
+# package in one call; wheels in .whl .. .whl5 are installed too)
 set -e
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+if [ -f .whl/site.tar.xz ] && [ ! -d /tmp/site/fla ]; then
+  mkdir -p /tmp/site && xz -dc .whl/site.tar.xz | tar -C /tmp/site -xf -
+fi
 for d in .whl .whl2 .whl3 .whl4 .whl5; do
   if ls $d/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $d/*.whl

@@ -339,3 +339,22 @@ def test_bench_train_profile_and_lora_only(run, tmp_path):
     assert s["full_modules"] == "" and int(s["trainable_params"]) < int(full["trainable_params"])
     table = (tmp_path / "prof.txt").read_text()
     assert "Name" in table and "aten::" in table
+
+
+def test_bench_train_sweeps_batches_and_in_backward_on_one_model(run):
+    """--batch 1,2 --in-backward off,on: four measured pairs from one built model, the later ones printed as what
+    changes; bad values give one error line."""
+    code, out, err = run("bench", "train", "--arch", "tiny-qwen3.5-moe", "--mode", "lora", "--seq", "16",
+                         "--batch", "1,2", "--in-backward", "off,on", "--steps", "1", "--warmup", "0")
+    assert code == 0, err
+    configs = [line.split(": ")[1] for line in out.splitlines() if line.startswith("bench_config: ")]
+    assert configs == ["1/4", "2/4", "3/4", "4/4"]
+    pairs = [line.split(": ")[1] for line in out.splitlines() if line.startswith(("batch_per_rank: ", "in_backward: "))]
+    assert pairs == ["1", "false", "2", "true", "2", "true"]  # (1,off) in full, then (2,off), (1,on), (2,on): changes
+    tps = [float(line.split(": ")[1]) for line in out.splitlines() if line.startswith("tokens_per_second: ")]
+    assert len(tps) == 4 and min(tps) > 0
+    assert out.count("arch: ") == 1  # shared keys once
+    code, out, err = run("bench", "train", "--arch", "tiny-qwen3.5-moe", "--batch", "2,x")
+    assert code != 0 and "error:" in err and "--batch" in err
+    code, out, err = run("bench", "train", "--arch", "tiny-qwen3.5-moe", "--in-backward", "on", "--grad-accum", "2")
+    assert code != 0 and "--grad-accum 1" in err

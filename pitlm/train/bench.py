@@ -1,6 +1,6 @@
 """`pitlm bench train`: tokens/s and peak memory of pitlm's own `train_step` on an arch preset with random weights.
 
-    bench_train("qwen3.5-35b-a3b", "lora", seq_len=2048, batch_size=1, steps=5)        # one GPU
+    bench_train("qwen3.5-35b-a3b", "lora", seq_len=2048, batch_size=[4, 8], in_backward=[False, True])  # one GPU
     torchrun --nproc-per-node 8 -m pitlm.cli bench train --arch qwen3.5-35b-a3b --mode full --batch 1
 
 lora: the model is built directly on the device in bf16 (fp32 on CPU), then the LoRA preset is applied with
@@ -39,20 +39,33 @@ from pitlm.train.step import train_step
 log = logging.getLogger("pitlm.bench")
 
 
-def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: int = 1, steps: int = 5,
+def _as_list(v) -> list:
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: int | list[int] = 1, steps: int = 5,
                 warmup: int = 2, device: str = "auto", lora_preset: str | None = None,
                 activation_checkpointing: bool = True, model_overrides: list[str] | None = None,
                 lr: float = 1e-5, ce_chunk: int | None = None, optim: str = "adamw",
                 adapter_dtype: str = "fp32", full_modules: list[str] | None = None, experts_path: str = "grouped",
-                profile_path: str | None = None, fast_kernels: bool = True) -> dict[str, Any] | None:
-    """Run warmup + steps training steps on random tokens; returns the measurements on rank 0 (None elsewhere)."""
+                profile_path: str | None = None, fast_kernels: bool = True, in_backward: bool | list[bool] = False,
+                grad_accum: int = 1, memory_cap_gib: float | None = None) -> list[dict[str, Any]] | None:
+    """Run warmup + steps training steps on random tokens for every (batch size, in_backward) pair, on one model
+    built once; returns one measurement per pair on rank 0 (None elsewhere). A pair that runs out of memory is
+    reported as such and the sweep goes on. memory_cap_gib: cap this process's GPU memory (e.g. an H100's budget
+    on an H200)."""
     if mode not in ("lora", "full"):
         raise ValueError(f"mode must be lora or full, got {mode!r}")
+    if mode == "full" and any(_as_list(in_backward)):
+        raise ValueError("in_backward is for one process (lora); FSDP2 frees gradients shard by shard")
     quiet_transformers()
     env = init_distributed(device, need_group=mode == "full")
     try:
         config = build_model_config(apply_overrides({"arch": arch}, model_overrides))
         on_gpu = env.device.type == "cuda"
+        if memory_cap_gib and on_gpu:
+            total_bytes = torch.cuda.get_device_properties(env.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_gib * 2**30 / total_bytes), env.device)
         dtype = torch.bfloat16 if on_gpu else torch.float32
         preset = lora_preset or ("qwen3.5-moe" if "qwen3_5_moe" in config.model_type else "dense")
         cfg = TrainConfig(mode=mode, corpus="bench", base="random", optim={"lr": lr, "name": optim},
@@ -76,24 +89,60 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
             kernels = install_fast_kernels(model)
         model.train()
         build_seconds = time.perf_counter() - t0
-        optimizer = build_optimizer(model, cfg)
-        generator = torch.Generator().manual_seed(1234 + env.rank)
-        vocab = config.vocab_size
-        autocast = torch.bfloat16 if on_gpu and mode == "lora" else None
-        log.info("bench %s %s on %s x%d: %s params, %s trainable, seq %d, batch %d/rank, built in %.1fs", arch, mode,
-                 env.device.type, env.world_size, f"{total:,}", f"{count_params(model, True):,}", seq_len, batch_size,
+        log.info("bench %s %s on %s x%d: %s params, %s trainable, seq %d, built in %.1fs", arch, mode,
+                 env.device.type, env.world_size, f"{total:,}", f"{count_params(model, True):,}", seq_len,
                  build_seconds)
+        common = {
+            "arch": arch, "mode": mode, "device": torch.cuda.get_device_name(env.device) if on_gpu else "cpu",
+            "world_size": env.world_size, "seq_len": seq_len, "steps": steps, "grad_accum": grad_accum,
+            "total_params": total, "trainable_params": count_params(model, True),
+            "activation_checkpointing": activation_checkpointing, "lora_preset": preset if mode == "lora" else None,
+            "build_seconds": round(build_seconds, 1), "ce_chunk": ce_chunk if mode == "lora" else None,
+            "optim": optim, "adapter_dtype": adapter_dtype if mode == "lora" else None,
+            "experts_path": experts_path if mode == "lora" else None,
+            "full_modules": ",".join(cfg.lora.full_modules) if mode == "lora" else None,
+            "memory_cap_gib": memory_cap_gib if on_gpu else None,
+            "fast_paths": fast_path_summary(), "fast_kernels": ", ".join(kernels) or "none",
+        }
+        pairs = [(b, ib) for ib in _as_list(in_backward) for b in _as_list(batch_size)]
+        results = []
+        for i, (batch, ib) in enumerate(pairs):
+            last = i == len(pairs) - 1
+            result = _measure(model, cfg, env, config.vocab_size, batch, bool(ib), seq_len, steps, warmup, ce_chunk,
+                              grad_accum, profile_path if last else None)
+            results.append({"bench_config": f"{i + 1}/{len(pairs)}", **common, **result})
+        shutdown_distributed()
+        return results if env.is_main else None
+    finally:
+        shutdown_distributed(wait=False)
 
-        def one_step(i: int) -> float:
-            block = torch.randint(0, vocab, (batch_size, seq_len + 1), generator=generator)
-            return train_step(model, [block], optimizer, step=i, grad_clip=1.0, autocast_dtype=autocast,
-                              env=env, ce_chunk=ce_chunk if mode == "lora" else None).loss
 
+def _measure(model, cfg: TrainConfig, env, vocab: int, batch_size: int, in_backward: bool, seq_len: int,
+             steps: int, warmup: int, ce_chunk: int | None, grad_accum: int,
+             profile_path: str | None) -> dict[str, Any]:
+    """Time one (batch size, in_backward) pair on `model` with a fresh optimizer; frees it afterwards."""
+    import gc
+
+    on_gpu = env.device.type == "cuda"
+    cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"in_backward": in_backward})})
+    optimizer = build_optimizer(model, cfg)
+    generator = torch.Generator().manual_seed(1234 + env.rank)
+    autocast = torch.bfloat16 if on_gpu and cfg.mode == "lora" else None
+    clip = 0.0 if in_backward else 1.0  # in_backward cannot clip by the global norm (pitlm.train.in_backward)
+    out: dict[str, Any] = {"batch_per_rank": batch_size, "in_backward": in_backward, "profile": profile_path}
+
+    def one_step(i: int) -> float:
+        blocks = [torch.randint(0, vocab, (batch_size, seq_len + 1), generator=generator) for _ in range(grad_accum)]
+        return train_step(model, blocks, optimizer, step=i, grad_clip=clip, autocast_dtype=autocast,
+                          env=env, ce_chunk=ce_chunk if cfg.mode == "lora" else None).loss
+
+    try:
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
         for i in range(warmup):
             one_step(i)
         if on_gpu:
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
         t_start = time.perf_counter()
         losses = [one_step(warmup + i) for i in range(steps)]
         if on_gpu:
@@ -103,26 +152,23 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
             from pitlm.profiling import profile_call
 
             profile_call(lambda: one_step(warmup + steps), profile_path, on_gpu)
-        tokens = steps * batch_size * seq_len * env.world_size
-        peak = torch.cuda.max_memory_allocated(env.device) / 2**20 if on_gpu else 0.0
-        result = {
-            "arch": arch, "mode": mode, "device": torch.cuda.get_device_name(env.device) if on_gpu else "cpu",
-            "world_size": env.world_size, "seq_len": seq_len, "batch_per_rank": batch_size, "steps": steps,
-            "tokens_per_second": round(tokens / seconds, 1),
-            "tokens_per_second_per_gpu": round(tokens / seconds / env.world_size, 1),
-            "step_seconds": round(seconds / steps, 4), "peak_vram_mb": round(peak, 1),
-            "total_params": total, "trainable_params": count_params(model, True),
-            "activation_checkpointing": activation_checkpointing, "lora_preset": preset if mode == "lora" else None,
-            "loss_last": round(losses[-1], 4), "build_seconds": round(build_seconds, 1),
-            "ce_chunk": ce_chunk if mode == "lora" else None, "optim": optim,
-            "adapter_dtype": adapter_dtype if mode == "lora" else None,
-            "experts_path": experts_path if mode == "lora" else None,
-            "full_modules": ",".join(cfg.lora.full_modules) if mode == "lora" else None,
-            "profile": profile_path, "fast_paths": fast_path_summary(),
-            "fast_kernels": ", ".join(kernels) or "none",
-        }
-        shutdown_distributed()
-        return result if env.is_main else None
-    finally:
-        shutdown_distributed(wait=False)
-
+        tokens = steps * batch_size * grad_accum * seq_len * env.world_size
+        out.update({"tokens_per_second": round(tokens / seconds, 1),
+                    "tokens_per_second_per_gpu": round(tokens / seconds / env.world_size, 1),
+                    "step_seconds": round(seconds / steps, 4), "loss_last": round(losses[-1], 4)})
+    except torch.cuda.OutOfMemoryError as e:  # the sweep goes on: this pair does not fit
+        out.update({"tokens_per_second": "oom", "oom": str(e).split(".")[0]})
+        log.warning("batch %d in_backward=%s: out of memory", batch_size, in_backward)
+    if on_gpu:
+        out["peak_vram_mb"] = round(torch.cuda.max_memory_allocated(env.device) / 2**20, 1)
+        out["peak_reserved_mb"] = round(torch.cuda.max_memory_reserved(env.device) / 2**20, 1)
+    else:
+        out["peak_vram_mb"] = 0.0
+    if hasattr(optimizer, "remove_hooks"):
+        optimizer.remove_hooks()
+    optimizer.zero_grad(set_to_none=True)
+    del optimizer
+    gc.collect()
+    if on_gpu:
+        torch.cuda.empty_cache()
+    return out

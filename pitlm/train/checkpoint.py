@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pitlm.train.in_backward import optimizers_of
 from pitlm.train.parallel import DistEnv, barrier, broadcast_object
 from pitlm.train.paths import ModelDir
 from pitlm.volume import atomic_write_json, atomic_write_text
@@ -76,7 +77,7 @@ def save_checkpoint(md: ModelDir, step: int, model: nn.Module, optimizer: torch.
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(env)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_dict_options())
+    model_sd, optim_sd = get_state_dict(model, optimizers_of(optimizer), options=_state_dict_options())
     with _quiet_dcp():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
     torch.save(rng_state(), tmp / f"rng_rank{env.rank}.pt")
@@ -103,11 +104,11 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     if optimizer is None:
         load_model_weights(path, model)
         return state
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_dict_options())
+    model_sd, optim_sd = get_state_dict(model, optimizers_of(optimizer), options=_state_dict_options())
     payload = {"model": model_sd, "optim": optim_sd}
     with _quiet_dcp():
         dcp.load(payload, checkpoint_id=str(path / "dcp"))
-    result = set_state_dict(model, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optim"],
+    result = set_state_dict(model, optimizers_of(optimizer), model_state_dict=payload["model"], optim_state_dict=payload["optim"],
                             options=_state_dict_options(strict=False))
     _check_loaded(model, result, path)
     rng_file = path / f"rng_rank{env.rank}.pt"

@@ -105,7 +105,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             arch: Annotated[str, typer.Option("--arch", help="Arch preset: tiny-qwen3, tiny-qwen3_5_moe (= tiny-qwen3.5-moe), demo-qwen3, qwen3.5-35b-a3b.")] = "tiny-qwen3.5-moe",
             mode: Annotated[str, typer.Option("--mode", help="lora (one process) or full (FSDP2; torchrun for several GPUs).")] = "lora",
             seq: Annotated[int, typer.Option("--seq")] = 2048,
-            batch: Annotated[int, typer.Option("--batch", help="Sequences per step per rank.")] = 1,
+            batch: Annotated[str, typer.Option("--batch", help="Sequences per micro-batch per rank; a comma list sweeps them on one model (4,6,8).")] = "1",
             steps: Annotated[int, typer.Option("--steps", help="Timed steps (after --warmup).")] = 5,
             warmup: Annotated[int, typer.Option("--warmup", help="Untimed steps first (compilation, allocator).")] = 2,
             device: Annotated[str, typer.Option("--device")] = "auto",
@@ -118,15 +118,31 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             experts_path: Annotated[str, typer.Option("--experts-path", help="lora: grouped (LoRA on routed tokens, grouped GEMMs) | peft (peft materialises W + B·A).")] = "grouped",
             profile: Annotated[str | None, typer.Option("--profile", help="Write a torch.profiler table of one extra step to this file.")] = None,
             fast_kernels: Annotated[bool, typer.Option("--fast-kernels/--no-fast-kernels", help="GPU: fla's fused causal conv1d and RMSNorms (pitlm.kernels).")] = True,
+            in_backward: Annotated[str, typer.Option("--in-backward", help="lora: off | on | off,on -- each parameter's optimizer step inside backward, its gradient freed at once (no clipping).")] = "off",
+            grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Micro-batches per optimizer step.")] = 1,
+            memory_cap_gib: Annotated[float | None, typer.Option("--memory-cap-gib", help="GPU: cap this process's memory (79.0 ~ an 80 GB H100 on an H200).")] = None,
             set_: SetOpt = None) -> None:
         """Training throughput and peak memory of pitlm's own train_step on random weights and tokens."""
+        from pitlm.errors import ConfigError
         from pitlm.log import emit_summary
         from pitlm.train.bench import bench_train
 
-        result = bench_train(arch, mode, seq_len=seq, batch_size=batch, steps=steps, warmup=warmup, device=device,
+        try:
+            batches = [int(b) for b in batch.split(",") if b.strip()]
+            ib = [{"off": False, "on": True}[v.strip()] for v in in_backward.split(",") if v.strip()]
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"--batch takes integers and --in-backward off/on, comma-separated (got {e})") from e
+        if not batches or min(batches) < 1 or not ib:
+            raise ConfigError("--batch needs positive integers and --in-backward at least one of off, on")
+        if any(ib) and grad_accum > 1:
+            raise ConfigError("--in-backward on steps once per micro-batch: use --grad-accum 1")
+        results = bench_train(arch, mode, seq_len=seq, batch_size=batches, steps=steps, warmup=warmup, device=device,
                              lora_preset=lora_preset, activation_checkpointing=activation_checkpointing,
                              model_overrides=set_, ce_chunk=ce_chunk, optim=optim, adapter_dtype=adapter_dtype,
                              full_modules=None if full_modules is None else [m for m in full_modules.split(",") if m],
-                             experts_path=experts_path, profile_path=profile, fast_kernels=fast_kernels)
-        if result is not None:
-            emit_summary(result)
+                             experts_path=experts_path, profile_path=profile, fast_kernels=fast_kernels,
+                             in_backward=ib, grad_accum=grad_accum, memory_cap_gib=memory_cap_gib)
+        first = (results or [{}])[0]
+        for result in results or []:  # a sweep: the first pair in full, then what changes
+            emit_summary(result if result is first else
+                         {k: v for k, v in result.items() if k == "bench_config" or first.get(k) != v})

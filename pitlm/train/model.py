@@ -304,7 +304,9 @@ def param_groups(model: nn.Module, cfg) -> list[dict[str, Any]]:
             for k, ps in buckets.items() if ps]
 
 
-def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg):
+    """AdamW (torch) or 8-bit AdamW (bitsandbytes) over `param_groups`; with optim.in_backward, one per parameter,
+    stepped inside backward (pitlm.train.in_backward.InBackwardOptimizer)."""
     groups = param_groups(model, cfg)
     if not groups:
         raise PitlmError("no trainable parameters")
@@ -314,8 +316,14 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
             import bitsandbytes as bnb
         except ImportError as e:
             raise PitlmError("optim.name=adamw8bit needs bitsandbytes: pip install bitsandbytes") from e
-        return bnb.optim.AdamW8bit(groups, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
+        make = lambda gs: bnb.optim.AdamW8bit(gs, **kwargs)  # noqa: E731
+    else:
+        make = lambda gs: torch.optim.AdamW(gs, **kwargs)  # noqa: E731
+    if getattr(cfg.optim, "in_backward", False):
+        from pitlm.train.in_backward import InBackwardOptimizer
+
+        return InBackwardOptimizer(groups, make)
+    return make(groups)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:

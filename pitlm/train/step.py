@@ -21,10 +21,11 @@ class NonFiniteLossError(PitlmError):
 
     exit_code = NONFINITE_EXIT_CODE
 
-    def __init__(self, step: int, what: str, value: float):
+    def __init__(self, step: int, what: str, value: float, applied: bool = False):
         self.step = step
-        super().__init__(f"non-finite {what} ({value}) at step {step}: training aborted by the NaN/inf watchdog; "
-                         "lower optim.lr, check the data, or --resume from the last good checkpoint")
+        where = " (optim.in_backward: this step's updates were already applied)" if applied else ""
+        super().__init__(f"non-finite {what} ({value}) at step {step}{where}: training aborted by the NaN/inf "
+                         "watchdog; lower optim.lr, check the data, or --resume from the last good checkpoint")
 
 
 @dataclass
@@ -77,12 +78,17 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.
     return total / t.numel()
 
 
-def train_step(model: nn.Module, batches: list[torch.Tensor], optimizer: torch.optim.Optimizer, *,
+def train_step(model: nn.Module, batches: list[torch.Tensor], optimizer, *,
                step: int = 0, grad_clip: float = 1.0, autocast_dtype: torch.dtype | None = None,
                env: DistEnv | None = None, inject_nan: bool = False, ce_chunk: int | None = None) -> StepResult:
     """Forward/backward over this rank's micro-batches (gradient accumulation), clip, watchdog, optimizer step.
 
-    The watchdog runs before optimizer.step(): a NaN loss or gradient never reaches the weights or a checkpoint."""
+    The watchdog runs before optimizer.step(): a NaN loss or gradient never reaches the weights or a checkpoint.
+    With an InBackwardOptimizer the updates happen inside backward: the loss is checked before backward (one host
+    sync), the gradient norm after it (a non-finite one has then reached the weights: resume from a checkpoint)."""
+    from pitlm.train.in_backward import InBackwardOptimizer
+
+    in_backward = isinstance(optimizer, InBackwardOptimizer)
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     total_loss = torch.zeros((), device=device)
@@ -94,12 +100,17 @@ def train_step(model: nn.Module, batches: list[torch.Tensor], optimizer: torch.o
         loss = forward_loss(model, block, autocast_dtype, ce_chunk)
         if inject_nan:
             loss = loss * float("nan")
+        if in_backward and not math.isfinite(value := float(loss.detach())):
+            raise NonFiniteLossError(step, "loss", value)  # before backward: no update has happened
         (loss / len(batches)).backward()
         total_loss += loss.detach() / len(batches)
         tokens += block[:, 1:].numel()
 
     # ---- gradient norm (computed even without clipping: the watchdog needs it) and the loss over all ranks
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    if in_backward:
+        grad_norm = optimizer.take_grad_norm()
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
         grad_norm = grad_norm.full_tensor()
     if env is not None:
@@ -112,7 +123,8 @@ def train_step(model: nn.Module, batches: list[torch.Tensor], optimizer: torch.o
         raise NonFiniteLossError(step, "loss", loss_value)
     if not math.isfinite(norm_value):
         optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLossError(step, "gradient norm", norm_value)
+        raise NonFiniteLossError(step, "gradient norm", norm_value,
+                                 applied=in_backward)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss_value, norm_value, tokens)
