@@ -167,7 +167,7 @@ def _measure(model, cfg: TrainConfig, env, vocab: int, batch_size: int, in_backw
     if hasattr(optimizer, "remove_hooks"):
         optimizer.remove_hooks()
     optimizer.zero_grad(set_to_none=True)
-    del optimizer
+    optimizer = None  # the closure holds this cell: drop the state before the next pair
     gc.collect()
     if on_gpu:
         torch.cuda.empty_cache()
