@@ -4,8 +4,10 @@
 # package in one call; wheels in .whl .. .whl5 are installed too)
 set -e
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-if [ -f .whl/site.tar.xz ] && [ ! -d /tmp/site/fla ]; then
-  mkdir -p /tmp/site && xz -dc .whl/site.tar.xz | tar -C /tmp/site -xf -
+if [ ! -f /tmp/site/.unpacked ]; then
+  mkdir -p /tmp/site
+  for a in .whl/*.tar.xz; do [ -f "$a" ] && xz -dc "$a" | tar -C /tmp/site -xf -; done
+  touch /tmp/site/.unpacked
 fi
 for d in .whl .whl2 .whl3 .whl4 .whl5; do
   if ls $d/*.whl >/dev/null 2>&1; then
