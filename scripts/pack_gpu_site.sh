@@ -13,7 +13,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   "flash-linear-attention==0.6.0" "fla-core==0.6.0" "tilelang==0.1.15" "apache-tvm-ffi==0.1.12" \
   "torch-c-dlpack-ext==0.1.5" "z3-solver==4.15.4.0" "bitsandbytes==0.50.2" \
   "pydantic==2.12.5" "pydantic-core==2.41.5" "annotated-types==0.8.0" "typing-inspection==0.4.5" \
-  "typing-extensions==4.15.0"  # pitlm's own config layer: pydantic is not on the GPU image
+  "typing-extensions==4.16.0"  # pitlm's own config layer: pydantic is not on the GPU image
 for f in "$w"/*.whl; do unzip -q -o "$f" -d "$site"; done
 rm -f "$site"/bitsandbytes/libbitsandbytes_rocm* "$site"/bitsandbytes/libbitsandbytes_cuda1[12]*.so \
       "$site"/bitsandbytes/libbitsandbytes_xpu*
