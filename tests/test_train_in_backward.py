@@ -180,3 +180,31 @@ def test_in_backward_with_8bit_adamw_equals_the_ordinary_step_on_a_gpu():
     assert sum(not torch.equal(want[n], before[n]) for n in want) > len(want) // 2
     for name in want:
         torch.testing.assert_close(got[name].float(), want[name].float(), rtol=2e-2, atol=1e-3, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (bitsandbytes' 8-bit AdamW)")
+def test_adamw8bit_without_per_tensor_sync_is_bitwise_bitsandbytes():
+    """pitlm's AdamW8bit (bitsandbytes' step loop without its torch.cuda.synchronize() per tensor) updates weights
+    and 8-bit state exactly as bitsandbytes' own step."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from pitlm.train.model import bnb_adamw8bit_class
+
+    cls = bnb_adamw8bit_class()
+    assert cls is not bnb.optim.AdamW8bit and issubclass(cls, bnb.optim.AdamW8bit)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(4096, 16), (16, 4096), (300, 7), (2048,)]
+    ps = [torch.randn(s, device="cuda", generator=g).bfloat16() for s in shapes]
+    a = [torch.nn.Parameter(p.clone()) for p in ps]
+    b = [torch.nn.Parameter(p.clone()) for p in ps]
+    opt_a, opt_b = cls(a, lr=1e-2), bnb.optim.AdamW8bit(b, lr=1e-2)
+    for _ in range(3):
+        grads = [torch.randn(s, device="cuda", generator=g).bfloat16() for s in shapes]
+        for pa, pb, gr in zip(a, b, grads, strict=True):
+            pa.grad, pb.grad = gr.clone(), gr.clone()
+        opt_a.step()
+        opt_b.step()
+    for pa, pb, p0 in zip(a, b, ps, strict=True):
+        assert torch.equal(pa, pb) and not torch.equal(pa, p0)
+    for pa, pb in zip(a, b, strict=True):
+        sa, sb = opt_a.state[pa], opt_b.state[pb]
+        assert all(torch.equal(sa[k], sb[k]) for k in sa if isinstance(sa[k], torch.Tensor))

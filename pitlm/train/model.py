@@ -312,11 +312,8 @@ def build_optimizer(model: nn.Module, cfg):
         raise PitlmError("no trainable parameters")
     kwargs = dict(betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
     if cfg.optim.name == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise PitlmError("optim.name=adamw8bit needs bitsandbytes: pip install bitsandbytes") from e
-        make = lambda gs: bnb.optim.AdamW8bit(gs, **kwargs)  # noqa: E731
+        adamw8bit = bnb_adamw8bit_class()
+        make = lambda gs: adamw8bit(gs, **kwargs)  # noqa: E731
     else:
         make = lambda gs: torch.optim.AdamW(gs, **kwargs)  # noqa: E731
     if getattr(cfg.optim, "in_backward", False):
@@ -324,6 +321,50 @@ def build_optimizer(model: nn.Module, cfg):
 
         return InBackwardOptimizer(groups, make)
     return make(groups)
+
+
+def bnb_adamw8bit_class() -> type:
+    """bitsandbytes' AdamW8bit with its step loop minus the device synchronisation it makes after every parameter.
+
+    bitsandbytes (0.50) calls torch.cuda.synchronize() after each tensor's update, which only its paged optimizers
+    need (pitlm's are not paged): on the seed's recipe that is 662 host-device round trips per step, the GPU idle in
+    between, and inside backward (optim.in_backward) each one drains the queued backward work (BENCHMARKS.md,
+    issue 9). Same kernels on the same stream, in the same order: the results are bitwise those of bitsandbytes'
+    own step (tests/test_train_in_backward.py, on a GPU). Where bitsandbytes' internals differ from what this loop
+    calls, its own step is used."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise PitlmError("optim.name=adamw8bit needs bitsandbytes: pip install bitsandbytes") from e
+
+    base = bnb.optim.AdamW8bit
+    needed = ("check_overrides", "to_gpu", "init_state", "update_step")
+    if not all(hasattr(base, n) for n in needed):
+        return base
+
+    class AdamW8bitNoSync(base):
+        @torch.no_grad()
+        def step(self, closure=None):
+            if getattr(self, "is_paged", False) or not hasattr(self, "initialized"):
+                return super().step(closure)
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            if not self.initialized:
+                self.check_overrides()
+                self.to_gpu()
+                self.initialized = True
+            for gindex, group in enumerate(self.param_groups):
+                for pindex, p in enumerate(group["params"]):
+                    if p.grad is None:
+                        continue
+                    if len(self.state[p]) == 0:
+                        self.init_state(group, p, gindex, pindex)
+                    self.update_step(group, p, gindex, pindex)
+            return loss
+
+    return AdamW8bitNoSync
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
