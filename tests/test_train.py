@@ -358,3 +358,11 @@ def test_bench_train_sweeps_batches_and_in_backward_on_one_model(run):
     assert code != 0 and "error:" in err and "--batch" in err
     code, out, err = run("bench", "train", "--arch", "tiny-qwen3.5-moe", "--in-backward", "on", "--grad-accum", "2")
     assert code != 0 and "--grad-accum 1" in err
+
+
+def test_bench_optim_steps_the_recipe_tensors(run):
+    code, out, err = run("bench", "optim", "--arch", "tiny-qwen3.5-moe", "--optim", "adamw", "--steps", "2",
+                         "--warmup", "1")
+    assert code == 0, err
+    s = summary_of(out)
+    assert int(s["tensors"]) > 10 and int(s["trainable_params"]) > 0 and float(s["torch_ms_per_step"]) > 0

@@ -172,3 +172,71 @@ def _measure(model, cfg: TrainConfig, env, vocab: int, batch_size: int, in_backw
     if on_gpu:
         torch.cuda.empty_cache()
     return out
+
+
+def bench_optim(arch: str, optim: str = "adamw8bit", steps: int = 10, warmup: int = 2, device: str = "auto",
+                lora_preset: str | None = None, adapter_dtype: str = "base", full_modules: list[str] | None = None,
+                model_overrides: list[str] | None = None) -> dict[str, Any]:
+    """Time one optimizer step over the trainable tensors of `arch`'s LoRA recipe (shapes from a model built on
+    the meta device: no forward, no kernels to compile). adamw8bit: bitsandbytes' own AdamW8bit against pitlm's
+    (the same loop without a device synchronisation per tensor), on identical weights and gradients; the
+    `max_abs_diff` of the weights afterwards must be 0."""
+    from pitlm.train.model import bnb_adamw8bit_class, param_groups
+    from pitlm.train.parallel import pick_device
+
+    dev = pick_device(device)
+    on_gpu = dev.type == "cuda"
+    config = build_model_config(apply_overrides({"arch": arch}, model_overrides))
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    preset = lora_preset or ("qwen3.5-moe" if "qwen3_5_moe" in config.model_type else "dense")
+    cfg = TrainConfig(mode="lora", corpus="bench", base="random", optim={"lr": 1e-4, "name": optim},
+                      lora={"preset": preset, "adapter_dtype": adapter_dtype, "experts_path": "peft",
+                            **({} if full_modules is None else {"full_modules": full_modules})})
+    quiet_transformers()
+    meta = apply_lora(build_scratch_model(config, dtype, "meta"), cfg.lora)
+    groups_meta = param_groups(meta, cfg)  # the trainer's groups (LR, weight decay), their tensors' shapes
+    shapes = [[(tuple(p.shape), p.dtype) for p in g["params"]] for g in groups_meta]
+    del meta
+    gen = torch.Generator(device=dev).manual_seed(0)
+    weights = [[torch.randn(s, dtype=dt, device=dev, generator=gen) * 0.02 for s, dt in g] for g in shapes]
+    grads = [[torch.randn(s, dtype=dt, device=dev, generator=gen) * 1e-3 for s, dt in g] for g in shapes]
+    if optim == "adamw8bit":
+        import bitsandbytes as bnb
+
+        impls = {"bitsandbytes": bnb.optim.AdamW8bit, "pitlm": bnb_adamw8bit_class()}
+    else:
+        impls = {"torch": torch.optim.AdamW}
+    out: dict[str, Any] = {"arch": arch, "optim": optim, "device": torch.cuda.get_device_name(dev) if on_gpu else "cpu",
+                           "tensors": sum(len(g) for g in shapes),
+                           "trainable_params": sum(torch.Size(s).numel() for g in shapes for s, _ in g),
+                           "steps": steps}
+    finals = {}
+    for name, cls in impls.items():
+        params = [[torch.nn.Parameter(w.clone()) for w in g] for g in weights]
+        opt = cls([{**{k: v for k, v in gm.items() if k != "params"}, "params": ps}
+                   for gm, ps in zip(groups_meta, params, strict=True)], betas=(0.9, 0.95), eps=1e-8)
+
+        for _ in range(warmup):
+            _optim_step(opt, params, grads)
+        if on_gpu:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            _optim_step(opt, params, grads)
+        if on_gpu:
+            torch.cuda.synchronize()
+        out[f"{name}_ms_per_step"] = round((time.perf_counter() - t0) / steps * 1e3, 2)
+        finals[name] = [p.detach() for ps in params for p in ps]
+    if len(finals) == 2:
+        a, b = finals.values()
+        out["max_abs_diff"] = max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b, strict=True))
+        first, second = impls
+        out["speedup"] = round(out[f"{first}_ms_per_step"] / out[f"{second}_ms_per_step"], 2)
+    return out
+
+
+def _optim_step(opt, params: list[list[torch.nn.Parameter]], grads: list[list[torch.Tensor]]) -> None:
+    for ps, gs in zip(params, grads, strict=True):
+        for p, g in zip(ps, gs, strict=True):
+            p.grad = g
+    opt.step()

@@ -100,6 +100,24 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         emit_summary({"merged_dir": str(written[-1]), "written": ",".join(str(p) for p in written),
                       "merge_seconds": round(time.time() - t0, 2)})
 
+    @bench_app.command("optim")
+    def bench_optim_cmd(
+            arch: Annotated[str, typer.Option("--arch", help="Arch preset whose LoRA recipe's trainable tensors are stepped.")] = "tiny-qwen3.5-moe",
+            optim: Annotated[str, typer.Option("--optim", help="adamw8bit: bitsandbytes' step vs pitlm's (no per-tensor sync) | adamw.")] = "adamw8bit",
+            steps: Annotated[int, typer.Option("--steps")] = 10,
+            warmup: Annotated[int, typer.Option("--warmup")] = 2,
+            device: Annotated[str, typer.Option("--device")] = "auto",
+            adapter_dtype: Annotated[str, typer.Option("--adapter-dtype")] = "base",
+            full_modules: Annotated[str | None, typer.Option("--full-modules")] = None,
+            set_: SetOpt = None) -> None:
+        """Optimizer step time over a LoRA recipe's trainable tensors (no model forward)."""
+        from pitlm.log import emit_summary
+        from pitlm.train.bench import bench_optim
+
+        emit_summary(bench_optim(arch, optim, steps=steps, warmup=warmup, device=device, adapter_dtype=adapter_dtype,
+                                 full_modules=None if full_modules is None else [m for m in full_modules.split(",") if m],
+                                 model_overrides=set_))
+
     @bench_app.command("train")
     def bench_train_cmd(
             arch: Annotated[str, typer.Option("--arch", help="Arch preset: tiny-qwen3, tiny-qwen3_5_moe (= tiny-qwen3.5-moe), demo-qwen3, qwen3.5-35b-a3b.")] = "tiny-qwen3.5-moe",
