@@ -27,8 +27,13 @@
 #   phase 15 (carry .whl: the one-archive site of scripts/pack_gpu_site.sh): the optimizer step inside backward --
 #           GPU test against the ordinary 8-bit step, then the seed's recipe swept over batch x in_backward under an
 #           H100's memory (--memory-cap-gib 79.0 on an H200), one model; then the H200's own memory
-# Usage: bash scripts/gpu_bench.sh 0|1|...|15
+#   phase 16 (carry .whl): the 8-bit AdamW step alone, bitsandbytes' vs pitlm's (no sync per tensor), on the
+#           recipe's trainable tensors; the bitwise GPU test first. No model forward, so no fla autotuning: ~2 min
+#   A cold machine spends > 5 min in fla's Triton autotuning before the first 35B step: run the phases that train
+#   in consecutive calls on a warm machine, with TRITON_CACHE_AUTOTUNING=1.
+# Usage: bash scripts/gpu_bench.sh 0|1|...|16
 set -u
+export TRITON_CACHE_AUTOTUNING=1
 source scripts/gpu_env.sh
 mkdir -p "$OUT"
 B="python3 -m pitlm.cli bench"
@@ -108,6 +113,10 @@ elif [ "$1" = 15 ]; then
   timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_train_in_backward.py -k gpu 2>&1 | tail -3
   T=${T1:-320} run $B train $L $M --batch ${B1:-4,6,8} --in-backward off,on --memory-cap-gib 79.0 --profile "$OUT/profile_ib.txt"
   T=${T2:-120} run $B train $L $M --batch ${B2:-8,12} --in-backward on
+elif [ "$1" = 16 ]; then
+  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_train_in_backward.py -k bitwise 2>&1 | tail -2
+  T=150 run python3 -m pitlm.cli bench optim --arch qwen3.5-35b-a3b --optim adamw8bit --steps 10 --warmup 2
+  T=100 run python3 -m pitlm.cli bench optim --arch qwen3.5-35b-a3b --optim adamw8bit --full-modules "" --steps 10
 elif [ "$1" = 1 ]; then
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|causal|liger|grouped|gpu0|triton" | tee "$OUT/doctor.txt"
   run $B train $L --batch 1
