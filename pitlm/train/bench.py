@@ -43,6 +43,17 @@ def _as_list(v) -> list:
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
+def _bench_config(arch: str, mode: str, model_overrides: list[str] | None, lora_preset: str | None, lr: float,
+                  optim: str, adapter_dtype: str, experts_path: str, full_modules: list[str] | None):
+    """(model config, LoRA preset, TrainConfig) of a bench: the arch's preset LoRA list unless one is named."""
+    config = build_model_config(apply_overrides({"arch": arch}, model_overrides))
+    preset = lora_preset or ("qwen3.5-moe" if "qwen3_5_moe" in config.model_type else "dense")
+    cfg = TrainConfig(mode=mode, corpus="bench", base="random", optim={"lr": lr, "name": optim},
+                      lora={"preset": preset, "adapter_dtype": adapter_dtype, "experts_path": experts_path,
+                            **({} if full_modules is None else {"full_modules": full_modules})})
+    return config, preset, cfg
+
+
 def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: int | list[int] = 1, steps: int = 5,
                 warmup: int = 2, device: str = "auto", lora_preset: str | None = None,
                 activation_checkpointing: bool = True, model_overrides: list[str] | None = None,
@@ -61,16 +72,13 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
     quiet_transformers()
     env = init_distributed(device, need_group=mode == "full")
     try:
-        config = build_model_config(apply_overrides({"arch": arch}, model_overrides))
         on_gpu = env.device.type == "cuda"
         if memory_cap_gib and on_gpu:
             total_bytes = torch.cuda.get_device_properties(env.device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_gib * 2**30 / total_bytes), env.device)
         dtype = torch.bfloat16 if on_gpu else torch.float32
-        preset = lora_preset or ("qwen3.5-moe" if "qwen3_5_moe" in config.model_type else "dense")
-        cfg = TrainConfig(mode=mode, corpus="bench", base="random", optim={"lr": lr, "name": optim},
-                          lora={"preset": preset, "adapter_dtype": adapter_dtype, "experts_path": experts_path,
-                                **({} if full_modules is None else {"full_modules": full_modules})})
+        config, preset, cfg = _bench_config(arch, mode, model_overrides, lora_preset, lr, optim, adapter_dtype,
+                                            experts_path, full_modules)
         t0 = time.perf_counter()
         if mode == "lora":
             model = build_scratch_model(config, dtype, env.device)
@@ -186,12 +194,9 @@ def bench_optim(arch: str, optim: str = "adamw8bit", steps: int = 10, warmup: in
 
     dev = pick_device(device)
     on_gpu = dev.type == "cuda"
-    config = build_model_config(apply_overrides({"arch": arch}, model_overrides))
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    preset = lora_preset or ("qwen3.5-moe" if "qwen3_5_moe" in config.model_type else "dense")
-    cfg = TrainConfig(mode="lora", corpus="bench", base="random", optim={"lr": 1e-4, "name": optim},
-                      lora={"preset": preset, "adapter_dtype": adapter_dtype, "experts_path": "peft",
-                            **({} if full_modules is None else {"full_modules": full_modules})})
+    config, _, cfg = _bench_config(arch, "lora", model_overrides, lora_preset, 1e-4, optim, adapter_dtype, "peft",
+                                   full_modules)
     quiet_transformers()
     meta = apply_lora(build_scratch_model(config, dtype, "meta"), cfg.lora)
     groups_meta = param_groups(meta, cfg)  # the trainer's groups (LR, weight decay), their tensors' shapes

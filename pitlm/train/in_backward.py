@@ -44,24 +44,22 @@ class InBackwardOptimizer:
                 self.optimizers.append(opt)
                 self.param_groups.extend(opt.param_groups)
                 self._handles.append(p.register_post_accumulate_grad_hook(self._hook(opt)))
-        self.updates = 0  # parameter updates applied since the last take_grad_norm()
 
     def _hook(self, opt: torch.optim.Optimizer) -> Callable[[nn.Parameter], None]:
         def step_now(p: nn.Parameter) -> None:
             grad = p.grad
             # squared norm in fp32 without a host sync: the step's gradient norm for the log and the watchdog
             sq = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square()
-            self._sq_norm = sq if self._sq_norm is None else self._sq_norm + sq.to(self._sq_norm.device)
+            self._sq_norm = sq if self._sq_norm is None else self._sq_norm + sq
             opt.step()
             p.grad = None  # the point of stepping here: this gradient's memory is released now
-            self.updates += 1
 
         return step_now
 
     def take_grad_norm(self) -> torch.Tensor:
         """The global L2 norm of the gradients applied since the last call (0 when none), and reset."""
         norm = self._sq_norm.sqrt() if self._sq_norm is not None else torch.zeros(())
-        self._sq_norm, self.updates = None, 0
+        self._sq_norm = None
         return norm
 
     def step(self, closure=None) -> None:  # noqa: ARG002 - torch's signature; each update already happened
@@ -70,7 +68,7 @@ class InBackwardOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=set_to_none)
-        self._sq_norm, self.updates = None, 0
+        self._sq_norm = None
 
     def remove_hooks(self) -> None:
         """Detach from the parameters (a bench that builds several optimizers on one model)."""

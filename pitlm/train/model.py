@@ -316,7 +316,7 @@ def build_optimizer(model: nn.Module, cfg):
         make = lambda gs: adamw8bit(gs, **kwargs)  # noqa: E731
     else:
         make = lambda gs: torch.optim.AdamW(gs, **kwargs)  # noqa: E731
-    if getattr(cfg.optim, "in_backward", False):
+    if cfg.optim.in_backward:
         from pitlm.train.in_backward import InBackwardOptimizer
 
         return InBackwardOptimizer(groups, make)
