@@ -1,11 +1,19 @@
 """The grouped expert-LoRA path (pitlm.train.experts) against peft's own materialising path on the tiny hybrid
 Qwen3.5-MoE: same loss, same gradients for every trainable parameter, peft's path back whenever adapters are off."""
 
+import copy
+
 import pytest
 import torch
 
 from pitlm.train.config import LoraConfig
-from pitlm.train.experts import grouped_linear, install_expert_lora
+from pitlm.train.experts import (
+    grouped_linear,
+    install_expert_lora,
+    lora_experts_forward,
+    permute_routed,
+    unpermute_routed,
+)
 from pitlm.train.model import apply_lora, build_model_config, build_scratch_model
 
 
@@ -74,6 +82,86 @@ def test_grouped_linear_equals_per_group_matmul(dims):
     assert torch.allclose(grouped_linear(x, w, offsets), ref, atol=1e-5, rtol=1e-5)
 
 
+def routing(num_tokens, top_k, used_experts, seed):
+    """top_k distinct experts per token drawn from `used_experts` (the others get no token), and the sort
+    permutation with its inverse as lora_experts_forward builds them."""
+    g = torch.Generator().manual_seed(seed)
+    used = torch.tensor(used_experts)
+    index = torch.stack([used[torch.randperm(len(used), generator=g)[:top_k]] for _ in range(num_tokens)])
+    _, perm = torch.sort(index.reshape(-1))
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel())
+    return index, perm, inv
+
+
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_permute_and_unpermute_equal_plain_indexing_in_value_and_gradient(top_k):
+    T, H = 5, 4
+    _, perm, inv = routing(T, top_k, [0, 2, 3, 6], seed=top_k)  # of 8 experts: 1, 4, 5, 7 get no token
+    src = perm // top_k
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randn(T, H, dtype=torch.float64, generator=g, requires_grad=True)
+    rows = torch.randn(T * top_k, H, dtype=torch.float64, generator=g, requires_grad=True)
+    for ours, ref, inp in ((lambda t: permute_routed(t, src, inv, top_k), lambda t: t[src], tokens),
+                           (lambda r: unpermute_routed(r, src, inv, top_k),
+                            lambda r: r[inv].view(T, top_k, H).sum(1), rows)):
+        out, expected = ours(inp), ref(inp)
+        assert torch.equal(out, expected)
+        cot = torch.randn(out.shape, dtype=torch.float64, generator=g)
+        (grad,), (grad_ref,) = torch.autograd.grad(out, inp, cot), torch.autograd.grad(expected, inp, cot)
+        assert torch.allclose(grad, grad_ref, rtol=1e-12, atol=1e-12)
+        assert torch.autograd.gradcheck(ours, (inp,))
+        assert torch.autograd.gradgradcheck(ours, (inp,))  # each backward is the other map, itself differentiable
+    weights = torch.rand(T * top_k, dtype=torch.float64, generator=g, requires_grad=True)  # 1-D, top_k = 1
+    assert torch.autograd.gradcheck(lambda w: permute_routed(w, perm, inv, 1), (weights,))
+
+
+def test_grouped_experts_backward_does_no_index_put():
+    """The routed-token gather and scatter-back run as gathers both ways: no indexing node (whose backward is an
+    accumulating index_put_) in the graph of one experts forward."""
+    model = lora_model(seed=2)
+    experts = next(m for n, m in model.named_modules() if n.endswith("mlp.experts")).get_base_layer()
+    index, _, _ = routing(6, 2, list(range(experts.gate_up_proj.shape[0])), seed=0)
+    hidden = torch.randn(6, experts.gate_up_proj.shape[-1], requires_grad=True)
+    out = lora_experts_forward(experts, hidden, index, torch.rand(6, 2, requires_grad=True), {})
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(f for f, _ in node.next_functions)
+    names = {type(n).__name__ for n in seen}
+    assert "_UnpermuteRoutedBackward" in names and not any(n.startswith("Index") for n in names), names
+
+
+def test_deepcopy_of_a_grouped_model_computes_with_its_own_adapters():
+    """The installed forward reads adapters, experts and fallback from the module it runs on: a deepcopy with
+    changed expert adapters matches peft's path on an equally changed model, and leaves the original's
+    parameters without gradient."""
+    model = lora_model(seed=6)
+    ref = copy.deepcopy(model)  # peft's path
+    install_expert_lora(model)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in (twin, ref):
+            for name, p in m.named_parameters():
+                if ".mlp.experts." in name and "lora_B" in name:
+                    p.mul_(-3.0)
+    ids = torch.randint(2, 258, (2, 16), generator=torch.Generator().manual_seed(8))
+    ref_loss, ref_grads = loss_and_grads(ref, ids)
+    loss, grads = loss_and_grads(twin, ids)
+    with torch.no_grad():
+        assert (model(input_ids=ids, labels=ids).loss - loss).abs() > 1e-4  # the change shows in the output
+    assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=0)
+    for name, g in grads.items():
+        assert (g - ref_grads[name]).abs().max() / ref_grads[name].abs().max().clamp(min=1e-12) < 1e-4, name
+        if ".mlp.experts." in name and "lora_" in name:
+            assert g.abs().max() > 0, name
+    assert all(p.grad is None for p in model.parameters())
+    with torch.no_grad(), twin.disable_adapter(), ref.disable_adapter():  # the fallback is the copy's too
+        assert torch.allclose(twin(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-6, rtol=0)
+
+
 def test_merge_after_training_on_the_grouped_path_is_peft_merge():
     """Adapters trained through the grouped path are ordinary peft adapters: merging gives the same logits."""
     model = lora_model(seed=5)
@@ -89,8 +177,6 @@ def test_merge_after_training_on_the_grouped_path_is_peft_merge():
 def test_grouped_experts_match_peft_in_bf16_on_the_gpu():
     """bf16 on a GPU: the grouped expert-LoRA path is no further from a float32 reference than peft's own bf16
     path (METHOD.md's tolerance rule)."""
-    import copy
-
     ref32 = lora_model(seed=9).cuda()
     ids = torch.randint(2, 258, (2, 64), generator=torch.Generator().manual_seed(6)).cuda()
     loss32, g32 = loss_and_grads(ref32, ids)
