@@ -126,11 +126,14 @@ def fast_kernel_checks(gpus: list[dict]) -> list[Check]:
                         "" if fla_ok else "make flash-linear-attention usable (above)"))
     for mod, label, hint in (("causal_conv1d", "causal-conv1d", "optional: pitlm uses fla's conv kernel"),
                              ("flash_attn", "flash-attn", "pip install flash-attn (optional; sdpa is used otherwise)"),
-                             ("liger_kernel", "liger-kernel", "optional; pitlm's paths do not use it")):
+                             ("liger_kernel", "liger-kernel",
+                              "pip install liger-kernel: the chunked loss (ce_chunk) then takes its fused linear "
+                              "cross-entropy on a GPU")):
         if not _has(mod):
             checks.append(Check(label, "info", "not installed", hint))
         else:
-            checks.append(Check(label, "ok" if gpus else "info", "installed" + ("" if gpus else "; no GPU here")))
+            use = " (fused linear cross-entropy for ce_chunk)" if mod == "liger_kernel" and gpus else ""
+            checks.append(Check(label, "ok" if gpus else "info", "installed" + use + ("" if gpus else "; no GPU here")))
     try:
         import torch
         grouped = hasattr(torch, "_grouped_mm")

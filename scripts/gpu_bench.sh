@@ -29,9 +29,13 @@
 #           H100's memory (--memory-cap-gib 79.0 on an H200), one model; then the H200's own memory
 #   phase 16 (carry .whl): the 8-bit AdamW step alone, bitsandbytes' vs pitlm's (no sync per tensor), on the
 #           recipe's trainable tensors; the bitwise GPU test first. No model forward, so no fla autotuning: ~2 min
+#   phase 17 (carry .whl, and .kcache when an earlier call saved one): GPU tests of liger's fused linear CE, the
+#           gather-only MoE permutation, stochastic rounding; the seed's recipe at batch 8 under an H100's memory,
+#           profiled; saves the kernel caches to $OUT/kcache.tar.xz (carry them next time as .kcache/)
+#   phase 18 (right after 17, warm): A/B arms (no liger, no stochastic rounding), LoRA alone under 74 / 80 GB
 #   A cold machine spends > 5 min in fla's Triton autotuning before the first 35B step: run the phases that train
 #   in consecutive calls on a warm machine, with TRITON_CACHE_AUTOTUNING=1.
-# Usage: bash scripts/gpu_bench.sh 0|1|...|16
+# Usage: bash scripts/gpu_bench.sh 0|1|...|18
 set -u
 export TRITON_CACHE_AUTOTUNING=1
 source scripts/gpu_env.sh
@@ -117,6 +121,26 @@ elif [ "$1" = 16 ]; then
   timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_train_in_backward.py -k bitwise 2>&1 | tail -2
   T=150 run python3 -m pitlm.cli bench optim --arch qwen3.5-35b-a3b --optim adamw8bit --steps 10 --warmup 2
   T=100 run python3 -m pitlm.cli bench optim --arch qwen3.5-35b-a3b --optim adamw8bit --full-modules "" --steps 10
+elif [ "$1" = 17 ]; then
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  M="--adapter-dtype base --optim adamw8bit --ce-chunk 512"
+  python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|gpu0|bitsandbytes|grouped|liger" | tee "$OUT/doctor.txt"
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_train_chunked_ce.py tests/test_train_experts.py \
+    tests/test_train_stochastic_round.py tests/test_train_in_backward.py -k "gpu or cuda or bitwise" 2>&1 | tail -4
+  T=${T1:-330} run $B train $L $M --batch 8 --memory-cap-gib 79.0 --stochastic-round full_modules \
+    --profile "$OUT/profile_b8.txt"
+  save_kernel_cache
+elif [ "$1" = 18 ]; then
+  # A/B on the warm machine of phase 17, one process per arm: liger's fused loss off (the import blocked), the
+  # stochastic rounding off, then the LoRA-alone list (the seed's ~945 M trainable) under 74 GB and 80 GB
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  M="--adapter-dtype base --optim adamw8bit --ce-chunk 512"
+  NOLIGER="import sys; sys.modules['liger_kernel'] = None; sys.argv[0] = 'pitlm'; from pitlm.cli import main; main()"
+  T=110 run python3 -c "$NOLIGER" bench train $L $M --batch 8 --memory-cap-gib 79.0 --stochastic-round full_modules
+  T=110 run $B train $L $M --batch 8 --memory-cap-gib 79.0 --stochastic-round none
+  T=170 run $B train $L $M --batch 4,8,12 --memory-cap-gib 68.9 --full-modules ""
+  T=150 run $B train $L $M --batch 12,16 --memory-cap-gib 79.0 --full-modules ""
+  save_kernel_cache
 elif [ "$1" = 1 ]; then
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|causal|liger|grouped|gpu0|triton" | tee "$OUT/doctor.txt"
   run $B train $L --batch 1

@@ -14,6 +14,14 @@ for d in .whl .whl2 .whl3 .whl4 .whl5; do
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $d/*.whl
   fi
 done
+# Kernel caches (Triton incl. autotuning results, tilelang) carried from an earlier machine of the same image in
+# .kcache/kcache.tar.xz (scripts/gpu_bench.sh writes $OUT/kcache.tar.xz): a fresh machine otherwise spends > 5 min
+# compiling and autotuning fla's kernels before the first 35B step.
+export TRITON_CACHE_DIR=/tmp/kcache/triton TILELANG_CACHE_DIR=/tmp/kcache/tilelang TRITON_CACHE_AUTOTUNING=1
+if [ -f .kcache/kcache.tar.xz ] && [ ! -f /tmp/kcache/.restored ]; then
+  mkdir -p /tmp/kcache && xz -dc .kcache/kcache.tar.xz | tar -C /tmp/kcache -xf - && touch /tmp/kcache/.restored
+fi
+save_kernel_cache() { tar -C /tmp/kcache --exclude=.restored -cf - . | xz -6 -T0 > "$OUT/kcache.tar.xz"; ls -la "$OUT/kcache.tar.xz"; }
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PITLM_HOME=${PITLM_HOME:-/tmp/pitlm-home} PITLM_NO_PROGRESS=1 PYTHONUNBUFFERED=1
 set +e

@@ -13,11 +13,15 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   "flash-linear-attention==0.6.0" "fla-core==0.6.0" "tilelang==0.1.15" "apache-tvm-ffi==0.1.12" \
   "torch-c-dlpack-ext==0.1.5" "z3-solver==4.15.4.0" "bitsandbytes==0.50.2" \
   "pydantic==2.12.5" "pydantic-core==2.41.5" "annotated-types==0.8.0" "typing-inspection==0.4.5" \
-  "typing-extensions==4.16.0"  # pitlm's own config layer: pydantic is not on the GPU image
+  "typing-extensions==4.16.0" \
+  "liger-kernel==0.8.5"  # pydantic: pitlm's own config layer, not on the GPU image; liger: the fused linear CE
 for f in "$w"/*.whl; do unzip -q -o "$f" -d "$site"; done
+# not needed on the image (torch cu130): other CUDA/ROCm/XPU builds of bitsandbytes, z3's command-line binary (tilelang
+# imports the library), tvm-ffi's test library; room for the kernel cache (.kcache) within a call's 64 MiB
 rm -f "$site"/bitsandbytes/libbitsandbytes_rocm* "$site"/bitsandbytes/libbitsandbytes_cuda1[12]*.so \
-      "$site"/bitsandbytes/libbitsandbytes_xpu*
+      "$site"/bitsandbytes/libbitsandbytes_cuda13[1-9]*.so "$site"/bitsandbytes/libbitsandbytes_xpu* \
+      "$site"/z3_solver-*.data/data/bin/z3 "$site"/tvm_ffi/lib/libtvm_ffi_testing.so
 mkdir -p .whl
-tar -C "$site" -cf - . | xz -9e -T0 > .whl/site.tar.xz
+tar -C "$site" -cf - . | xz -9e -T0 > .whl/site.tar.xz.tmp && mv .whl/site.tar.xz.tmp .whl/site.tar.xz && rm -f .whl/site2.tar.xz
 rm -rf "$w" "$site"
 ls -la .whl/site.tar.xz

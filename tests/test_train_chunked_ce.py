@@ -57,3 +57,60 @@ def test_ce_chunk_refused_under_fsdp2():
 
     with pytest.raises(ConfigError, match="ce_chunk with mode full"):
         check_config(TrainConfig(mode="full", corpus="c", base="b", ce_chunk=1024))
+
+
+def test_head_linear_is_the_module_peft_routes_the_head_to():
+    """The fused loss reads one weight: it must be the one head(x) uses, in every peft adapter state."""
+    from peft import LoraConfig, get_peft_model
+
+    from pitlm.train.step import backbone_and_head, head_linear
+
+    cfg = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False)
+    model = get_peft_model(_model(), cfg)
+    _, head = backbone_and_head(model)
+    with torch.no_grad():
+        head.modules_to_save["default"].weight.add_(1.0)  # the trained copy now differs from the original
+    x = torch.randn(3, 32)
+    assert torch.equal(head_linear(head)(x), head(x))
+    assert head_linear(head) is head.modules_to_save["default"]
+    with model.disable_adapter():
+        assert head_linear(head) is head.original_module and torch.equal(head_linear(head)(x), head(x))
+    lora_head = get_peft_model(_model(), LoraConfig(r=4, target_modules=["lm_head"]))
+    assert head_linear(backbone_and_head(lora_head)[1]) is None  # a LoRA head is not one weight's output
+    plain = _model()
+    assert head_linear(plain.lm_head) is plain.lm_head
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="liger's fused linear cross-entropy needs a GPU")
+def test_fused_linear_cross_entropy_matches_the_chunked_loss_on_the_gpu(monkeypatch):
+    """bf16 on the GPU: liger's fused loss is no further from float32 than the checkpointed chunks it replaces, in
+    the loss and in the gradients of the hidden states and of the head weight (loss scaled by 0.5, as under
+    gradient accumulation)."""
+    from pitlm.train import step
+
+    if not step.liger_available():
+        pytest.skip("liger-kernel not installed")
+    torch.manual_seed(0)
+    n, d, v = 3000, 256, 50_000
+    h32, w32 = torch.randn(n, d, device="cuda"), torch.randn(v, d, device="cuda") * 0.05
+    t = torch.randint(0, v, (n,), device="cuda")
+
+    def run(dtype):
+        h = h32.to(dtype).requires_grad_()
+        head = torch.nn.Linear(d, v, bias=False, device="cuda", dtype=dtype)
+        with torch.no_grad():
+            head.weight.copy_(w32)
+        loss = step.chunked_cross_entropy(h[None], head, t[None], 512)
+        (loss * 0.5).backward()
+        return [loss.detach().float(), h.grad.float(), head.weight.grad.float()]
+
+    assert step.fused_ce_head(h32.bfloat16(), torch.nn.Linear(d, v, bias=False, device="cuda",
+                                                               dtype=torch.bfloat16)) is not None
+    fused = run(torch.bfloat16)
+    with monkeypatch.context() as m:
+        m.setattr(step, "fused_ce_head", lambda hidden, head: None)  # force the checkpointed chunks
+        chunked, exact = run(torch.bfloat16), run(torch.float32)
+    for name, f, c, e in zip(("loss", "hidden grad", "weight grad"), fused, chunked, exact, strict=True):
+        err_f = ((f - e).norm() / e.norm()).item()
+        err_c = ((c - e).norm() / e.norm()).item()
+        assert err_f <= 1.5 * err_c + 1e-6, (name, err_f, err_c)

@@ -111,6 +111,7 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
             "full_modules": ",".join(cfg.lora.full_modules) if mode == "lora" else None,
             "memory_cap_gib": memory_cap_gib if on_gpu else None,
             "fast_paths": fast_path_summary(), "fast_kernels": ", ".join(kernels) or "none",
+            "loss_path": _loss_path(model, mode, ce_chunk, on_gpu),
         }
         pairs = [(b, ib) for ib in _as_list(in_backward) for b in _as_list(batch_size)]
         results = []
@@ -123,6 +124,16 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
         return results if env.is_main else None
     finally:
         shutdown_distributed(wait=False)
+
+
+def _loss_path(model, mode: str, ce_chunk: int | None, on_gpu: bool) -> str:
+    """Which LM-head loss a step takes (pitlm.train.step.forward_loss)."""
+    from pitlm.train.step import backbone_and_head, head_linear, liger_available
+
+    if mode != "lora" or not ce_chunk:
+        return "plain"
+    fused = on_gpu and liger_available() and head_linear(backbone_and_head(model)[1]) is not None
+    return "liger fused linear cross-entropy" if fused else "chunked (checkpointed)"
 
 
 def _measure(model, cfg: TrainConfig, env, vocab: int, batch_size: int, in_backward: bool, seq_len: int,
