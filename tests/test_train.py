@@ -360,6 +360,17 @@ def test_bench_train_sweeps_batches_and_in_backward_on_one_model(run):
     assert code != 0 and "--grad-accum 1" in err
 
 
+def test_bench_train_sweeps_uncheckpointed_layers_and_reports_the_loss_path(run):
+    code, out, err = run("bench", "train", "--arch", "tiny-qwen3.5-moe", "--seq", "16", "--batch", "1",
+                         "--uncheckpointed-layers", "0,4", "--ce-chunk", "8", "--steps", "1", "--warmup", "0")
+    assert code == 0, err
+    skips = [line.split(": ")[1] for line in out.splitlines() if line.startswith("uncheckpointed_layers: ")]
+    assert skips == ["0", "4"]
+    assert summary_of(out)["loss_path"] == "chunked (checkpointed)"  # no GPU here: liger's fused loss is off
+    code, out, err = run("bench", "train", "--arch", "tiny-qwen3.5-moe", "--uncheckpointed-layers", "9")
+    assert code != 0 and "has only 4 decoder layers" in err
+
+
 def test_bench_optim_steps_the_recipe_tensors(run):
     code, out, err = run("bench", "optim", "--arch", "tiny-qwen3.5-moe", "--optim", "adamw", "--steps", "2",
                          "--warmup", "1")

@@ -32,6 +32,7 @@ from pitlm.train.parallel import (
     build_fsdp_model_random,
     enable_activation_checkpointing,
     init_distributed,
+    set_uncheckpointed_layers,
     shutdown_distributed,
 )
 from pitlm.train.step import train_step
@@ -60,11 +61,12 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
                 lr: float = 1e-5, ce_chunk: int | None = None, optim: str = "adamw",
                 adapter_dtype: str = "fp32", full_modules: list[str] | None = None, experts_path: str = "grouped",
                 profile_path: str | None = None, fast_kernels: bool = True, in_backward: bool | list[bool] = False,
-                grad_accum: int = 1, memory_cap_gib: float | None = None) -> list[dict[str, Any]] | None:
-    """Run warmup + steps training steps on random tokens for every (batch size, in_backward) pair, on one model
-    built once; returns one measurement per pair on rank 0 (None elsewhere). A pair that runs out of memory is
-    reported as such and the sweep goes on. memory_cap_gib: cap this process's GPU memory (e.g. an H100's budget
-    on an H200)."""
+                grad_accum: int = 1, memory_cap_gib: float | None = None,
+                uncheckpointed_layers: int | list[int] = 0) -> list[dict[str, Any]] | None:
+    """Run warmup + steps training steps on random tokens for every (uncheckpointed layers, in_backward, batch size)
+    combination, on one model built once; returns one measurement each on rank 0 (None elsewhere). One that runs out
+    of memory is reported as such and the sweep goes on. memory_cap_gib: cap this process's GPU memory (e.g. an
+    H100's budget on an H200). uncheckpointed_layers: the last N decoder layers keep their activations."""
     if mode not in ("lora", "full"):
         raise ValueError(f"mode must be lora or full, got {mode!r}")
     if mode == "full" and any(_as_list(in_backward)):
@@ -113,13 +115,17 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
             "fast_paths": fast_path_summary(), "fast_kernels": ", ".join(kernels) or "none",
             "loss_path": _loss_path(model, mode, ce_chunk, on_gpu),
         }
-        pairs = [(b, ib) for ib in _as_list(in_backward) for b in _as_list(batch_size)]
+        skips = _as_list(uncheckpointed_layers) if activation_checkpointing and mode == "lora" else [0]
+        combos = [(s, b, ib) for s in skips for ib in _as_list(in_backward) for b in _as_list(batch_size)]
         results = []
-        for i, (batch, ib) in enumerate(pairs):
-            last = i == len(pairs) - 1
+        for i, (skip, batch, ib) in enumerate(combos):
+            if activation_checkpointing and mode == "lora":
+                set_uncheckpointed_layers(model, skip)
+            last = i == len(combos) - 1
             result = _measure(model, cfg, env, config.vocab_size, batch, bool(ib), seq_len, steps, warmup, ce_chunk,
                               grad_accum, profile_path if last else None)
-            results.append({"bench_config": f"{i + 1}/{len(pairs)}", **common, **result})
+            results.append({"bench_config": f"{i + 1}/{len(combos)}", **common, "uncheckpointed_layers": skip,
+                            **result})
         shutdown_distributed()
         return results if env.is_main else None
     finally:

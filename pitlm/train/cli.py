@@ -139,6 +139,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             in_backward: Annotated[str, typer.Option("--in-backward", help="lora: off | on | off,on -- each parameter's optimizer step inside backward, its gradient freed at once (no clipping).")] = "off",
             grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Micro-batches per optimizer step.")] = 1,
             memory_cap_gib: Annotated[float | None, typer.Option("--memory-cap-gib", help="GPU: cap this process's memory (79.0 ~ an 80 GB H100 on an H200).")] = None,
+            uncheckpointed: Annotated[str, typer.Option("--uncheckpointed-layers", help="lora: the last N decoder layers keep their activations (no recompute); a comma list sweeps (0,4,8).")] = "0",
             set_: SetOpt = None) -> None:
         """Training throughput and peak memory of pitlm's own train_step on random weights and tokens."""
         from pitlm.errors import ConfigError
@@ -148,10 +149,13 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         try:
             batches = [int(b) for b in batch.split(",") if b.strip()]
             ib = [{"off": False, "on": True}[v.strip()] for v in in_backward.split(",") if v.strip()]
+            skips = [int(s) for s in uncheckpointed.split(",") if s.strip()]
         except (ValueError, KeyError) as e:
-            raise ConfigError(f"--batch takes integers and --in-backward off/on, comma-separated (got {e})") from e
-        if not batches or min(batches) < 1 or not ib:
-            raise ConfigError("--batch needs positive integers and --in-backward at least one of off, on")
+            raise ConfigError("--batch and --uncheckpointed-layers take integers and --in-backward off/on, "
+                              f"comma-separated (got {e})") from e
+        if not batches or min(batches) < 1 or not ib or not skips or min(skips) < 0:
+            raise ConfigError("--batch needs positive integers, --uncheckpointed-layers integers >= 0 and "
+                              "--in-backward at least one of off, on")
         if any(ib) and grad_accum > 1:
             raise ConfigError("--in-backward on steps once per micro-batch: use --grad-accum 1")
         results = bench_train(arch, mode, seq_len=seq, batch_size=batches, steps=steps, warmup=warmup, device=device,
@@ -159,7 +163,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                              model_overrides=set_, ce_chunk=ce_chunk, optim=optim, adapter_dtype=adapter_dtype,
                              full_modules=None if full_modules is None else [m for m in full_modules.split(",") if m],
                              experts_path=experts_path, profile_path=profile, fast_kernels=fast_kernels,
-                             in_backward=ib, grad_accum=grad_accum, memory_cap_gib=memory_cap_gib)
+                             in_backward=ib, grad_accum=grad_accum, memory_cap_gib=memory_cap_gib,
+                             uncheckpointed_layers=skips)
         first = (results or [{}])[0]
         for result in results or []:  # a sweep: the first pair in full, then what changes
             emit_summary(result if result is first else

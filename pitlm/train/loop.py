@@ -148,7 +148,7 @@ def prepare(cfg: TrainConfig, vol, env: DistEnv) -> Setup:
         raise PitlmError(f"corpus {corpus_dir.name} was tokenized with a {index.vocab_size}-token vocabulary but the "
                          f"model has {vocab}; tokenize the corpus with the model's tokenizer")
     if cfg.gradient_checkpointing and not fsdp:
-        enable_activation_checkpointing(model)
+        enable_activation_checkpointing(model, cfg.gradient_checkpointing_skip_last)
     total_params = count_params(model)
     if cfg.mode == "lora":
         model = apply_lora(model, cfg.lora)
