@@ -45,11 +45,13 @@ def _as_list(v) -> list:
 
 
 def _bench_config(arch: str, mode: str, model_overrides: list[str] | None, lora_preset: str | None, lr: float,
-                  optim: str, adapter_dtype: str, experts_path: str, full_modules: list[str] | None):
+                  optim: str, adapter_dtype: str, experts_path: str, full_modules: list[str] | None,
+                  stochastic_round: str = "none"):
     """(model config, LoRA preset, TrainConfig) of a bench: the arch's preset LoRA list unless one is named."""
     config = build_model_config(apply_overrides({"arch": arch}, model_overrides))
     preset = lora_preset or ("qwen3.5-moe" if "qwen3_5_moe" in config.model_type else "dense")
-    cfg = TrainConfig(mode=mode, corpus="bench", base="random", optim={"lr": lr, "name": optim},
+    cfg = TrainConfig(mode=mode, corpus="bench", base="random",
+                      optim={"lr": lr, "name": optim, "stochastic_round": stochastic_round},
                       lora={"preset": preset, "adapter_dtype": adapter_dtype, "experts_path": experts_path,
                             **({} if full_modules is None else {"full_modules": full_modules})})
     return config, preset, cfg
@@ -62,7 +64,8 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
                 adapter_dtype: str = "fp32", full_modules: list[str] | None = None, experts_path: str = "grouped",
                 profile_path: str | None = None, fast_kernels: bool = True, in_backward: bool | list[bool] = False,
                 grad_accum: int = 1, memory_cap_gib: float | None = None,
-                uncheckpointed_layers: int | list[int] = 0) -> list[dict[str, Any]] | None:
+                uncheckpointed_layers: int | list[int] = 0,
+                stochastic_round: str = "none") -> list[dict[str, Any]] | None:
     """Run warmup + steps training steps on random tokens for every (uncheckpointed layers, in_backward, batch size)
     combination, on one model built once; returns one measurement each on rank 0 (None elsewhere). One that runs out
     of memory is reported as such and the sweep goes on. memory_cap_gib: cap this process's GPU memory (e.g. an
@@ -80,7 +83,7 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
             torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_gib * 2**30 / total_bytes), env.device)
         dtype = torch.bfloat16 if on_gpu else torch.float32
         config, preset, cfg = _bench_config(arch, mode, model_overrides, lora_preset, lr, optim, adapter_dtype,
-                                            experts_path, full_modules)
+                                            experts_path, full_modules, stochastic_round)
         t0 = time.perf_counter()
         if mode == "lora":
             model = build_scratch_model(config, dtype, env.device)
@@ -108,7 +111,7 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
             "total_params": total, "trainable_params": count_params(model, True),
             "activation_checkpointing": activation_checkpointing, "lora_preset": preset if mode == "lora" else None,
             "build_seconds": round(build_seconds, 1), "ce_chunk": ce_chunk if mode == "lora" else None,
-            "optim": optim, "adapter_dtype": adapter_dtype if mode == "lora" else None,
+            "optim": optim, "stochastic_round": stochastic_round, "adapter_dtype": adapter_dtype if mode == "lora" else None,
             "experts_path": experts_path if mode == "lora" else None,
             "full_modules": ",".join(cfg.lora.full_modules) if mode == "lora" else None,
             "memory_cap_gib": memory_cap_gib if on_gpu else None,

@@ -139,6 +139,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             in_backward: Annotated[str, typer.Option("--in-backward", help="lora: off | on | off,on -- each parameter's optimizer step inside backward, its gradient freed at once (no clipping).")] = "off",
             grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Micro-batches per optimizer step.")] = 1,
             memory_cap_gib: Annotated[float | None, typer.Option("--memory-cap-gib", help="GPU: cap this process's memory (79.0 ~ an 80 GB H100 on an H200).")] = None,
+            stochastic_round: Annotated[str, typer.Option("--stochastic-round", help="adamw8bit: none | full_modules | all -- bf16 weights written back with stochastic rounding.")] = "none",
             uncheckpointed: Annotated[str, typer.Option("--uncheckpointed-layers", help="lora: the last N decoder layers keep their activations (no recompute); a comma list sweeps (0,4,8).")] = "0",
             set_: SetOpt = None) -> None:
         """Training throughput and peak memory of pitlm's own train_step on random weights and tokens."""
@@ -164,7 +165,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                              full_modules=None if full_modules is None else [m for m in full_modules.split(",") if m],
                              experts_path=experts_path, profile_path=profile, fast_kernels=fast_kernels,
                              in_backward=ib, grad_accum=grad_accum, memory_cap_gib=memory_cap_gib,
-                             uncheckpointed_layers=skips)
+                             uncheckpointed_layers=skips, stochastic_round=stochastic_round)
         first = (results or [{}])[0]
         for result in results or []:  # a sweep: the first pair in full, then what changes
             emit_summary(result if result is first else

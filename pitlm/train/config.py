@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pitlm.config import StageConfig
 from pitlm.errors import ConfigError
@@ -31,6 +31,19 @@ class OptimConfig(StageConfig):
     # (pitlm.train.in_backward): the trainable parameters' gradients are never all alive (-3.65 GiB on the seed's
     # LoRA recipe). Needs grad_clip=0 and grad_accum_steps=1; one process (lora or scratch, not full).
     in_backward: bool = False
+    # Write bf16 weights back from the fp32 update with stochastic rounding (8-bit AdamW only). An update below half
+    # a bf16 ulp (the seed's full_modules_lr 2e-5 on lm_head / embed_tokens weights of ~0.02) is lost by
+    # round-to-nearest: 71% of those weights never moved in 20 steps. Stochastic rounding moves them by the right
+    # amount on average. full_modules: the LoRA run's lm_head / embed_tokens group; all: every bf16 parameter.
+    stochastic_round: Literal["none", "full_modules", "all"] = "none"
+
+    @model_validator(mode="after")
+    def _stochastic_round_needs_adamw8bit(self) -> OptimConfig:
+        if self.stochastic_round != "none" and self.name != "adamw8bit":
+            raise ConfigError(f"optim.stochastic_round={self.stochastic_round} with optim.name={self.name}: only "
+                              "pitlm's 8-bit AdamW rounds stochastically; set optim.name=adamw8bit or "
+                              "optim.stochastic_round=none")
+        return self
 
 
 class LoraConfig(StageConfig):
@@ -103,6 +116,9 @@ class TrainConfig(StageConfig):
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # parameter dtype; auto: fp32 on CPU and for scratch, else bf16
     attn_implementation: str | None = None  # e.g. sdpa, flash_attention_2; None: transformers' default
     gradient_checkpointing: bool = False  # lora/scratch; full mode uses fsdp.activation_checkpointing
+    # with gradient_checkpointing: the last N decoder layers keep their activations (no recompute in backward):
+    # faster by their share of the recompute, at the memory of their activations
+    gradient_checkpointing_skip_last: int = Field(0, ge=0)
     # one GPU (lora, single-process scratch): fla's fused causal conv1d and RMSNorms for DeltaNet hybrids
     # (pitlm.kernels); FSDP2 runs keep transformers' path until that combination is verified on GPUs
     fast_kernels: bool = True
