@@ -125,21 +125,20 @@ elif [ "$1" = 17 ]; then
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
   M="--adapter-dtype base --optim adamw8bit --ce-chunk 512"
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|gpu0|bitsandbytes|grouped|liger" | tee "$OUT/doctor.txt"
-  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_train_chunked_ce.py tests/test_train_experts.py \
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_train_chunked_ce.py tests/test_train_experts.py \
     tests/test_train_stochastic_round.py tests/test_train_in_backward.py -k "gpu or cuda or bitwise" 2>&1 | tail -4
-  T=${T1:-330} run $B train $L $M --batch 8 --memory-cap-gib 79.0 --stochastic-round full_modules \
+  T=${T1:-370} run $B train $L $M --batch 8 --memory-cap-gib 79.0 --stochastic-round full_modules \
     --profile "$OUT/profile_b8.txt"
   save_kernel_cache
 elif [ "$1" = 18 ]; then
-  # A/B on the warm machine of phase 17, one process per arm: liger's fused loss off (the import blocked), the
-  # stochastic rounding off, then the LoRA-alone list (the seed's ~945 M trainable) under 74 GB and 80 GB
+  # right after 17 on the warm machine, one process per arm: liger's fused loss off (its import blocked); the
+  # LoRA-alone list (the seed's ~945 M trainable) under 74 GB; the H200's own memory with fewer checkpointed layers
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
   M="--adapter-dtype base --optim adamw8bit --ce-chunk 512"
   NOLIGER="import sys; sys.modules['liger_kernel'] = None; sys.argv[0] = 'pitlm'; from pitlm.cli import main; main()"
   T=110 run python3 -c "$NOLIGER" bench train $L $M --batch 8 --memory-cap-gib 79.0 --stochastic-round full_modules
-  T=110 run $B train $L $M --batch 8 --memory-cap-gib 79.0 --stochastic-round none
-  T=170 run $B train $L $M --batch 4,8,12 --memory-cap-gib 68.9 --full-modules ""
-  T=150 run $B train $L $M --batch 12,16 --memory-cap-gib 79.0 --full-modules ""
+  T=150 run $B train $L $M --batch 8,12,16 --memory-cap-gib 68.9 --full-modules ""
+  T=170 run $B train $L $M --batch 8 --stochastic-round full_modules --uncheckpointed-layers 0,10,20
   save_kernel_cache
 elif [ "$1" = 1 ]; then
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|causal|liger|grouped|gpu0|triton" | tee "$OUT/doctor.txt"
