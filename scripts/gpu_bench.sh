@@ -127,7 +127,7 @@ elif [ "$1" = 17 ]; then
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|gpu0|bitsandbytes|grouped|liger" | tee "$OUT/doctor.txt"
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_train_chunked_ce.py tests/test_train_experts.py \
     tests/test_train_stochastic_round.py tests/test_train_in_backward.py -k "gpu or cuda or bitwise" 2>&1 | tail -4
-  T=${T1:-370} run $B train $L $M --batch 8 --memory-cap-gib 79.0 --stochastic-round full_modules \
+  T=${T1:-420} run $B train $L $M --batch 8 --memory-cap-gib 79.0 --stochastic-round full_modules \
     --profile "$OUT/profile_b8.txt"
   save_kernel_cache
 elif [ "$1" = 18 ]; then

@@ -9,6 +9,7 @@ if [ ! -f /tmp/site/.unpacked ]; then
   for a in .whl/*.tar.xz; do [ -f "$a" ] && xz -dc "$a" | tar -C /tmp/site -xf -; done
   touch /tmp/site/.unpacked
 fi
+for a in .whl/*.txz; do [ -f "$a" ] && xz -dc "$a" | tar -C /tmp/site -xf -; done  # small patch archives, each call
 for d in .whl .whl2 .whl3 .whl4 .whl5; do
   if ls $d/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $d/*.whl

@@ -16,12 +16,13 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   "typing-extensions==4.16.0" \
   "liger-kernel==0.8.5"  # pydantic: pitlm's own config layer, not on the GPU image; liger: the fused linear CE
 for f in "$w"/*.whl; do unzip -q -o "$f" -d "$site"; done
-# not needed on the image (torch cu130): other CUDA/ROCm/XPU builds of bitsandbytes, z3's command-line binary (tilelang
-# imports the library), tvm-ffi's test library; room for the kernel cache (.kcache) within a call's 64 MiB
+# not needed on the image (torch cu130): other CUDA/ROCm/XPU builds of bitsandbytes and z3's command-line binary
+# (tilelang imports the library); room for the kernel cache (.kcache) within a call's 64 MiB. tvm_ffi's
+# libtvm_ffi_testing.so must stay: tvm_ffi.core links it at import (removing it made tilelang, hence fla, unusable).
 rm -f "$site"/bitsandbytes/libbitsandbytes_rocm* "$site"/bitsandbytes/libbitsandbytes_cuda1[12]*.so \
       "$site"/bitsandbytes/libbitsandbytes_cuda13[1-9]*.so "$site"/bitsandbytes/libbitsandbytes_xpu* \
-      "$site"/z3_solver-*.data/data/bin/z3 "$site"/tvm_ffi/lib/libtvm_ffi_testing.so
+      "$site"/z3_solver-*.data/data/bin/z3
 mkdir -p .whl
-tar -C "$site" -cf - . | xz -9e -T0 > .whl/site.tar.xz.tmp && mv .whl/site.tar.xz.tmp .whl/site.tar.xz && rm -f .whl/site2.tar.xz
+tar -C "$site" -cf - . | xz -9e -T0 > .whl/site.tar.xz.tmp && mv .whl/site.tar.xz.tmp .whl/site.tar.xz && rm -f .whl/site2.tar.xz .whl/tvmfix.txz
 rm -rf "$w" "$site"
 ls -la .whl/site.tar.xz
