@@ -8,7 +8,8 @@ from pitlm.errors import ConfigError
 from pitlm.train.checkpoint import load_checkpoint, save_checkpoint
 from pitlm.train.config import TrainConfig, check_config
 from pitlm.train.in_backward import InBackwardOptimizer
-from pitlm.train.model import apply_lora, build_model_config, build_optimizer, build_scratch_model
+from pitlm.train.model import apply_lora, build_model_config, build_scratch_model
+from pitlm.train.optim import build_optimizer
 from pitlm.train.parallel import DistEnv, enable_activation_checkpointing
 from pitlm.train.paths import ModelDir
 from pitlm.train.step import NonFiniteLossError, train_step
@@ -173,7 +174,7 @@ def test_adamw8bit_without_per_tensor_sync_is_bitwise_bitsandbytes():
     """pitlm's AdamW8bit (bitsandbytes' step loop without its torch.cuda.synchronize() per tensor) updates weights
     and 8-bit state exactly as bitsandbytes' own step."""
     bnb = pytest.importorskip("bitsandbytes")
-    from pitlm.train.model import bnb_adamw8bit_class
+    from pitlm.train.optim import bnb_adamw8bit_class
 
     cls = bnb_adamw8bit_class()
     assert cls is not bnb.optim.AdamW8bit and issubclass(cls, bnb.optim.AdamW8bit)

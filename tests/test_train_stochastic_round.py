@@ -5,11 +5,12 @@ tracks an fp32-master run, and the config/param-group plumbing."""
 import pytest
 import torch
 
-import pitlm.train.model as model_mod
+import pitlm.train.optim as optim_mod
 from pitlm.errors import ConfigError
 from pitlm.train.config import TrainConfig
 from pitlm.train.in_backward import InBackwardOptimizer
-from pitlm.train.model import apply_lora, build_model_config, build_optimizer, build_scratch_model
+from pitlm.train.model import apply_lora, build_model_config, build_scratch_model
+from pitlm.train.optim import build_optimizer
 from pitlm.train.step import train_step
 
 BF16_MAX = torch.finfo(torch.bfloat16).max
@@ -17,7 +18,7 @@ BF16_MAX = torch.finfo(torch.bfloat16).max
 
 def sr_adamw8bit(params, seed: int = 0, **kwargs):
     """pitlm's AdamW8bit with every param in one stochastic-rounding group, seeded."""
-    opt = model_mod.bnb_adamw8bit_class()([{"params": params, "stochastic_round": True}], **kwargs)
+    opt = optim_mod.bnb_adamw8bit_class()([{"params": params, "stochastic_round": True}], **kwargs)
     opt.sr_generator = torch.Generator(device=params[0].device).manual_seed(seed)
     return opt
 
@@ -47,7 +48,7 @@ def test_chunked_fp32_update_is_bitwise_bitsandbytes_with_round_to_nearest(monke
     agree). With weight decay its bf16 kernel rounds the weight to bf16 twice (after the Adam step, again after the
     decay) where the fp32 path rounds once: up to a bf16 ulp apart, not compared here."""
     bnb = pytest.importorskip("bitsandbytes")
-    monkeypatch.setattr(model_mod, "stochastic_round_bf16", lambda x, generator=None: x.bfloat16())
+    monkeypatch.setattr(optim_mod, "stochastic_round_bf16", lambda x, generator=None: x.bfloat16())
     g = torch.Generator(device=device).manual_seed(0)
     shapes = [(37, 301), (50, 7)]
     ps = [(torch.randn(s, device=device, generator=g) * 0.02).bfloat16() for s in shapes]
@@ -79,7 +80,7 @@ def test_unflagged_params_keep_bitsandbytes_update():
     g = torch.Generator().manual_seed(1)
     ps = [(torch.randn(64, 80, generator=g) * 0.02).bfloat16(), torch.randn(64, 80, generator=g) * 0.02]
     grads = [[torch.randn(64, 80, generator=g) for _ in ps] for _ in range(2)]
-    cls = model_mod.bnb_adamw8bit_class()
+    cls = optim_mod.bnb_adamw8bit_class()
     got = run(ps, lambda xs: cls([{"params": xs[:1]}, {"params": xs[1:], "stochastic_round": True}], lr=1e-6),
               grads)[0]
     want = run(ps, lambda xs: bnb.optim.AdamW8bit(xs, lr=1e-6), grads)[0]
@@ -92,7 +93,7 @@ def test_stochastic_round_bf16_edges():
     x = torch.tensor([1.0, -1.5, 1.0 + 2**-9, -(1.0 + 2**-9), torch.finfo(torch.float32).max,
                       -torch.finfo(torch.float32).max, BF16_MAX, float("inf"), float("-inf"), float("nan"), -0.0])
     for seed in range(20):
-        y = model_mod.stochastic_round_bf16(x, torch.Generator().manual_seed(seed)).float()
+        y = optim_mod.stochastic_round_bf16(x, torch.Generator().manual_seed(seed)).float()
         assert y[:2].tolist() == [1.0, -1.5]
         assert y[2].item() in (1.0, 1.0 + 2**-7) and y[3].item() in (-1.0, -(1.0 + 2**-7))
         assert y[4:7].tolist() == [BF16_MAX, -BF16_MAX, BF16_MAX]
@@ -193,13 +194,13 @@ def test_training_step_rounds_exactly_the_full_modules_group_stochastically(in_b
 
 def test_stochastic_round_all_flags_every_group():
     model, cfg = tiny_lora("all")
-    assert all(g["stochastic_round"] for g in model_mod.param_groups(model, cfg))
+    assert all(g["stochastic_round"] for g in optim_mod.param_groups(model, cfg))
 
 
 def test_load_state_dict_keeps_this_runs_stochastic_round_flags():
     """A checkpoint's param groups (saved with rounding off, or from before the option) do not switch it off."""
     pytest.importorskip("bitsandbytes")
-    cls = model_mod.bnb_adamw8bit_class()
+    cls = optim_mod.bnb_adamw8bit_class()
     p = torch.nn.Parameter(torch.zeros(8, dtype=torch.bfloat16))
     old = cls([{"params": [p]}])  # no flag, as a checkpoint written before the option
     new = cls([{"params": [p], "stochastic_round": True}])

@@ -23,11 +23,11 @@ from pitlm.train.loop import quiet_transformers
 from pitlm.train.model import (
     apply_lora,
     build_model_config,
-    build_optimizer,
     build_scratch_model,
     check_lora,
     count_params,
 )
+from pitlm.train.optim import build_optimizer
 from pitlm.train.parallel import (
     build_fsdp_model_random,
     enable_activation_checkpointing,
@@ -209,7 +209,7 @@ def bench_optim(arch: str, optim: str = "adamw8bit", steps: int = 10, warmup: in
     the meta device: no forward, no kernels to compile). adamw8bit: bitsandbytes' own AdamW8bit against pitlm's
     (the same loop without a device synchronisation per tensor), on identical weights and gradients; the
     `max_abs_diff` of the weights afterwards must be 0."""
-    from pitlm.train.model import bnb_adamw8bit_class, param_groups
+    from pitlm.train.optim import bnb_adamw8bit_class, param_groups
     from pitlm.train.parallel import pick_device
 
     dev = pick_device(device)

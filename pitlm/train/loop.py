@@ -36,14 +36,13 @@ from pitlm.train.merge import export_hf_model, export_lora, merge_checkpoint
 from pitlm.train.model import (
     apply_lora,
     build_model_config,
-    build_optimizer,
     build_scratch_model,
     check_lora,
     count_params,
     load_pretrained_model,
-    lr_factor,
     torch_dtype,
 )
+from pitlm.train.optim import build_optimizer, lr_factor
 from pitlm.train.parallel import (
     DistEnv,
     barrier,
