@@ -32,10 +32,11 @@
 #   phase 17 (carry .whl, and .kcache when an earlier call saved one): GPU tests of liger's fused linear CE, the
 #           gather-only MoE permutation, stochastic rounding; the seed's recipe at batch 8 under an H100's memory,
 #           profiled; saves the kernel caches to $OUT/kcache.tar.xz (carry them next time as .kcache/)
-#   phase 18 (right after 17, warm): A/B arms (no liger, no stochastic rounding), LoRA alone under 74 / 80 GB
+#   phase 18 (right after 17, warm): A/B arm without liger, LoRA alone under 74 GB, uncheckpointed layers on the H200
+#   phase 19 (carry .whl .kcache): LoRA alone at batch 2-6 under 74 GB; uncheckpointed layers under an H100's 80 GB
 #   A cold machine spends > 5 min in fla's Triton autotuning before the first 35B step: run the phases that train
 #   in consecutive calls on a warm machine, with TRITON_CACHE_AUTOTUNING=1.
-# Usage: bash scripts/gpu_bench.sh 0|1|...|18
+# Usage: bash scripts/gpu_bench.sh 0|1|...|19
 set -u
 export TRITON_CACHE_AUTOTUNING=1
 source scripts/gpu_env.sh
@@ -139,6 +140,15 @@ elif [ "$1" = 18 ]; then
   T=110 run python3 -c "$NOLIGER" bench train $L $M --batch 8 --memory-cap-gib 79.0 --stochastic-round full_modules
   T=150 run $B train $L $M --batch 8,12,16 --memory-cap-gib 68.9 --full-modules ""
   T=170 run $B train $L $M --batch 8 --stochastic-round full_modules --uncheckpointed-layers 0,10,20
+  save_kernel_cache
+elif [ "$1" = 19 ]; then
+  # not run yet (session 6 ran out of device time): what fits an H100's 80 GB and the seed's 74 GB -- LoRA alone at
+  # small batches under 74 GB, and how many uncheckpointed layers each list affords under 79 GiB
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  M="--adapter-dtype base --optim adamw8bit --ce-chunk 512"
+  T=200 run $B train $L $M --batch 2,4,6 --memory-cap-gib 68.9 --full-modules ""
+  T=200 run $B train $L $M --batch 8 --memory-cap-gib 79.0 --full-modules "" --uncheckpointed-layers 0,1,2
+  T=150 run $B train $L $M --batch 8 --memory-cap-gib 79.0 --stochastic-round full_modules --uncheckpointed-layers 1
   save_kernel_cache
 elif [ "$1" = 1 ]; then
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|causal|liger|grouped|gpu0|triton" | tee "$OUT/doctor.txt"
