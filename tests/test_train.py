@@ -396,6 +396,24 @@ def test_bench_train_sweeps_uncheckpointed_layers_and_reports_the_loss_path(run)
     assert code != 0 and "has only 4 decoder layers" in err
 
 
+def test_bench_train_reports_each_measurement_before_the_next_starts(monkeypatch):
+    """A sweep cut short by a job's time limit (a new shape's kernel autotuning can take minutes on a GPU) must
+    already have reported what it measured."""
+    from pitlm.train import bench
+
+    events, real_measure = [], bench._measure
+
+    def recording_measure(model, cfg, env, vocab, batch_size, *args, **kwargs):
+        events.append(("measure", batch_size))
+        return real_measure(model, cfg, env, vocab, batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "_measure", recording_measure)
+    results = bench.bench_train("tiny-qwen3.5-moe", seq_len=16, batch_size=[1, 2], steps=1, warmup=0, device="cpu",
+                                on_result=lambda r: events.append(("result", r["batch_per_rank"])))
+    assert events == [("measure", 1), ("result", 1), ("measure", 2), ("result", 2)]
+    assert [r["batch_per_rank"] for r in results] == [1, 2]
+
+
 def test_bench_optim_steps_the_recipe_tensors(run):
     code, out, err = run("bench", "optim", "--arch", "tiny-qwen3.5-moe", "--optim", "adamw", "--steps", "2",
                          "--warmup", "1")

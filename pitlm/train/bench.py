@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -64,12 +65,14 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
                 adapter_dtype: str = "fp32", full_modules: list[str] | None = None, experts_path: str = "grouped",
                 profile_path: str | None = None, fast_kernels: bool = True, in_backward: bool | list[bool] = False,
                 grad_accum: int = 1, memory_cap_gib: float | None = None,
-                uncheckpointed_layers: int | list[int] = 0,
-                stochastic_round: str = "none") -> list[dict[str, Any]] | None:
+                uncheckpointed_layers: int | list[int] = 0, stochastic_round: str = "none",
+                on_result: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]] | None:
     """Run warmup + steps training steps on random tokens for every (uncheckpointed layers, in_backward, batch size)
     combination, on one model built once; returns one measurement each on rank 0 (None elsewhere). One that runs out
     of memory is reported as such and the sweep goes on. memory_cap_gib: cap this process's GPU memory (e.g. an
-    H100's budget on an H200). uncheckpointed_layers: the last N decoder layers keep their activations."""
+    H100's budget on an H200). uncheckpointed_layers: the last N decoder layers keep their activations.
+    on_result: called on rank 0 with each measurement as soon as it exists, so a sweep cut short by a time limit
+    (a new shape's kernel autotuning can take minutes) still reports what it measured."""
     if mode not in ("lora", "full"):
         raise ValueError(f"mode must be lora or full, got {mode!r}")
     if mode == "full" and any(_as_list(in_backward)):
@@ -119,6 +122,9 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
             "loss_path": _loss_path(model, mode, ce_chunk, on_gpu),
         }
         skips = _as_list(uncheckpointed_layers) if activation_checkpointing and mode == "lora" else [0]
+        if activation_checkpointing and mode == "lora":
+            for skip in skips:  # a bad count fails now, not after the sweep's first (slow) measurements
+                set_uncheckpointed_layers(model, skip)
         combos = [(s, b, ib) for s in skips for ib in _as_list(in_backward) for b in _as_list(batch_size)]
         results = []
         for i, (skip, batch, ib) in enumerate(combos):
@@ -129,6 +135,8 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
                               grad_accum, profile_path if last else None)
             results.append({"bench_config": f"{i + 1}/{len(combos)}", **common, "uncheckpointed_layers": skip,
                             **result})
+            if on_result is not None and env.is_main:
+                on_result(results[-1])
         shutdown_distributed()
         return results if env.is_main else None
     finally:

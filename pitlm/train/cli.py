@@ -159,14 +159,18 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                               "--in-backward at least one of off, on")
         if any(ib) and grad_accum > 1:
             raise ConfigError("--in-backward on steps once per micro-batch: use --grad-accum 1")
-        results = bench_train(arch, mode, seq_len=seq, batch_size=batches, steps=steps, warmup=warmup, device=device,
-                             lora_preset=lora_preset, activation_checkpointing=activation_checkpointing,
-                             model_overrides=set_, ce_chunk=ce_chunk, optim=optim, adapter_dtype=adapter_dtype,
-                             full_modules=None if full_modules is None else [m for m in full_modules.split(",") if m],
-                             experts_path=experts_path, profile_path=profile, fast_kernels=fast_kernels,
-                             in_backward=ib, grad_accum=grad_accum, memory_cap_gib=memory_cap_gib,
-                             uncheckpointed_layers=skips, stochastic_round=stochastic_round)
-        first = (results or [{}])[0]
-        for result in results or []:  # a sweep: the first pair in full, then what changes
+        printed: list[dict] = []
+
+        def emit(result: dict) -> None:  # as each one is measured: the first in full, then what changes
+            first = printed[0] if printed else result
             emit_summary(result if result is first else
                          {k: v for k, v in result.items() if k == "bench_config" or first.get(k) != v})
+            printed.append(result)
+
+        bench_train(arch, mode, seq_len=seq, batch_size=batches, steps=steps, warmup=warmup, device=device,
+                    lora_preset=lora_preset, activation_checkpointing=activation_checkpointing,
+                    model_overrides=set_, ce_chunk=ce_chunk, optim=optim, adapter_dtype=adapter_dtype,
+                    full_modules=None if full_modules is None else [m for m in full_modules.split(",") if m],
+                    experts_path=experts_path, profile_path=profile, fast_kernels=fast_kernels,
+                    in_backward=ib, grad_accum=grad_accum, memory_cap_gib=memory_cap_gib,
+                    uncheckpointed_layers=skips, stochastic_round=stochastic_round, on_result=emit)
