@@ -100,15 +100,19 @@ def test_fused_linear_cross_entropy_matches_the_chunked_loss_on_the_gpu(monkeypa
         head = torch.nn.Linear(d, v, bias=False, device="cuda", dtype=dtype)
         with torch.no_grad():
             head.weight.copy_(w32)
-        loss = step.chunked_cross_entropy(h[None], head, t[None], 512)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):  # as pitlm train runs
+            loss = step.chunked_cross_entropy(h[None], head, t[None], 512)
         (loss * 0.5).backward()
         return [loss.detach().float(), h.grad.float(), head.weight.grad.float()]
 
-    assert step.fused_ce_head(h32.bfloat16(), torch.nn.Linear(d, v, bias=False, device="cuda",
-                                                               dtype=torch.bfloat16)) is not None
+    bf16_head = torch.nn.Linear(d, v, bias=False, device="cuda", dtype=torch.bfloat16)
+    for autocast in (None, torch.bfloat16):  # pitlm's bf16 LoRA steps run under bf16 autocast: fused there too
+        assert step.fused_ce_head(bf16_head, torch.bfloat16, "cuda", autocast) is bf16_head
+    assert step.fused_ce_head(bf16_head, torch.bfloat16, "cuda", torch.float16) is None
+    assert step.fused_ce_head(bf16_head, torch.bfloat16, "cpu") is None
     fused = run(torch.bfloat16)
     with monkeypatch.context() as m:
-        m.setattr(step, "fused_ce_head", lambda hidden, head: None)  # force the checkpointed chunks
+        m.setattr(step, "fused_ce_head", lambda *args: None)  # force the checkpointed chunks
         chunked, exact = run(torch.bfloat16), run(torch.float32)
     for name, f, c, e in zip(("loss", "hidden grad", "weight grad"), fused, chunked, exact, strict=True):
         err_f = ((f - e).norm() / e.norm()).item()

@@ -119,16 +119,17 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
             "full_modules": ",".join(cfg.lora.full_modules) if mode == "lora" else None,
             "memory_cap_gib": memory_cap_gib if on_gpu else None,
             "fast_paths": fast_path_summary(), "fast_kernels": ", ".join(kernels) or "none",
-            "loss_path": _loss_path(model, mode, ce_chunk, on_gpu),
+            "loss_path": _loss_path(model, mode, ce_chunk, env.device.type, dtype),
         }
-        skips = _as_list(uncheckpointed_layers) if activation_checkpointing and mode == "lora" else [0]
-        if activation_checkpointing and mode == "lora":
+        sweeps_checkpointing = activation_checkpointing and mode == "lora"
+        skips = _as_list(uncheckpointed_layers) if sweeps_checkpointing else [0]
+        if sweeps_checkpointing:
             for skip in skips:  # a bad count fails now, not after the sweep's first (slow) measurements
                 set_uncheckpointed_layers(model, skip)
         combos = [(s, b, ib) for s in skips for ib in _as_list(in_backward) for b in _as_list(batch_size)]
         results = []
         for i, (skip, batch, ib) in enumerate(combos):
-            if activation_checkpointing and mode == "lora":
+            if sweeps_checkpointing:
                 set_uncheckpointed_layers(model, skip)
             last = i == len(combos) - 1
             result = _measure(model, cfg, env, config.vocab_size, batch, bool(ib), seq_len, steps, warmup, ce_chunk,
@@ -143,14 +144,19 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
         shutdown_distributed(wait=False)
 
 
-def _loss_path(model, mode: str, ce_chunk: int | None, on_gpu: bool) -> str:
-    """Which LM-head loss a step takes (pitlm.train.step.forward_loss)."""
-    from pitlm.train.step import backbone_and_head, head_linear, liger_available
+def _autocast(device_type: str, mode: str) -> torch.dtype | None:
+    """The autocast dtype of a bench step (as pitlm train: bf16 for LoRA on a GPU)."""
+    return torch.bfloat16 if device_type == "cuda" and mode == "lora" else None
+
+
+def _loss_path(model, mode: str, ce_chunk: int | None, device_type: str, dtype: torch.dtype) -> str:
+    """Which LM-head loss a step takes (pitlm.train.step.chunked_cross_entropy's own decision)."""
+    from pitlm.train.step import backbone_and_head, fused_ce_head
 
     if mode != "lora" or not ce_chunk:
         return "plain"
-    fused = on_gpu and liger_available() and head_linear(backbone_and_head(model)[1]) is not None
-    return "liger fused linear cross-entropy" if fused else "chunked (checkpointed)"
+    fused = fused_ce_head(backbone_and_head(model)[1], dtype, device_type, _autocast(device_type, mode))
+    return "liger fused linear cross-entropy" if fused is not None else "chunked (checkpointed)"
 
 
 def _measure(model, cfg: TrainConfig, env, vocab: int, batch_size: int, in_backward: bool, seq_len: int,
@@ -163,7 +169,7 @@ def _measure(model, cfg: TrainConfig, env, vocab: int, batch_size: int, in_backw
     cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"in_backward": in_backward})})
     optimizer = build_optimizer(model, cfg)
     generator = torch.Generator().manual_seed(1234 + env.rank)
-    autocast = torch.bfloat16 if on_gpu and cfg.mode == "lora" else None
+    autocast = _autocast(env.device.type, cfg.mode)
     clip = 0.0 if in_backward else 1.0  # in_backward cannot clip by the global norm (pitlm.train.in_backward)
     out: dict[str, Any] = {"batch_per_rank": batch_size, "in_backward": in_backward, "profile": profile_path}
 

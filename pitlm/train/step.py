@@ -74,11 +74,12 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.
     On a GPU with liger-kernel, a bias-free Linear head (peft's trained copy included) takes liger's fused linear
     cross-entropy instead: it computes the gradients of hidden and of the head's weight chunk by chunk during the
     forward, so the 248k-vocabulary head GEMM is not recomputed in backward and the fp32 logit passes of
-    F.cross_entropy disappear (~75 ms of a 1.6 s batch-8 step of Qwen3.5-35B-A3B, BENCHMARKS.md)."""
+    F.cross_entropy disappear (predicted ~75 ms of a 1.6 s batch-8 step of Qwen3.5-35B-A3B; not measured yet)."""
     from torch.utils.checkpoint import checkpoint
 
     h, t = hidden.flatten(0, 1), targets.flatten()
-    linear = fused_ce_head(h, head)
+    autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+    linear = fused_ce_head(head, h.dtype, h.device.type, autocast)
     if linear is not None:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
@@ -108,14 +109,16 @@ def head_linear(head: nn.Module) -> nn.Linear | None:
     return head if type(head) is nn.Linear and head.bias is None else None
 
 
-def fused_ce_head(hidden: torch.Tensor, head: nn.Module) -> nn.Linear | None:
-    """The head's Linear when liger's fused linear cross-entropy can replace the chunked loss: CUDA, liger-kernel
-    importable, a plain bias-free Linear of the hidden states' dtype, no autocast (liger would see other dtypes
-    than the GEMMs it replaces). None otherwise."""
-    if not hidden.is_cuda or torch.is_autocast_enabled("cuda") or not liger_available():
+def fused_ce_head(head: nn.Module, dtype: torch.dtype, device_type: str,
+                  autocast_dtype: torch.dtype | None = None) -> nn.Linear | None:
+    """The head's Linear when liger's fused linear cross-entropy can replace the chunked loss for hidden states of
+    `dtype` on `device_type`: CUDA, liger-kernel importable, a plain bias-free Linear of that dtype, and autocast
+    either off or computing in that same dtype (pitlm's bf16 LoRA runs under bf16 autocast: the head GEMM sees the
+    same operands either way). None otherwise."""
+    if device_type != "cuda" or autocast_dtype not in (None, dtype) or not liger_available():
         return None
     linear = head_linear(head)
-    return linear if linear is not None and linear.weight.dtype == hidden.dtype else None
+    return linear if linear is not None and linear.weight.dtype == dtype else None
 
 
 @functools.lru_cache(maxsize=1)
