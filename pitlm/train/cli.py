@@ -159,13 +159,14 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                               "--in-backward at least one of off, on")
         if any(ib) and grad_accum > 1:
             raise ConfigError("--in-backward on steps once per micro-batch: use --grad-accum 1")
-        printed: list[dict] = []
+        first: dict = {}
 
         def emit(result: dict) -> None:  # as each one is measured: the first in full, then what changes
-            first = printed[0] if printed else result
-            emit_summary(result if result is first else
-                         {k: v for k, v in result.items() if k == "bench_config" or first.get(k) != v})
-            printed.append(result)
+            if not first:
+                first.update(result)
+                emit_summary(result)
+            else:
+                emit_summary({k: v for k, v in result.items() if k == "bench_config" or first.get(k) != v})
 
         bench_train(arch, mode, seq_len=seq, batch_size=batches, steps=steps, warmup=warmup, device=device,
                     lora_preset=lora_preset, activation_checkpointing=activation_checkpointing,

@@ -88,7 +88,8 @@ def lora_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device)
-    x = permute_routed(hidden_states, perm // top_k, inv, top_k)
+    src = perm // top_k  # the token of each routed row
+    x = permute_routed(hidden_states, src, inv, top_k)
     weights = permute_routed(top_k_weights.reshape(-1), perm, inv, 1)
     n_experts = experts.gate_up_proj.shape[0]
     hist_in = expert_ids.int() if x.device.type == "cuda" else expert_ids.float()
@@ -111,7 +112,7 @@ def lora_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_
         h = experts.act_fn(gate) * up
     # the routing weight scales each routed row; down_proj is linear, so it goes on the narrow input side
     h = project(h * weights.unsqueeze(-1).to(h.dtype), "down_proj")
-    return unpermute_routed(h, perm // top_k, inv, top_k).to(hidden_states.dtype)
+    return unpermute_routed(h, src, inv, top_k).to(hidden_states.dtype)
 
 
 def experts_unsupported(experts: nn.Module) -> str | None:
