@@ -420,3 +420,33 @@ def test_bench_optim_steps_the_recipe_tensors(run):
     assert code == 0, err
     s = summary_of(out)
     assert int(s["tensors"]) > 10 and int(s["trainable_params"]) > 0 and float(s["torch_ms_per_step"]) > 0
+
+
+def test_bench_train_offloads_checkpoints_and_refuses_unknown_compile_modes(run):
+    args = ["bench", "train", "--arch", "tiny-qwen3.5-moe", "--mode", "lora", "--seq", "16", "--batch", "2",
+            "--steps", "1", "--warmup", "0"]
+    code, out, err = run(*args, "--offload-checkpoints")
+    assert code == 0, err
+    s = summary_of(out)
+    assert s["offload_checkpoints"] == "true" and s["compile"] == "none" and float(s["tokens_per_second"]) > 0
+    code, out, err = run(*args, "--compile", "layers")
+    assert code != 0 and "compile must be none or moe" in err and "tokens_per_second" not in out
+
+
+def test_offloaded_checkpointing_trains_the_same_adapter(run, world, tmp_path):
+    """pitlm train with gradient_checkpointing_offload: the same adapter as without checkpointing (fp32, CPU)."""
+    from safetensors.torch import load_file
+
+    adapters = {}
+    for name, extra in (("plain", {}), ("offload", {"gradient_checkpointing": True,
+                                                    "gradient_checkpointing_offload": True})):
+        recipe = write_recipe(tmp_path / f"{name}.yaml", mode="lora", base="model:base", tokenizer=None, model=None,
+                              steps=2, eval={"every": 2, "batches": 1}, checkpoint={"every": 2},
+                              lora={"preset": "dense", "r": 4, "merge_on_exit": False}, **extra)
+        code, out, err = run("train", "--recipe", recipe, "--name", f"gc-{name}")
+        assert code == 0, err
+        adapters[name] = load_file(world["home"] / "models" / f"gc-{name}" / "final" / "adapter_model.safetensors")
+    assert adapters["plain"].keys() == adapters["offload"].keys()
+    assert any("lora_B" in k and t.abs().max() > 0 for k, t in adapters["plain"].items())  # training moved B
+    for key, t in adapters["plain"].items():
+        assert torch.allclose(adapters["offload"][key], t, rtol=1e-4, atol=1e-6), key

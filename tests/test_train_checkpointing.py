@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen3Config
 
+from pitlm.train.activations import enable_activation_checkpointing
 from pitlm.train.model import decoder_layers
-from pitlm.train.parallel import enable_activation_checkpointing
 
 
 def _model():
@@ -49,3 +49,91 @@ def test_more_uncheckpointed_layers_than_the_model_has_is_refused():
 
     with pytest.raises(ConfigError, match="has only 4 decoder layers"):
         enable_activation_checkpointing(_model(), skip_last=5)
+
+
+def _offloaded_nodes(loss) -> int:
+    """How many offloaded-checkpoint nodes the autograd graph of `loss` holds."""
+    seen, stack, count = set(), [loss.grad_fn], 0
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        count += type(fn).__name__ == "_OffloadedCheckpointBackward"
+        stack.extend(f for f, _ in fn.next_functions)
+    return count
+
+
+@pytest.mark.parametrize("skip_last", [0, 1])
+def test_offloaded_checkpoints_recompute_with_the_same_gradients(skip_last):
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    _, ref = _forward_counts_and_grads(_model(), ids)
+    model = _model()
+    enable_activation_checkpointing(model, skip_last=skip_last, offload=True)
+    assert _offloaded_nodes(model(input_ids=ids, labels=ids).loss) == 4 - skip_last
+    model.zero_grad()
+    counts, grads = _forward_counts_and_grads(model, ids)
+    assert counts == [2] * (4 - skip_last) + [1] * skip_last
+    for name, g in ref.items():
+        assert torch.allclose(grads[name], g, rtol=1e-5, atol=1e-7), name
+
+
+def test_offloaded_checkpoints_recompute_under_the_forwards_autocast_and_rng():
+    """The backward runs outside the step's autocast and after other draws from the RNG: the recompute must see
+    the forward's autocast dtype and dropout masks, or its gradients are not the forward's."""
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    def grads(offload: bool | None):
+        model = _model()
+        model.config.attention_dropout = 0.3
+        for layer in decoder_layers(model):
+            layer.self_attn.attention_dropout = 0.3
+        if offload is not None:
+            enable_activation_checkpointing(model, offload=offload)
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        torch.rand(100)  # the RNG moves on between forward and backward
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain, offloaded, torch_ckpt = grads(None), grads(True), grads(False)
+    for name, g in plain.items():
+        assert torch.equal(offloaded[name], torch_ckpt[name]), name
+        assert torch.allclose(offloaded[name], g, rtol=1e-2, atol=1e-4), name
+    # the test has teeth: without dropout masks restored the gradients would differ
+    assert any(not torch.equal(plain[n], grads_wo_dropout) for n, grads_wo_dropout in _no_dropout_grads(ids).items())
+
+
+def _no_dropout_grads(ids):
+    model = _model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory and copy streams need a GPU")
+def test_offloaded_checkpoints_on_the_gpu_equal_torchs_and_free_the_block_inputs():
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=512, hidden_size=1024, intermediate_size=1024, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=4, head_dim=128)
+    ids = torch.randint(0, 512, (4, 1024), device="cuda")
+    results = {}
+    for offload in (False, True):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg).cuda().bfloat16().train()
+        enable_activation_checkpointing(model, offload=offload)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        after_forward = torch.cuda.memory_allocated() - base
+        loss.backward()
+        torch.cuda.synchronize()
+        results[offload] = (after_forward, {n: p.grad.float() for n, p in model.named_parameters()})
+    block_inputs = 8 * ids.numel() * cfg.hidden_size * 2  # 8 layers x (4 x 1024 x 1024) bf16
+    assert results[False][0] - results[True][0] >= 0.9 * block_inputs, (results[False][0], results[True][0])
+    for name, g in results[False][1].items():
+        assert torch.equal(results[True][1][name], g), name

@@ -5,12 +5,13 @@ import pytest
 import torch
 
 from pitlm.errors import ConfigError
+from pitlm.train.activations import enable_activation_checkpointing
 from pitlm.train.checkpoint import load_checkpoint, save_checkpoint
 from pitlm.train.config import TrainConfig, check_config
 from pitlm.train.in_backward import InBackwardOptimizer
 from pitlm.train.model import apply_lora, build_model_config, build_scratch_model
 from pitlm.train.optim import build_optimizer
-from pitlm.train.parallel import DistEnv, enable_activation_checkpointing
+from pitlm.train.parallel import DistEnv
 from pitlm.train.paths import ModelDir
 from pitlm.train.step import NonFiniteLossError, train_step
 

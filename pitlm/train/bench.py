@@ -19,6 +19,8 @@ import torch
 
 from pitlm.config import apply_overrides
 from pitlm.doctor import fast_path_summary
+from pitlm.errors import ConfigError
+from pitlm.train.activations import compile_blocks, enable_activation_checkpointing, set_uncheckpointed_layers
 from pitlm.train.config import TrainConfig
 from pitlm.train.loop import quiet_transformers
 from pitlm.train.model import (
@@ -31,9 +33,7 @@ from pitlm.train.model import (
 from pitlm.train.optim import build_optimizer
 from pitlm.train.parallel import (
     build_fsdp_model_random,
-    enable_activation_checkpointing,
     init_distributed,
-    set_uncheckpointed_layers,
     shutdown_distributed,
 )
 from pitlm.train.step import train_step
@@ -66,17 +66,26 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
                 profile_path: str | None = None, fast_kernels: bool = True, in_backward: bool | list[bool] = False,
                 grad_accum: int = 1, memory_cap_gib: float | None = None,
                 uncheckpointed_layers: int | list[int] = 0, stochastic_round: str = "none",
+                offload_checkpoints: bool = False, compile: str = "none",
                 on_result: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]] | None:
     """Run warmup + steps training steps on random tokens for every (uncheckpointed layers, in_backward, batch size)
     combination, on one model built once; returns one measurement each on rank 0 (None elsewhere). One that runs out
     of memory is reported as such and the sweep goes on. memory_cap_gib: cap this process's GPU memory (e.g. an
     H100's budget on an H200). uncheckpointed_layers: the last N decoder layers keep their activations.
+    offload_checkpoints: checkpointed blocks keep their input in pinned host memory. compile: torch.compile the MoE
+    blocks (moe); the warm-up steps pay the compilation.
     on_result: called on rank 0 with each measurement as soon as it exists, so a sweep cut short by a time limit
     (a new shape's kernel autotuning can take minutes) still reports what it measured."""
     if mode not in ("lora", "full"):
         raise ValueError(f"mode must be lora or full, got {mode!r}")
     if mode == "full" and any(_as_list(in_backward)):
         raise ValueError("in_backward is for one process (lora); FSDP2 frees gradients shard by shard")
+    if mode == "full" and (offload_checkpoints or compile != "none"):
+        raise ConfigError("offload_checkpoints and compile are for one process (lora); FSDP2 runs stay eager")
+    if compile not in ("none", "moe"):
+        raise ConfigError(f"compile must be none or moe, got {compile!r}")
+    if offload_checkpoints and not activation_checkpointing:
+        raise ConfigError("offload_checkpoints offloads the checkpointed blocks' inputs: needs activation checkpointing")
     quiet_transformers()
     env = init_distributed(device, need_group=mode == "full")
     try:
@@ -92,7 +101,7 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
             model = build_scratch_model(config, dtype, env.device)
             total = count_params(model)
             if activation_checkpointing:
-                enable_activation_checkpointing(model)
+                enable_activation_checkpointing(model, offload=offload_checkpoints)
             model = apply_lora(model, cfg.lora)
             check_lora(model, cfg.lora)
         else:
@@ -103,6 +112,8 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
             from pitlm.kernels import install_fast_kernels
 
             kernels = install_fast_kernels(model)
+        if compile != "none":
+            compile_blocks(model, compile)
         model.train()
         build_seconds = time.perf_counter() - t0
         log.info("bench %s %s on %s x%d: %s params, %s trainable, seq %d, built in %.1fs", arch, mode,
@@ -118,6 +129,7 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
             "experts_path": experts_path if mode == "lora" else None,
             "full_modules": ",".join(cfg.lora.full_modules) if mode == "lora" else None,
             "memory_cap_gib": memory_cap_gib if on_gpu else None,
+            "offload_checkpoints": offload_checkpoints, "compile": compile,
             "fast_paths": fast_path_summary(), "fast_kernels": ", ".join(kernels) or "none",
             "loss_path": _loss_path(model, mode, ce_chunk, env.device.type, dtype),
         }

@@ -141,6 +141,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             memory_cap_gib: Annotated[float | None, typer.Option("--memory-cap-gib", help="GPU: cap this process's memory (79.0 ~ an 80 GB H100 on an H200).")] = None,
             stochastic_round: Annotated[str, typer.Option("--stochastic-round", help="adamw8bit: none | full_modules | all -- bf16 weights written back with stochastic rounding.")] = "none",
             uncheckpointed: Annotated[str, typer.Option("--uncheckpointed-layers", help="lora: the last N decoder layers keep their activations (no recompute); a comma list sweeps (0,4,8).")] = "0",
+            offload_checkpoints: Annotated[bool, typer.Option("--offload-checkpoints/--no-offload-checkpoints", help="lora: checkpointed blocks keep their input in pinned host memory (copied back one block ahead).")] = False,
+            compile_: Annotated[str, typer.Option("--compile", help="lora: none | moe -- torch.compile each MoE block (the warm-up compiles).")] = "none",
             set_: SetOpt = None) -> None:
         """Training throughput and peak memory of pitlm's own train_step on random weights and tokens."""
         from pitlm.errors import ConfigError
@@ -174,4 +176,5 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                     full_modules=None if full_modules is None else [m for m in full_modules.split(",") if m],
                     experts_path=experts_path, profile_path=profile, fast_kernels=fast_kernels,
                     in_backward=ib, grad_accum=grad_accum, memory_cap_gib=memory_cap_gib,
-                    uncheckpointed_layers=skips, stochastic_round=stochastic_round, on_result=emit)
+                    uncheckpointed_layers=skips, stochastic_round=stochastic_round,
+                    offload_checkpoints=offload_checkpoints, compile=compile_, on_result=emit)

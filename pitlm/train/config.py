@@ -119,6 +119,12 @@ class TrainConfig(StageConfig):
     # with gradient_checkpointing: the last N decoder layers keep their activations (no recompute in backward):
     # faster by their share of the recompute, at the memory of their activations
     gradient_checkpointing_skip_last: int = Field(0, ge=0)
+    # with gradient_checkpointing, one process: each checkpointed block's input waits in pinned host memory instead
+    # of GPU memory (64 MiB per block at 8 x 2048 tokens of hidden size 2048; copied back one block ahead)
+    gradient_checkpointing_offload: bool = False
+    # one process: torch.compile each decoder block's MoE block (moe: inductor fuses the routing, gating and LoRA
+    # elementwise chains; the grouped GEMMs stay eager); the first step compiles. none: eager
+    compile: Literal["none", "moe"] = "none"
     # one GPU (lora, single-process scratch): fla's fused causal conv1d and RMSNorms for DeltaNet hybrids
     # (pitlm.kernels); FSDP2 runs keep transformers' path until that combination is verified on GPUs
     fast_kernels: bool = True
@@ -157,6 +163,13 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> None:
     if cfg.mode == "lora" and world_size > 1:
         raise ConfigError(f"mode lora runs on one process (got world size {world_size}); the multi-GPU arm is "
                           "mode full (FSDP2)")
+    if cfg.gradient_checkpointing_offload and not cfg.gradient_checkpointing:
+        raise ConfigError("gradient_checkpointing_offload offloads the checkpointed blocks' inputs: set "
+                          "gradient_checkpointing: true as well")
+    fsdp = cfg.mode == "full" or world_size > 1
+    if fsdp and (cfg.gradient_checkpointing_offload or cfg.compile != "none"):
+        raise ConfigError("gradient_checkpointing_offload and compile are for one process (lora, scratch); FSDP2 "
+                          "runs keep fsdp.activation_checkpointing and eager blocks")
     if cfg.optim.in_backward:
         if cfg.optim.grad_clip > 0:
             raise ConfigError(f"optim.in_backward with optim.grad_clip={cfg.optim.grad_clip}: each parameter is "

@@ -38,6 +38,17 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
     return torch.cat(parts) if parts else x.new_zeros(0, w.shape[-1])
 
 
+_GEMM = grouped_linear  # what lora_experts_forward calls; exclude_grouped_gemm_from_compile swaps it
+
+
+def exclude_grouped_gemm_from_compile() -> None:
+    """Keep the grouped GEMMs out of torch.compile graphs (one graph break each side): inductor may hand
+    `_grouped_mm` operands in layouts its kernels refuse (seen on CPU with torch 2.13), and the cuBLAS/CUTLASS
+    grouped GEMM is what we measured. Eager calls pay nothing for this until a model is compiled."""
+    global _GEMM
+    _GEMM = torch.compiler.disable(grouped_linear)
+
+
 # Indexing's backward is index_put_ with accumulate (sort-based on CUDA: ~60 ms/step on the 35B model, H200
 # profile); each token fills exactly top_k rows, so both directions are gathers plus a sum over top_k.
 # With sorted[s] = flat[perm[s]], src = perm // top_k and inv[perm[s]] = s: permuted row s is token src[s], and
@@ -96,12 +107,12 @@ def lora_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_
     offsets = torch.cumsum(torch.histc(hist_in, bins=n_experts, min=0, max=n_experts - 1), 0, dtype=torch.int32)
 
     def project(inp: torch.Tensor, name: str) -> torch.Tensor:
-        out = grouped_linear(inp, getattr(experts, name), offsets)
+        out = _GEMM(inp, getattr(experts, name), offsets)
         if name in factors:
             lhs, rhs, scaling = factors[name]  # peft's lhs is a permuted view: grouped GEMMs want plain layouts
             lhs, rhs = lhs.contiguous(), rhs.contiguous()
-            low = grouped_linear(inp, rhs, offsets) * scaling  # (S, r): the scale on r columns, not on the output's
-            out = out + grouped_linear(low, lhs, offsets)
+            low = _GEMM(inp, rhs, offsets) * scaling  # (S, r): the scale on r columns, not on the output's
+            out = out + _GEMM(low, lhs, offsets)
         return out
 
     h = project(x, "gate_up_proj")

@@ -29,6 +29,7 @@ from pitlm.corpus.tokenizer import load_tokenizer
 from pitlm.errors import PitlmError
 from pitlm.log import make_progress
 from pitlm.runs import Run, start_run
+from pitlm.train.activations import compile_blocks, enable_activation_checkpointing
 from pitlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from pitlm.train.config import TrainConfig, check_config, micro_batch_size
 from pitlm.train.data import PackedWindows, TrainOrder, micro_batches, val_batches
@@ -47,7 +48,6 @@ from pitlm.train.parallel import (
     DistEnv,
     barrier,
     build_fsdp_model,
-    enable_activation_checkpointing,
     init_distributed,
     shutdown_distributed,
 )
@@ -147,7 +147,8 @@ def prepare(cfg: TrainConfig, vol, env: DistEnv) -> Setup:
         raise PitlmError(f"corpus {corpus_dir.name} was tokenized with a {index.vocab_size}-token vocabulary but the "
                          f"model has {vocab}; tokenize the corpus with the model's tokenizer")
     if cfg.gradient_checkpointing and not fsdp:
-        enable_activation_checkpointing(model, cfg.gradient_checkpointing_skip_last)
+        enable_activation_checkpointing(model, cfg.gradient_checkpointing_skip_last,
+                                        offload=cfg.gradient_checkpointing_offload)
     total_params = count_params(model)
     if cfg.mode == "lora":
         model = apply_lora(model, cfg.lora)
@@ -155,6 +156,8 @@ def prepare(cfg: TrainConfig, vol, env: DistEnv) -> Setup:
         log.info("LoRA: %s adapter parameters (%.4f%% of %s), %d of %d decoder layers adapted, %s trained in full",
                  f"{rep.adapter_params:,}", 100 * rep.fraction, f"{rep.total_params:,}", rep.layers_adapted,
                  rep.layers_total, f"{rep.full_params:,}")
+    if cfg.compile != "none" and not fsdp:
+        compile_blocks(model, cfg.compile)
     model.train()
 
     train_windows = PackedWindows.from_index(index, "train", cfg.seq_len)

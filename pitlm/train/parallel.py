@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pitlm.errors import ConfigError
+from pitlm.train.activations import enable_activation_checkpointing
 from pitlm.train.model import decoder_layers
 
 log = logging.getLogger("pitlm.train")
@@ -105,33 +105,6 @@ def broadcast_object(obj, env: DistEnv):
 
 
 # ----------------------------------------------------------------------------- FSDP2
-
-def enable_activation_checkpointing(model: nn.Module, skip_last: int = 0) -> None:
-    """Recompute each decoder block in backward (transformers' own hook; non-reentrant works with FSDP2).
-
-    skip_last: the last N decoder blocks keep their activations instead (no recompute: faster, more memory). The
-    recompute is ~23% of a step of Qwen3.5-35B-A3B at batch 8 (BENCHMARKS.md); the memory a block's activations
-    take decides how many fit."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # the transformers >= 5.2x name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if skip_last:
-        set_uncheckpointed_layers(model, skip_last)
-
-
-def set_uncheckpointed_layers(model: nn.Module, skip_last: int) -> None:
-    """On a model with activation checkpointing enabled: checkpoint every decoder layer but the last `skip_last`."""
-    layers = decoder_layers(model)
-    if layers is None:
-        raise ConfigError("gradient_checkpointing_skip_last needs a decoder-only model (model.model.layers)")
-    if skip_last > len(layers):
-        raise ConfigError(f"gradient_checkpointing_skip_last={skip_last}: the model has only {len(layers)} "
-                          "decoder layers")
-    for i, layer in enumerate(layers):
-        layer.gradient_checkpointing = i < len(layers) - skip_last  # transformers' per-layer switch
-
 
 def apply_fsdp(model: nn.Module, param_dtype: torch.dtype | None = None) -> nn.Module:
     """fully_shard every decoder block, then the root (embeddings, final norm, lm_head). With fp32 parameters on a
