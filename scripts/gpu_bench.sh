@@ -34,9 +34,16 @@
 #           profiled; saves the kernel caches to $OUT/kcache.tar.xz (carry them next time as .kcache/)
 #   phase 18 (right after 17, warm): A/B arm without liger, LoRA alone under 74 GB, uncheckpointed layers on the H200
 #   phase 19 (carry .whl .kcache): LoRA alone at batch 2-6 under 74 GB; uncheckpointed layers under an H100's 80 GB
+#   phase 20 (carry .whl .kcache): GPU tests of the liger-under-autocast fix and of offloaded checkpointing; the
+#           seed's recipe under an H100's memory with liger's loss now taken; LoRA alone (the seed's ~945 M) under
+#           74 GiB with offloaded checkpoints at batch 8 / 12
+#   phase 21 (right after 20, warm): the same LoRA-alone arm with the MoE blocks compiled (torch.compile; inductor's
+#           cache goes into kcache too)
+#   phase 22 (right after 21, warm): what fits 74 GB (68.9 GiB) with offloaded checkpoints; the seed's full target
+#           list with offloaded checkpoints and a few uncheckpointed layers under 79 GiB (COMPILE=moe adds compile)
 #   A cold machine spends > 5 min in fla's Triton autotuning before the first 35B step: run the phases that train
 #   in consecutive calls on a warm machine, with TRITON_CACHE_AUTOTUNING=1.
-# Usage: bash scripts/gpu_bench.sh 0|1|...|19
+# Usage: bash scripts/gpu_bench.sh 0|1|...|22
 set -u
 export TRITON_CACHE_AUTOTUNING=1
 source scripts/gpu_env.sh
@@ -149,6 +156,28 @@ elif [ "$1" = 19 ]; then
   T=200 run $B train $L $M --batch 2,4,6 --memory-cap-gib 68.9 --full-modules ""
   T=200 run $B train $L $M --batch 8 --memory-cap-gib 79.0 --full-modules "" --uncheckpointed-layers 0,1,2
   T=150 run $B train $L $M --batch 8 --memory-cap-gib 79.0 --stochastic-round full_modules --uncheckpointed-layers 1
+  save_kernel_cache
+elif [ "$1" = 20 ]; then
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  M="--adapter-dtype base --optim adamw8bit --ce-chunk 512"
+  python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|gpu0|bitsandbytes|grouped|liger" | tee "$OUT/doctor.txt"
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_train_chunked_ce.py tests/test_train_checkpointing.py \
+    -k "gpu or cuda" 2>&1 | tail -4
+  T=${T1:-200} run $B train $L $M --batch 8 --memory-cap-gib 79.0 --stochastic-round full_modules
+  T=${T2:-200} run $B train $L $M --batch 8,12 --memory-cap-gib 74.0 --full-modules "" --offload-checkpoints
+  save_kernel_cache
+elif [ "$1" = 21 ]; then
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  M="--adapter-dtype base --optim adamw8bit --ce-chunk 512"
+  T=${T1:-480} run $B train $L $M --batch 8 --warmup 2 --memory-cap-gib 74.0 --full-modules "" --offload-checkpoints \
+    --compile moe
+  save_kernel_cache
+elif [ "$1" = 22 ]; then
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  M="--adapter-dtype base --optim adamw8bit --ce-chunk 512 --offload-checkpoints --compile ${COMPILE:-none}"
+  T=${T1:-240} run $B train $L $M --batch ${B1:-4,6,8} --memory-cap-gib 68.9 --full-modules ""
+  T=${T2:-240} run $B train $L $M --batch 8 --memory-cap-gib 79.0 --stochastic-round full_modules \
+    --uncheckpointed-layers ${U:-0,2,4}
   save_kernel_cache
 elif [ "$1" = 1 ]; then
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|causal|liger|grouped|gpu0|triton" | tee "$OUT/doctor.txt"

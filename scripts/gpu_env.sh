@@ -19,6 +19,7 @@ done
 # .kcache/kcache.tar.xz (scripts/gpu_bench.sh writes $OUT/kcache.tar.xz): a fresh machine otherwise spends > 5 min
 # compiling and autotuning fla's kernels before the first 35B step.
 export TRITON_CACHE_DIR=/tmp/kcache/triton TILELANG_CACHE_DIR=/tmp/kcache/tilelang TRITON_CACHE_AUTOTUNING=1
+export TORCHINDUCTOR_CACHE_DIR=/tmp/kcache/inductor  # torch.compile's generated kernels (compile: moe)
 if [ -f .kcache/kcache.tar.xz ] && [ ! -f /tmp/kcache/.restored ]; then
   mkdir -p /tmp/kcache && xz -dc .kcache/kcache.tar.xz | tar -C /tmp/kcache -xf - && touch /tmp/kcache/.restored
 fi
