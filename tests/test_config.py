@@ -58,3 +58,18 @@ def test_shipped_recipes_are_valid_yaml_mappings():
     for name in recipe_names():
         data = load_recipe(name)
         assert isinstance(data, dict) and "stage" in data, name
+
+
+def test_shipped_train_recipes_pass_the_trainers_checks():
+    from pitlm.config import load_recipe
+    from pitlm.train.config import TrainConfig, check_config
+
+    checked = 0
+    for name in recipe_names():
+        data = load_recipe(name)
+        if data.get("stage") != "train":
+            continue
+        cfg = TrainConfig.model_validate({k: v for k, v in data.items() if k != "stage"})
+        check_config(cfg, world_size=cfg.nproc)
+        checked += 1
+    assert checked >= 3
