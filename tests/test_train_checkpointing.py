@@ -78,6 +78,27 @@ def test_offloaded_checkpoints_recompute_with_the_same_gradients(skip_last):
         assert torch.allclose(grads[name], g, rtol=1e-5, atol=1e-7), name
 
 
+def test_offloaded_checkpoints_train_a_block_whose_input_needs_no_gradient():
+    """Frozen embeddings without the input-grad hook (LoRA alone): a reentrant-style function of the first block
+    would give its trainable parameters no gradient; that block takes torch's checkpoint instead."""
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    def grads(checkpointed: bool):
+        model = _model()
+        for name, p in model.named_parameters():
+            p.requires_grad_("layers.0.mlp" in name or "layers.2.mlp" in name)
+        if checkpointed:
+            enable_activation_checkpointing(model, offload=True)
+            model.disable_input_require_grads()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    ref, got = grads(False), grads(True)
+    assert len(ref) == 6 and all(g is not None for g in ref.values())
+    for name, g in ref.items():
+        assert got[name] is not None and torch.allclose(got[name], g, rtol=1e-5, atol=1e-7), name
+
+
 def test_offloaded_checkpoints_recompute_under_the_forwards_autocast_and_rng():
     """The backward runs outside the step's autocast and after other draws from the RNG: the recompute must see
     the forward's autocast dtype and dropout masks, or its gradients are not the forward's."""

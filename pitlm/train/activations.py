@@ -173,10 +173,12 @@ class _autocast_as:
 
 def offloaded_checkpoint(run, hidden: torch.Tensor, *args):
     """transformers' `_gradient_checkpointing_func(partial(forward, **kwargs), hidden_states, ...)` with the block's
-    input offloaded to the host. Falls back to torch's checkpoint when another input needs a gradient (only the
-    hidden states get one here)."""
+    input offloaded to the host. Falls back to torch's checkpoint when the hidden states need no gradient (the
+    block's own parameters would then get none from a reentrant-style function: frozen embeddings without peft's
+    input-grad hook) or another input needs one (only the hidden states get one here)."""
     others = list(args) + list(getattr(run, "keywords", {}).values())
-    if not isinstance(hidden, torch.Tensor) or any(isinstance(t, torch.Tensor) and t.requires_grad for t in others):
+    if (not isinstance(hidden, torch.Tensor) or not hidden.requires_grad
+            or any(isinstance(t, torch.Tensor) and t.requires_grad for t in others)):
         from torch.utils.checkpoint import checkpoint
 
         return checkpoint(run, hidden, *args, use_reentrant=False)
