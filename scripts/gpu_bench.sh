@@ -41,9 +41,13 @@
 #           cache goes into kcache too)
 #   phase 22 (right after 21, warm): what fits 74 GB (68.9 GiB) with offloaded checkpoints; the seed's full target
 #           list with offloaded checkpoints and a few uncheckpointed layers under 79 GiB (COMPILE=moe adds compile)
+#   phase 23 (after 20, warm; session 7 ran these as its calls 2-5): LoRA alone with and without offloaded
+#           checkpoints on the H200's own memory, the seed's recipe with compiled MoE blocks; then the seed's ~945 M
+#           within 74 GiB (offloaded checkpoints + the 8-bit step inside backward, profiled), batch 10 under 74 GiB
+#           and batch 12 under 79 GiB (each new batch shape first pays ~100 s of tilelang compilation)
 #   A cold machine spends > 5 min in fla's Triton autotuning before the first 35B step: run the phases that train
 #   in consecutive calls on a warm machine, with TRITON_CACHE_AUTOTUNING=1.
-# Usage: bash scripts/gpu_bench.sh 0|1|...|22
+# Usage: bash scripts/gpu_bench.sh 0|1|...|23
 set -u
 export TRITON_CACHE_AUTOTUNING=1
 source scripts/gpu_env.sh
@@ -178,6 +182,18 @@ elif [ "$1" = 22 ]; then
   T=${T1:-240} run $B train $L $M --batch ${B1:-4,6,8} --memory-cap-gib 68.9 --full-modules ""
   T=${T2:-240} run $B train $L $M --batch 8 --memory-cap-gib 79.0 --stochastic-round full_modules \
     --uncheckpointed-layers ${U:-0,2,4}
+  save_kernel_cache
+elif [ "$1" = 23 ]; then
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  M="--adapter-dtype base --optim adamw8bit --ce-chunk 512"
+  T=150 run $B train $L $M --batch 8 --full-modules "" --offload-checkpoints
+  T=150 run $B train $L $M --batch 8 --full-modules ""
+  T=280 run $B train $L $M --batch 8 --warmup 2 --memory-cap-gib 79.0 --stochastic-round full_modules --compile moe
+  M="$M --offload-checkpoints"
+  T=120 run $B train $L $M --full-modules "" --batch 8 --in-backward on --memory-cap-gib 74.0 --profile "$OUT/profile_best.txt"
+  T=150 run $B train $L $M --full-modules "" --batch 8 --memory-cap-gib 79.0 --uncheckpointed-layers 1,2
+  T=300 run $B train $L $M --full-modules "" --batch 10 --in-backward on --memory-cap-gib 74.0
+  T=230 run $B train $L $M --full-modules "" --batch 12 --in-backward on --memory-cap-gib 79.0
   save_kernel_cache
 elif [ "$1" = 1 ]; then
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|causal|liger|grouped|gpu0|triton" | tee "$OUT/doctor.txt"
