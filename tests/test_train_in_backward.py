@@ -18,12 +18,12 @@ from pitlm.train.step import NonFiniteLossError, train_step
 VOCAB_LO, VOCAB_HI = 2, 258
 
 
-def lora_setup(in_backward: bool, seed: int = 0):
+def lora_setup(in_backward: bool, seed: int = 0, offload: bool = False):
     """The tiny hybrid Qwen3.5-MoE with the seed's LoRA list, lm_head + embed_tokens in full, activation
-    checkpointing: the configuration of the 35B recipe in miniature."""
+    checkpointing (offload: block inputs on the host, as lora-qwen35-35b-74gb): the 35B recipes in miniature."""
     torch.manual_seed(seed)
     model = build_scratch_model(build_model_config("tiny-qwen3.5-moe"), torch.float32)
-    enable_activation_checkpointing(model)
+    enable_activation_checkpointing(model, offload=offload)
     cfg = TrainConfig(mode="lora", corpus="c", base="b", optim={"lr": 1e-2, "grad_clip": 0.0,
                                                                  "in_backward": in_backward},
                       lora={"preset": "qwen3.5-moe", "full_modules_lr": 3e-3})
@@ -45,12 +45,14 @@ def trainable(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_in_backward_updates_equal_the_ordinary_step():
+@pytest.mark.parametrize("offload", [False, True])
+def test_in_backward_updates_equal_the_ordinary_step(offload):
     """Three steps with the chunked loss (lm_head used once per 8-token chunk) and activation checkpointing: every
     trainable parameter, the loss and the gradient norm equal the ordinary optimizer's. A hook that stepped once
-    per contribution (per chunk) or before all of them arrived would differ."""
+    per contribution (per chunk) or before all of them arrived would differ. offload: the in-backward model's
+    checkpointed blocks run as offloaded checkpoints (their parameters' hooks fire inside a nested backward)."""
     ref, ref_opt, _ = lora_setup(in_backward=False)
-    model, opt, _ = lora_setup(in_backward=True)
+    model, opt, _ = lora_setup(in_backward=True, offload=offload)
     assert isinstance(opt, InBackwardOptimizer) and len(opt.optimizers) == len(trainable(model))
     before = trainable(model)
     for i, block in enumerate(batches(3)):
