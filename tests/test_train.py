@@ -364,6 +364,7 @@ def test_bench_train_profile_and_lora_only(run, tmp_path):
     assert s["full_modules"] == "" and int(s["trainable_params"]) < int(full["trainable_params"])
     table = (tmp_path / "prof.txt").read_text()
     assert "Name" in table and "aten::" in table
+    assert table.count("Input Shapes") == 2 and "# by own (self) time and input shapes" in table
 
 
 def test_bench_train_sweeps_batches_and_in_backward_on_one_model(run):
