@@ -3,10 +3,11 @@
 - `enable_activation_checkpointing(model, skip_last, offload)`: recompute each decoder block in backward
   (transformers' own per-layer switch), except the last `skip_last` blocks. `offload`: the one tensor a checkpointed
   block keeps (its input hidden states, 64 MiB per block at 8 x 2048 x 2048 bf16) goes to pinned host memory during
-  forward and comes back one block ahead of the backward that needs it -- Unsloth's offloaded checkpointing, the way
-  a 35B-A3B LoRA run fits the seed's ~74 GB.
-- `compile_blocks(model, "moe")`: torch.compile each decoder block's MoE block, so inductor fuses the memory-bound elementwise chains around the GEMMs (routing, LoRA scale-and-add, gating). The
-  grouped GEMMs stay eager calls (`pitlm.train.experts.grouped_linear`, excluded from the graph).
+  forward and comes back one block ahead of the backward that needs it (Unsloth's offloaded checkpointing). With
+  the 8-bit step inside backward it brings the seed's ~945 M LoRA under 74 GiB (BENCHMARKS.md, session 7).
+- `compile_blocks(model, "moe")`: torch.compile each decoder block's MoE block, so inductor fuses the memory-bound
+  elementwise chains around the GEMMs (routing, LoRA scale-and-add, gating); the grouped GEMMs stay eager calls
+  (`pitlm.train.experts.grouped_linear`, excluded from the graph). Measured: no gain on the 35B model (session 7).
 """
 
 from __future__ import annotations
