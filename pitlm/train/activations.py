@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 
@@ -91,7 +92,7 @@ class _HostCopy:
 
     def fetch(self) -> torch.Tensor:
         if self.device.type != "cuda":
-            return self.host.detach().clone()
+            return self.host  # already a private copy, used by this one backward
         self.prefetch()
         current = torch.cuda.current_stream(self.device)
         current.wait_event(self.ready)
@@ -123,8 +124,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.run, ctx.args = run, args
         ctx.autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")]
         ctx.rng = _rng_state(hidden.device)
-        with torch.no_grad():
-            return run(hidden, *args)
+        return run(hidden, *args)  # a Function's forward records no graph
 
     @staticmethod
     def backward(ctx, *grads):
@@ -156,20 +156,13 @@ def _set_rng_state(device: torch.device, state) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-class _autocast_as:
+def _autocast_as(states) -> contextlib.ExitStack:
     """Re-enter the autocast state recorded in forward (the backward runs outside the step's autocast)."""
-
-    def __init__(self, states):
-        self.managers = [torch.autocast(d, dtype=dt, enabled=on) for d, on, dt in states
-                         if on or torch.is_autocast_enabled(d)]
-
-    def __enter__(self):
-        for m in self.managers:
-            m.__enter__()
-
-    def __exit__(self, *exc):
-        for m in reversed(self.managers):
-            m.__exit__(*exc)
+    stack = contextlib.ExitStack()
+    for device_type, on, dtype in states:
+        if on or torch.is_autocast_enabled(device_type):
+            stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=on))
+    return stack
 
 
 def offloaded_checkpoint(run, hidden: torch.Tensor, *args):

@@ -112,8 +112,7 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
             from pitlm.kernels import install_fast_kernels
 
             kernels = install_fast_kernels(model)
-        if compile != "none":
-            compile_blocks(model, compile)
+        compile_blocks(model, compile)
         model.train()
         build_seconds = time.perf_counter() - t0
         log.info("bench %s %s on %s x%d: %s params, %s trainable, seq %d, built in %.1fs", arch, mode,

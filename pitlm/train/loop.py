@@ -156,7 +156,7 @@ def prepare(cfg: TrainConfig, vol, env: DistEnv) -> Setup:
         log.info("LoRA: %s adapter parameters (%.4f%% of %s), %d of %d decoder layers adapted, %s trained in full",
                  f"{rep.adapter_params:,}", 100 * rep.fraction, f"{rep.total_params:,}", rep.layers_adapted,
                  rep.layers_total, f"{rep.full_params:,}")
-    if cfg.compile != "none" and not fsdp:
+    if not fsdp:  # check_config refuses compile with FSDP2
         compile_blocks(model, cfg.compile)
     model.train()
 
