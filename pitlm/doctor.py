@@ -124,6 +124,13 @@ def fast_kernel_checks(gpus: list[dict]) -> list[Check]:
     checks.append(Check("fused conv1d + RMSNorm", "ok" if fla_ok else "info",
                         "fla's Triton kernels via pitlm.kernels" if fla_ok else "off (needs a usable fla on a GPU)",
                         "" if fla_ok else "make flash-linear-attention usable (above)"))
+    # pitlm.train.routed_kernels: needs only Triton (the routed experts' LoRA adds, SwiGLU, weight, top-k sum)
+    has_triton = _version("triton") is not None
+    routed_ok = has_triton and bool(gpus)
+    checks.append(Check("fused routed experts", "ok" if routed_ok else "info",
+                        f"pitlm's Triton kernels (triton {_version('triton')})" if routed_ok else
+                        ("off (no GPU here)" if has_triton else "off (triton not installed)"),
+                        "" if routed_ok or not gpus else "install triton (it comes with CUDA builds of torch)"))
     for mod, label, hint in (("causal_conv1d", "causal-conv1d", "optional: pitlm uses fla's conv kernel"),
                              ("flash_attn", "flash-attn", "pip install flash-attn (optional; sdpa is used otherwise)"),
                              ("liger_kernel", "liger-kernel",

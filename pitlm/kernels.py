@@ -10,6 +10,8 @@ pieces of these models run slower than they need to on a GPU (BENCHMARKS.md, the
 - RMSNorm with the (1 + weight) scale: ~8 float32 elementwise kernels forward and more backward, per norm;
   fla's fused `rms_norm` (one kernel each way) with the scale (1 + weight) passed as its weight, in float32;
 - the gated RMSNorm of the delta-rule output (norm, scale, silu gate): fla's `rms_norm_gated`;
+- the routed experts' glue between their grouped GEMMs (LoRA adds, SiLU * up, routing weight, the top-k gather
+  and sum): `pitlm.train.routed_kernels`' fused Triton kernels, switched on per experts module (training and eval);
 - the routed experts: transformers' grouped-GEMM forward masks the routed-token tensors for expert parallelism
   (in 5.17 on every call: ~30% of an embedding forward of the 35B on an H100); pitlm's grouped forward
   (`pitlm.train.experts.lora_experts_forward` without adapters) is the same GEMMs without the masks.
@@ -135,13 +137,18 @@ def install_fast_kernels(model: nn.Module, experts: bool = False) -> list[str]:
     """Route `model`'s causal conv1d and RMSNorms through fla's fused kernels and, with `experts`, its routed
     experts through pitlm's grouped forward (CUDA tensors only). Returns the names of what was installed: [] on a
     model without these layers or where fla does not import."""
+    from pitlm.train.routed_kernels import set_routed_kernels
+
+    installed = []
+    n_routed = set_routed_kernels(model, True)
+    if n_routed:
+        installed.append(f"triton-routed-experts x{n_routed}")
     kinds = {type(m).__name__ for m in model.modules()}
     if not kinds & (OFFSET_NORMS | GATED_NORMS) and not any("GatedDeltaNet" in k for k in kinds):
-        return []
+        return _log_installed(installed)
     fla = _fla()
     if fla is None:
-        return []
-    installed = []
+        return _log_installed(installed)
     for name, prefix in MODELING.items():
         if f"{prefix}GatedDeltaNet" not in kinds:
             continue
@@ -176,6 +183,10 @@ def install_fast_kernels(model: nn.Module, experts: bool = False) -> list[str]:
         installed.append(f"fla-gated-rmsnorm x{n_gated}")
     if n_experts:
         installed.append(f"grouped-experts x{n_experts}")
+    return _log_installed(installed)
+
+
+def _log_installed(installed: list[str]) -> list[str]:
     if installed:
         log.info("fast kernels: %s", ", ".join(installed))
     return installed

@@ -6,6 +6,13 @@ os.environ.setdefault("PITLM_NO_PROGRESS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # pitlm's Triton kernels run on CPU tensors under Triton's interpreter (tests/test_train_routed_kernels.py);
+    # it has to be chosen before triton is first imported, when triton's own library functions are jitted
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pitlm import kernels
+from pitlm.train import routed_kernels
 
 
 def tiny_hybrid(dtype=torch.float32, device="cpu"):
@@ -37,9 +38,11 @@ def test_install_patches_conv_and_norms_and_keeps_cpu_on_the_reference(monkeypat
     n_layers = model.config.num_hidden_layers
     n_attn = sum(t == "full_attention" for t in model.config.layer_types)
     n_norm = 2 * n_layers + 2 * n_attn + 1  # input/post-attention per layer, q/k per attention layer, final
-    assert installed == ["fla-causal-conv1d (qwen3_5_moe)", f"fla-rmsnorm x{n_norm}",
+    routed = [f"triton-routed-experts x{n_layers}"] if routed_kernels._has_triton() else []
+    assert installed == [*routed, "fla-causal-conv1d (qwen3_5_moe)", f"fla-rmsnorm x{n_norm}",
                          f"fla-gated-rmsnorm x{n_layers - n_attn}", f"grouped-experts x{n_layers}"]
-    assert kernels.install_fast_kernels(model, experts=True) == ["fla-causal-conv1d (qwen3_5_moe)"]  # once only
+    # once only (the routed kernels' switch is an attribute: set again, to the same value)
+    assert kernels.install_fast_kernels(model, experts=True) == [*routed, "fla-causal-conv1d (qwen3_5_moe)"]
     with torch.no_grad():
         after = model(input_ids=tokens).logits
     assert torch.equal(before, after)
@@ -93,8 +96,9 @@ def test_install_is_a_no_op_without_deltanet_layers_or_fla(monkeypatch):
                                          num_attention_heads=2, num_key_value_heads=2, vocab_size=64))
     monkeypatch.setattr(kernels, "_fla", refusing_fla)
     assert kernels.install_fast_kernels(dense) == []
-    monkeypatch.setattr(kernels, "_fla", lambda: None)
-    assert kernels.install_fast_kernels(tiny_hybrid()) == []
+    monkeypatch.setattr(kernels, "_fla", lambda: None)  # the routed experts' kernels need only triton
+    routed = ["triton-routed-experts x4"] if routed_kernels._has_triton() else []
+    assert kernels.install_fast_kernels(tiny_hybrid()) == routed
 
 
 def test_full_module_originals_share_the_trained_storage():

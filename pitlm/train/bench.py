@@ -36,6 +36,7 @@ from pitlm.train.parallel import (
     init_distributed,
     shutdown_distributed,
 )
+from pitlm.train.routed_kernels import set_routed_kernels
 from pitlm.train.step import train_step
 
 log = logging.getLogger("pitlm.bench")
@@ -67,13 +68,15 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
                 grad_accum: int = 1, memory_cap_gib: float | None = None,
                 uncheckpointed_layers: int | list[int] = 0, stochastic_round: str = "none",
                 offload_checkpoints: bool = False, compile: str = "none",
+                routed_kernels: bool | list[bool] = True,
                 on_result: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]] | None:
     """Run warmup + steps training steps on random tokens for every (uncheckpointed layers, in_backward, batch size)
     combination, on one model built once; returns one measurement each on rank 0 (None elsewhere). One that runs out
     of memory is reported as such and the sweep goes on. memory_cap_gib: cap this process's GPU memory (e.g. an
     H100's budget on an H200). uncheckpointed_layers: the last N decoder layers keep their activations.
     offload_checkpoints: checkpointed blocks keep their input in pinned host memory. compile: torch.compile the MoE
-    blocks (moe); the warm-up steps pay the compilation.
+    blocks (moe); the warm-up steps pay the compilation. routed_kernels: with the fast kernels, the experts' fused
+    Triton kernels on or off (pitlm.train.routed_kernels); a list sweeps both on one model.
     on_result: called on rank 0 with each measurement as soon as it exists, so a sweep cut short by a time limit
     (a new shape's kernel autotuning can take minutes) still reports what it measured."""
     if mode not in ("lora", "full"):
@@ -137,16 +140,19 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
         if sweeps_checkpointing:
             for skip in skips:  # a bad count fails now, not after the sweep's first (slow) measurements
                 set_uncheckpointed_layers(model, skip)
-        combos = [(s, b, ib) for s in skips for ib in _as_list(in_backward) for b in _as_list(batch_size)]
+        routed_sweep = _as_list(routed_kernels) if any(k.startswith("triton-routed") for k in kernels) else [False]
+        combos = [(s, b, ib, r) for s in skips for r in routed_sweep for ib in _as_list(in_backward)
+                  for b in _as_list(batch_size)]
         results = []
-        for i, (skip, batch, ib) in enumerate(combos):
+        for i, (skip, batch, ib, routed) in enumerate(combos):
             if sweeps_checkpointing:
                 set_uncheckpointed_layers(model, skip)
+            set_routed_kernels(model, bool(routed))
             last = i == len(combos) - 1
             result = _measure(model, cfg, env, config.vocab_size, batch, bool(ib), seq_len, steps, warmup, ce_chunk,
                               grad_accum, profile_path if last else None)
             results.append({"bench_config": f"{i + 1}/{len(combos)}", **common, "uncheckpointed_layers": skip,
-                            **result})
+                            "routed_kernels": "triton" if routed else "torch", **result})
             if on_result is not None and env.is_main:
                 on_result(results[-1])
         shutdown_distributed()

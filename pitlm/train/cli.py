@@ -143,6 +143,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             uncheckpointed: Annotated[str, typer.Option("--uncheckpointed-layers", help="lora: the last N decoder layers keep their activations (no recompute); a comma list sweeps (0,4,8).")] = "0",
             offload_checkpoints: Annotated[bool, typer.Option("--offload-checkpoints/--no-offload-checkpoints", help="lora: checkpointed blocks keep their input in pinned host memory (copied back one block ahead).")] = False,
             compile_: Annotated[str, typer.Option("--compile", help="lora: none | moe -- torch.compile each MoE block (the warm-up compiles).")] = "none",
+            routed_kernels: Annotated[str, typer.Option("--routed-kernels", help="GPU, with the fast kernels: on | off | on,off -- the routed experts' fused Triton kernels (pitlm.train.routed_kernels).")] = "on",
             set_: SetOpt = None) -> None:
         """Training throughput and peak memory of pitlm's own train_step on random weights and tokens."""
         from pitlm.errors import ConfigError
@@ -152,13 +153,14 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         try:
             batches = [int(b) for b in batch.split(",") if b.strip()]
             ib = [{"off": False, "on": True}[v.strip()] for v in in_backward.split(",") if v.strip()]
+            routed = [{"off": False, "on": True}[v.strip()] for v in routed_kernels.split(",") if v.strip()]
             skips = [int(s) for s in uncheckpointed.split(",") if s.strip()]
         except (ValueError, KeyError) as e:
-            raise ConfigError("--batch and --uncheckpointed-layers take integers and --in-backward off/on, "
-                              f"comma-separated (got {e})") from e
-        if not batches or min(batches) < 1 or not ib or not skips or min(skips) < 0:
+            raise ConfigError("--batch and --uncheckpointed-layers take integers and --in-backward / --routed-kernels "
+                              f"off/on, comma-separated (got {e})") from e
+        if not batches or min(batches) < 1 or not ib or not routed or not skips or min(skips) < 0:
             raise ConfigError("--batch needs positive integers, --uncheckpointed-layers integers >= 0 and "
-                              "--in-backward at least one of off, on")
+                              "--in-backward / --routed-kernels at least one of off, on")
         if any(ib) and grad_accum > 1:
             raise ConfigError("--in-backward on steps once per micro-batch: use --grad-accum 1")
         first: dict = {}
@@ -177,4 +179,5 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                     experts_path=experts_path, profile_path=profile, fast_kernels=fast_kernels,
                     in_backward=ib, grad_accum=grad_accum, memory_cap_gib=memory_cap_gib,
                     uncheckpointed_layers=skips, stochastic_round=stochastic_round,
-                    offload_checkpoints=offload_checkpoints, compile=compile_, on_result=emit)
+                    offload_checkpoints=offload_checkpoints, compile=compile_, routed_kernels=routed,
+                    on_result=emit)

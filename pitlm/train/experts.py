@@ -53,41 +53,52 @@ def exclude_grouped_gemm_from_compile() -> None:
 # profile); each token fills exactly top_k rows, so both directions are gathers plus a sum over top_k.
 # With sorted[s] = flat[perm[s]], src = perm // top_k and inv[perm[s]] = s: permuted row s is token src[s], and
 # token t's rows are inv[t*top_k : (t+1)*top_k]. The two maps are adjoint, so each one's backward is the other.
+# fused: the gather-and-sum direction runs as one Triton kernel (pitlm.train.routed_kernels).
 class _PermuteRouted(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tokens, src, inv, top_k):
+    def forward(ctx, tokens, src, inv, top_k, fused):
         ctx.save_for_backward(src, inv)
-        ctx.top_k = top_k
+        ctx.top_k, ctx.fused = top_k, fused
         return tokens.index_select(0, src)
 
     @staticmethod
     def backward(ctx, grad):
         src, inv = ctx.saved_tensors
-        return _UnpermuteRouted.apply(grad, src, inv, ctx.top_k), None, None, None
+        return _UnpermuteRouted.apply(grad, None, src, inv, ctx.top_k, ctx.fused), None, None, None, None
 
 
 class _UnpermuteRouted(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rows, src, inv, top_k):
+    def forward(ctx, rows, extra, src, inv, top_k, fused):
         ctx.save_for_backward(src, inv)
-        ctx.top_k = top_k
+        ctx.top_k, ctx.fused, ctx.has_extra = top_k, fused, extra is not None
+        if fused:
+            from pitlm.train.routed_kernels import gather_sum
+
+            return gather_sum(rows, extra, inv, top_k)
+        if extra is not None:
+            rows = rows + extra
         gathered = rows.index_select(0, inv)
         return gathered.view(rows.shape[0] // top_k, top_k, *rows.shape[1:]).sum(1)  # bf16 sums in fp32
 
     @staticmethod
     def backward(ctx, grad):
         src, inv = ctx.saved_tensors
-        return _PermuteRouted.apply(grad, src, inv, ctx.top_k), None, None, None
+        g = _PermuteRouted.apply(grad, src, inv, ctx.top_k, ctx.fused)
+        return g, (g if ctx.has_extra else None), None, None, None, None
 
 
-def permute_routed(tokens: torch.Tensor, src: torch.Tensor, inv: torch.Tensor, top_k: int) -> torch.Tensor:
+def permute_routed(tokens: torch.Tensor, src: torch.Tensor, inv: torch.Tensor, top_k: int,
+                   fused: bool = False) -> torch.Tensor:
     """tokens[src]: token src[s] as routed row s."""
-    return _PermuteRouted.apply(tokens, src, inv, top_k)
+    return _PermuteRouted.apply(tokens, src, inv, top_k, fused)
 
 
-def unpermute_routed(rows: torch.Tensor, src: torch.Tensor, inv: torch.Tensor, top_k: int) -> torch.Tensor:
-    """The sum of each token's top_k routed rows, back in token order (the adjoint of `permute_routed`)."""
-    return _UnpermuteRouted.apply(rows, src, inv, top_k)
+def unpermute_routed(rows: torch.Tensor, src: torch.Tensor, inv: torch.Tensor, top_k: int,
+                     extra: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
+    """The sum of each token's top_k routed rows (+ extra's, the same shape), back in token order (the adjoint of
+    `permute_routed`). fused: one Triton kernel (`pitlm.train.routed_kernels.gather_sum`)."""
+    return _UnpermuteRouted.apply(rows, extra, src, inv, top_k, fused)
 
 
 def lora_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -95,35 +106,44 @@ def lora_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_
                          factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
     """transformers' grouped-GEMM experts forward (gated, no bias, weights (experts, out, in)) with LoRA factors
     {parameter name: (lhs (E, out, r), rhs (E, r, in), scaling)} applied to the routed tokens only."""
+    from pitlm.train import routed_kernels
+
     top_k = top_k_index.shape[-1]
+    fused = routed_kernels.enabled(experts, hidden_states)  # install_fast_kernels switches it on
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device)
     src = perm // top_k  # the token of each routed row
-    x = permute_routed(hidden_states, src, inv, top_k)
+    x = permute_routed(hidden_states, src, inv, top_k, fused)
     weights = permute_routed(top_k_weights.reshape(-1), perm, inv, 1)
     n_experts = experts.gate_up_proj.shape[0]
     hist_in = expert_ids.int() if x.device.type == "cuda" else expert_ids.float()
     offsets = torch.cumsum(torch.histc(hist_in, bins=n_experts, min=0, max=n_experts - 1), 0, dtype=torch.int32)
 
-    def project(inp: torch.Tensor, name: str) -> torch.Tensor:
+    def project(inp: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The base GEMM's output and the LoRA term's (None without an adapter), still to be added."""
         out = _GEMM(inp, getattr(experts, name), offsets)
-        if name in factors:
-            lhs, rhs, scaling = factors[name]  # peft's lhs is a permuted view: grouped GEMMs want plain layouts
-            lhs, rhs = lhs.contiguous(), rhs.contiguous()
-            low = _GEMM(inp, rhs, offsets) * scaling  # (S, r): the scale on r columns, not on the output's
-            out = out + _GEMM(low, lhs, offsets)
-        return out
+        if name not in factors:
+            return out, None
+        lhs, rhs, scaling = factors[name]  # peft's lhs is a permuted view: grouped GEMMs want plain layouts
+        lhs, rhs = lhs.contiguous(), rhs.contiguous()
+        low = _GEMM(inp, rhs, offsets) * scaling  # (S, r): the scale on r columns, not on the output's
+        return out, _GEMM(low, lhs, offsets)
 
-    h = project(x, "gate_up_proj")
-    if hasattr(experts, "_apply_gate"):
-        h = experts._apply_gate(h)
+    base, lora = project(x, "gate_up_proj")
+    if fused:  # the LoRA add, SiLU(gate) * up and the routing weight in one kernel
+        h = routed_kernels.swiglu_routed(base, lora, weights)
     else:
-        gate, up = h.chunk(2, dim=-1)
-        h = experts.act_fn(gate) * up
-    # the routing weight scales each routed row; down_proj is linear, so it goes on the narrow input side
-    h = project(h * weights.unsqueeze(-1).to(h.dtype), "down_proj")
-    return unpermute_routed(h, src, inv, top_k).to(hidden_states.dtype)
+        h = base if lora is None else base + lora
+        if hasattr(experts, "_apply_gate"):
+            h = experts._apply_gate(h)
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            h = experts.act_fn(gate) * up
+        # the routing weight scales each routed row; down_proj is linear, so it goes on the narrow input side
+        h = h * weights.unsqueeze(-1).to(h.dtype)
+    base, lora = project(h, "down_proj")
+    return unpermute_routed(base, src, inv, top_k, extra=lora, fused=fused).to(hidden_states.dtype)
 
 
 def experts_unsupported(experts: nn.Module) -> str | None:

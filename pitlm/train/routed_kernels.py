@@ -1,0 +1,227 @@
+"""Fused Triton kernels for the routed rows of the grouped experts forward (`pitlm.train.experts`).
+
+Between its grouped GEMMs, the experts forward of a gated-SiLU MoE (Qwen3.5-MoE) runs a chain of memory-bound
+elementwise kernels over its routed rows (tokens x top_k: 131k rows for a batch of 8 x 2048 at top-8):
+
+- gate_up: base GEMM output + the LoRA up-projection, then SiLU(gate) * up, then * the routing weight:
+  4 kernels forward and ~8 backward, each reading and writing (rows, intermediate) tensors;
+- down: base GEMM output + the LoRA up-projection, then each token's top_k rows gathered and summed:
+  a (rows, hidden) add, a (rows, hidden) gather and a sum.
+
+On the 35B-A3B's best 74 GiB step these were ~120 ms of 1.47 s (BENCHMARKS.md, session 7's profile by input
+shapes). Here each chain is one kernel each way:
+
+- `swiglu_routed(base, lora, weights)`: h = SiLU(g) * u * w per row, (g | u) = base + lora, in float32 with one
+  rounding; its backward recomputes SiLU from the saved (g | u) and writes d(g | u) and dw in one pass;
+- `gather_sum(rows, extra, inv, top_k)`: out[t] = sum over token t's top_k rows of rows (+ extra), accumulated in
+  float32 without materialising the gathered (rows, hidden) tensor.
+
+They run on CUDA tensors where Triton imports, and on CPU tensors under Triton's interpreter when asked
+(TRITON_INTERPRET=1 set before triton's import, and PITLM_ROUTED_KERNELS_CPU=1: how the tests run the same kernel
+code without a GPU). `pitlm.kernels.install_fast_kernels`
+switches them on per experts module; the torch reference path in `pitlm.train.experts` is what they are tested
+against.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import types
+
+import torch
+from torch import nn
+
+FLAG = "_pitlm_routed_kernels"  # the experts-module attribute that switches these kernels on
+
+
+@functools.cache
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means: not usable here
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+CPU_ENV = "PITLM_ROUTED_KERNELS_CPU"  # =1 with TRITON_INTERPRET=1: CPU tensors take the kernels too (tests)
+
+
+def available(t: torch.Tensor) -> bool:
+    """Whether the kernels run on tensors like `t`: CUDA tensors where Triton imports; CPU tensors only under
+    Triton's interpreter and with PITLM_ROUTED_KERNELS_CPU=1 (how the tests run the kernel code without a GPU)."""
+    if t.is_cuda:
+        return _has_triton()
+    return t.device.type == "cpu" and os.environ.get(CPU_ENV) == "1" and _interpreting() and _has_triton()
+
+
+def supports(experts: nn.Module) -> bool:
+    """Whether an experts module's gate is the one `swiglu_routed` computes: transformers' default
+    chunk-in-two SiLU(gate) * up (no `_apply_gate` of its own)."""
+    apply_gate = getattr(type(experts), "_apply_gate", None)
+    default = apply_gate is None or getattr(apply_gate, "__name__", "") == "_default_apply_gate"
+    act = getattr(experts, "act_fn", None)
+    return default and type(act).__name__ in ("SiLU", "SiLUActivation") and _has_triton()
+
+
+def set_routed_kernels(model: nn.Module, on: bool) -> int:
+    """Switch the fused kernels on or off for every supported experts module of `model`; returns how many."""
+    n = 0
+    for m in model.modules():
+        if type(m).__name__.endswith("Experts") and supports(m):
+            setattr(m, FLAG, on)
+            n += 1
+    return n
+
+
+def enabled(experts: nn.Module, t: torch.Tensor) -> bool:
+    return getattr(experts, FLAG, False) and available(t)
+
+
+@functools.cache
+def _kernels(interpret: bool) -> types.SimpleNamespace:
+    """The jitted kernels; `triton.jit` picks the interpreter at decoration time, hence one set per mode. They call
+    no `triton.language.standard` helper (e.g. tl.sigmoid): those are jitted when triton is first imported, and
+    the interpreter cannot call them when TRITON_INTERPRET was set later (as the tests do)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def swiglu_fwd(base, lora, w, gu, h, n_rows, inter: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_C: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        rmask = rows < n_rows
+        mask = rmask[:, None] & (cols < inter)[None, :]
+        r64 = rows.to(tl.int64)
+        g_off = r64[:, None] * (2 * inter) + cols[None, :]
+        g = tl.load(base + g_off, mask=mask, other=0.0)
+        u = tl.load(base + g_off + inter, mask=mask, other=0.0)
+        if HAS_LORA:  # the sum rounded as the reference's add, and saved for the backward
+            g = (g.to(tl.float32) + tl.load(lora + g_off, mask=mask, other=0.0).to(tl.float32)).to(g.dtype)
+            u = (u.to(tl.float32) + tl.load(lora + g_off + inter, mask=mask, other=0.0).to(tl.float32)).to(u.dtype)
+            tl.store(gu + g_off, g, mask=mask)
+            tl.store(gu + g_off + inter, u, mask=mask)
+        gf = g.to(tl.float32)
+        wr = tl.load(w + rows, mask=rmask, other=0.0).to(tl.float32)
+        out = gf / (1.0 + tl.exp(-gf)) * u.to(tl.float32) * wr[:, None]
+        tl.store(h + r64[:, None] * inter + cols[None, :], out.to(h.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def swiglu_bwd(gu, w, dh, dgu, dw, n_rows, inter: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = rows < n_rows
+        r64 = rows.to(tl.int64)
+        wr = tl.load(w + rows, mask=rmask, other=0.0).to(tl.float32)
+        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for c0 in range(0, inter, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            mask = rmask[:, None] & (cols < inter)[None, :]
+            g_off = r64[:, None] * (2 * inter) + cols[None, :]
+            g = tl.load(gu + g_off, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(gu + g_off + inter, mask=mask, other=0.0).to(tl.float32)
+            d = tl.load(dh + r64[:, None] * inter + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            sig = 1.0 / (1.0 + tl.exp(-g))
+            act = g * sig
+            acc += tl.sum(d * act * u, axis=1)
+            dw_row = d * wr[:, None]
+            tl.store(dgu + g_off, (dw_row * u * sig * (1.0 + g * (1.0 - sig))).to(dgu.dtype.element_ty), mask=mask)
+            tl.store(dgu + g_off + inter, (dw_row * act).to(dgu.dtype.element_ty), mask=mask)
+        tl.store(dw + rows, acc.to(dw.dtype.element_ty), mask=rmask)
+
+    @triton.jit
+    def gather_sum(rows, extra, inv, out, hidden, TOP_K: tl.constexpr, HAS_EXTRA: tl.constexpr,
+                   BLOCK_H: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        m = cols < hidden
+        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for j in tl.static_range(TOP_K):
+            r = tl.load(inv + t * TOP_K + j).to(tl.int64)
+            acc += tl.load(rows + r * hidden + cols, mask=m, other=0.0).to(tl.float32)
+            if HAS_EXTRA:
+                acc += tl.load(extra + r * hidden + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(out + t * hidden + cols, acc.to(out.dtype.element_ty), mask=m)
+
+    return types.SimpleNamespace(triton=triton, swiglu_fwd=swiglu_fwd, swiglu_bwd=swiglu_bwd, gather_sum=gather_sum)
+
+
+def _k() -> types.SimpleNamespace:
+    return _kernels(_interpreting())
+
+
+def _blocks(inter: int) -> tuple[int, int]:
+    import triton
+
+    block_c = min(triton.next_power_of_2(inter), 256)
+    return max(1, 4096 // block_c), block_c
+
+
+class _SwiGLURouted(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, base, lora, weights):
+        k = _k()
+        n_rows, inter = base.shape[0], base.shape[1] // 2
+        base = base.contiguous()
+        lora = lora.contiguous() if lora is not None else None
+        weights = weights.contiguous()
+        gu = torch.empty_like(base) if lora is not None else base
+        h = base.new_empty(n_rows, inter)
+        block_r, block_c = _blocks(inter)
+        if n_rows:
+            grid = (k.triton.cdiv(n_rows, block_r), k.triton.cdiv(inter, block_c))
+            k.swiglu_fwd[grid](base, lora if lora is not None else base, weights, gu, h, n_rows, inter=inter,
+                               HAS_LORA=lora is not None, BLOCK_R=block_r, BLOCK_C=block_c)
+        ctx.save_for_backward(gu, weights)
+        ctx.has_lora = lora is not None
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        k = _k()
+        gu, weights = ctx.saved_tensors
+        n_rows, inter = gu.shape[0], gu.shape[1] // 2
+        dh = dh.contiguous()
+        dgu = torch.empty_like(gu)
+        dw = torch.empty_like(weights)
+        block_r, block_c = _blocks(inter)
+        if n_rows:
+            k.swiglu_bwd[(k.triton.cdiv(n_rows, block_r),)](gu, weights, dh, dgu, dw, n_rows, inter=inter,
+                                                            BLOCK_R=block_r, BLOCK_C=block_c)
+        return dgu, (dgu if ctx.has_lora else None), dw
+
+
+def swiglu_routed(base: torch.Tensor, lora: torch.Tensor | None, weights: torch.Tensor) -> torch.Tensor:
+    """SiLU(g) * u * weights[:, None] with (g | u) = base + lora split in two halves along the last dimension:
+    base, lora (rows, 2 * intermediate), weights (rows,); returns (rows, intermediate) in base's dtype."""
+    if base.dim() != 2 or base.shape[1] % 2 or weights.shape != base.shape[:1]:
+        raise ValueError(f"swiglu_routed wants (rows, 2*inter) and (rows,), got {tuple(base.shape)} and "
+                         f"{tuple(weights.shape)}")
+    return _SwiGLURouted.apply(base, lora, weights)
+
+
+def _gather_sum(rows: torch.Tensor, extra: torch.Tensor | None, inv: torch.Tensor, top_k: int) -> torch.Tensor:
+    k = _k()
+    rows = rows.contiguous()
+    extra = extra.contiguous() if extra is not None else None
+    n_tokens, hidden = rows.shape[0] // top_k, rows.shape[1]
+    out = rows.new_empty(n_tokens, hidden)
+    block_h = min(k.triton.next_power_of_2(hidden), 1024)
+    if n_tokens:
+        k.gather_sum[(n_tokens, k.triton.cdiv(hidden, block_h))](
+            rows, extra if extra is not None else rows, inv.contiguous(), out, hidden, TOP_K=top_k,
+            HAS_EXTRA=extra is not None, BLOCK_H=block_h)
+    return out
+
+
+def gather_sum(rows: torch.Tensor, extra: torch.Tensor | None, inv: torch.Tensor, top_k: int) -> torch.Tensor:
+    """out[t] = sum_j (rows + extra)[inv[t * top_k + j]] for rows, extra (tokens * top_k, hidden): the forward of
+    `pitlm.train.experts.unpermute_routed`, one kernel, no autograd of its own."""
+    if rows.dim() != 2 or rows.shape[0] % top_k or inv.shape != rows.shape[:1]:
+        raise ValueError(f"gather_sum wants (tokens*top_k, hidden) rows and as many indices, got "
+                         f"{tuple(rows.shape)} and {tuple(inv.shape)}")
+    return _gather_sum(rows, extra, inv, top_k)

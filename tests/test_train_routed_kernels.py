@@ -1,0 +1,206 @@
+"""pitlm.train.routed_kernels: the fused Triton kernels of the routed experts against the torch reference path.
+
+On the CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1), so the same kernel code as on a GPU
+is checked here; the GPU test repeats the comparison in bf16 against float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pitlm.train import routed_kernels as rk
+from pitlm.train.experts import install_expert_lora, permute_routed, unpermute_routed
+
+triton = pytest.importorskip("triton")
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    if not rk._interpreting():
+        pytest.skip("Triton's interpreter is chosen by conftest on machines without a GPU")
+    monkeypatch.setenv(rk.CPU_ENV, "1")
+
+
+def reference_swiglu(base, lora, w):
+    s = base if lora is None else base + lora
+    gate, up = s.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up * w.unsqueeze(-1).to(s.dtype)
+
+
+def grads_of(fn, *inputs, seed=0):
+    inputs = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*inputs)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype).to(out.device)
+    (out * g).sum().backward()
+    return out.detach(), [None if t is None else t.grad for t in inputs]
+
+
+@pytest.mark.parametrize("inter", [24, 320])  # one masked column block; two blocks in the backward's loop
+@pytest.mark.parametrize("with_lora", [True, False])
+def test_swiglu_equals_the_reference_with_gradients(interpret, inter, with_lora):
+    gen = torch.Generator().manual_seed(inter)
+    rows = 37  # not a multiple of the row block
+    base = torch.randn(rows, 2 * inter, generator=gen, dtype=torch.float64).float()
+    lora = torch.randn(rows, 2 * inter, generator=gen) if with_lora else None
+    w = torch.rand(rows, generator=gen)
+    out, grads = grads_of(rk.swiglu_routed, base, lora, w)
+    ref, ref_grads = grads_of(reference_swiglu, base, lora, w)
+    assert ref.abs().max() > 0.1
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads, strict=True):
+        if r is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the interpreter truncates to bf16)")
+def test_swiglu_in_bf16_is_as_close_to_float32_as_the_reference():
+    """bf16 kernel vs bf16 torch reference, both against float32 on the same bf16 inputs (METHOD.md's rule)."""
+    gen = torch.Generator().manual_seed(5)
+    base, lora = (torch.randn(4096, 1024, generator=gen).bfloat16().cuda() for _ in range(2))
+    w = torch.rand(4096, generator=gen).cuda()
+    out32, g32 = grads_of(reference_swiglu, base.float(), lora.float(), w)
+    out_ref, g_ref = grads_of(reference_swiglu, base, lora, w)
+    out, g = grads_of(rk.swiglu_routed, base, lora, w)
+    assert out.dtype == torch.bfloat16 and g[0].dtype == torch.bfloat16 and g[2].dtype == torch.float32
+
+    def rel(a, b):
+        return float((a.float() - b).norm() / b.norm())
+
+    assert rel(out, out32) <= 1.5 * max(rel(out_ref, out32), 1e-3)
+    for i in range(3):
+        assert rel(g[i], g32[i]) <= 1.5 * max(rel(g_ref[i], g32[i]), 1e-3)
+
+
+@pytest.mark.parametrize("with_extra", [True, False])
+def test_gather_sum_equals_the_reference_unpermute(interpret, with_extra):
+    gen = torch.Generator().manual_seed(2)
+    n_tokens, top_k, hidden = 11, 4, 1500  # hidden over one 1024-column block, masked
+    rows = torch.randn(n_tokens * top_k, hidden, generator=gen)
+    extra = torch.randn(rows.shape, generator=gen) if with_extra else None
+    inv = torch.randperm(n_tokens * top_k, generator=gen)
+    src = torch.empty_like(inv)
+    src[inv] = torch.arange(inv.numel()) // top_k  # inv[perm[s]] = s, src = perm // top_k
+    out = rk.gather_sum(rows, extra, inv, top_k)
+    ref = unpermute_routed(rows, src, inv, top_k, extra=extra, fused=False)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # the autograd wrappers: the fused gather-and-sum in forward (unpermute) and in backward (permute)
+    for fused_fn, ref_fn in (
+            (lambda r, e: unpermute_routed(r, src, inv, top_k, extra=e, fused=True),
+             lambda r, e: unpermute_routed(r, src, inv, top_k, extra=e, fused=False)),
+            (lambda r, e: permute_routed(r[:n_tokens], src, inv, top_k, fused=True),
+             lambda r, e: permute_routed(r[:n_tokens], src, inv, top_k, fused=False))):
+        o, g = grads_of(fused_fn, rows, extra)
+        o_ref, g_ref = grads_of(ref_fn, rows, extra)
+        torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-5)
+        for a, b in zip(g, g_ref, strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def lora_model():
+    from pitlm.train.config import LoraConfig
+    from pitlm.train.model import apply_lora, build_model_config, build_scratch_model
+
+    torch.manual_seed(0)
+    base = build_scratch_model(build_model_config("tiny-qwen3.5-moe"), torch.float32)
+    model = apply_lora(base, LoraConfig(preset="qwen3.5-moe", experts_path="peft"))
+    with torch.no_grad():  # peft starts B at 0; random B makes every adapter change the output
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    assert install_expert_lora(model) == 4
+    return model
+
+
+def test_the_lora_model_takes_the_kernels_and_keeps_its_loss_and_gradients(interpret, monkeypatch):
+    """The tiny Qwen3.5-MoE with LoRA on its experts: switching the kernels on changes neither the loss nor any
+    trainable parameter's gradient, and the kernels really ran (each call counted, then computed for real)."""
+    model = lora_model()
+    ids = torch.randint(2, 258, (2, 24), generator=torch.Generator().manual_seed(1))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref_loss, ref_grads = loss_and_grads()
+    calls = {"swiglu": 0, "gather_sum": 0}
+    real_swiglu, real_gather = rk.swiglu_routed, rk._gather_sum
+
+    def count(name, fn):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(rk, "swiglu_routed", count("swiglu", real_swiglu))
+    monkeypatch.setattr(rk, "_gather_sum", count("gather_sum", real_gather))
+    assert rk.set_routed_kernels(model, True) == 4
+    loss, grads = loss_and_grads()
+    # 4 MoE layers: SwiGLU once each; gather-sum once forward (down rows) and once backward (input gradient)
+    assert calls == {"swiglu": 4, "gather_sum": 8}
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    assert any(".mlp.experts." in n for n in grads)
+    for name, g in grads.items():
+        scale = ref_grads[name].abs().max().clamp(min=1e-12)
+        assert (g - ref_grads[name]).abs().max() / scale < 1e-4, name
+
+
+def test_cpu_tensors_keep_the_torch_path_unless_asked_and_only_the_default_gate_is_fused(interpret, monkeypatch):
+    model = lora_model()
+    experts = next(m for m in model.modules() if type(m).__name__.endswith("Experts"))
+    assert rk.supports(experts) and rk.set_routed_kernels(model, True) == 4
+    assert rk.enabled(experts, torch.zeros(1))
+    monkeypatch.delenv(rk.CPU_ENV)
+    assert not rk.enabled(experts, torch.zeros(1))  # a CPU tensor keeps the torch path
+    monkeypatch.setenv(rk.CPU_ENV, "1")
+    assert rk.set_routed_kernels(model, False) == 4 and not rk.enabled(experts, torch.zeros(1))
+
+    class OwnGate(type(experts)):
+        def _apply_gate(self, gate_up_out):
+            return gate_up_out[..., : gate_up_out.shape[-1] // 2]
+
+    experts.__class__ = OwnGate
+    assert not rk.supports(experts)
+    experts.__class__ = OwnGate.__mro__[1]
+    experts.act_fn = torch.nn.GELU()
+    assert not rk.supports(experts)
+
+
+def test_bad_shapes_are_refused_with_one_line():
+    with pytest.raises(ValueError, match="rows, 2\\*inter"):
+        rk.swiglu_routed(torch.zeros(4, 5), None, torch.zeros(4))
+    with pytest.raises(ValueError, match="tokens\\*top_k"):
+        rk.gather_sum(torch.zeros(6, 4), None, torch.arange(6), 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_kernels_in_bf16_on_the_gpu_match_the_reference_against_float32():
+    """The LoRA model in bf16 on a GPU, kernels on vs off, both against the float32 model: loss and gradients."""
+    model32 = lora_model().cuda()
+    model16 = lora_model().cuda().to(torch.bfloat16)
+    ids = torch.randint(2, 258, (4, 256), device="cuda")
+
+    def run(model):
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach().float(), torch.cat([p.grad.float().flatten() for p in model.parameters()
+                                                 if p.grad is not None])
+
+    loss32, g32 = run(model32)
+    loss_ref, g_ref = run(model16)
+    assert rk.set_routed_kernels(model16, True) == 4
+    loss_fast, g_fast = run(model16)
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    assert rel(loss_fast, loss32) <= 1.5 * max(rel(loss_ref, loss32), 1e-3)
+    assert rel(g_fast, g32) <= 1.5 * max(rel(g_ref, g32), 1e-2)
