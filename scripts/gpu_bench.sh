@@ -45,9 +45,14 @@
 #           checkpoints on the H200's own memory, the seed's recipe with compiled MoE blocks; then the seed's ~945 M
 #           within 74 GiB (offloaded checkpoints + the 8-bit step inside backward, profiled), batch 10 under 74 GiB
 #           and batch 12 under 79 GiB (each new batch shape first pays ~100 s of tilelang compilation)
+#   phase 24 (carry .whl .kcache; session 8's first call): GPU tests of the routed experts' fused Triton kernels
+#           (pitlm.train.routed_kernels) and the other kernel tests; the 74 GiB LoRA-alone step with the kernels off
+#           then on, on one model (the "on" arm profiled)
+#   phase 25 (right after 24, warm): the seed's recipe under 79 GiB and batch 10 under 74 GiB with the kernels;
+#           the embedding bench with the kernels on and off
 #   A cold machine spends > 5 min in fla's Triton autotuning before the first 35B step: run the phases that train
 #   in consecutive calls on a warm machine, with TRITON_CACHE_AUTOTUNING=1.
-# Usage: bash scripts/gpu_bench.sh 0|1|...|23
+# Usage: bash scripts/gpu_bench.sh 0|1|...|25
 set -u
 export TRITON_CACHE_AUTOTUNING=1
 source scripts/gpu_env.sh
@@ -194,6 +199,25 @@ elif [ "$1" = 23 ]; then
   T=150 run $B train $L $M --full-modules "" --batch 8 --memory-cap-gib 79.0 --uncheckpointed-layers 1,2
   T=300 run $B train $L $M --full-modules "" --batch 10 --in-backward on --memory-cap-gib 74.0
   T=230 run $B train $L $M --full-modules "" --batch 12 --in-backward on --memory-cap-gib 79.0
+  save_kernel_cache
+elif [ "$1" = 24 ]; then
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  M="--adapter-dtype base --optim adamw8bit --ce-chunk 512 --offload-checkpoints"
+  python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|gpu0|routed|grouped|liger" | tee "$OUT/doctor.txt"
+  timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_train_routed_kernels.py tests/test_kernels.py \
+    tests/test_train_experts.py -k "gpu or cuda" 2>&1 | tail -4
+  T=${T1:-330} run $B train $L $M --full-modules "" --batch 8 --in-backward on --memory-cap-gib 74.0 \
+    --routed-kernels off,on --profile "$OUT/profile_routed.txt"
+  save_kernel_cache
+elif [ "$1" = 25 ]; then
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  M="--adapter-dtype base --optim adamw8bit --ce-chunk 512"
+  T=${T1:-170} run $B train $L $M --batch 8 --memory-cap-gib 79.0 --stochastic-round full_modules
+  T=${T2:-250} run $B train $L $M --offload-checkpoints --full-modules "" --batch 10 --in-backward on \
+    --memory-cap-gib 74.0
+  E="embed --arch qwen3.5-35b-a3b --n-prompts 4096 --batch 1024 --prompt-tokens 64"
+  T=90 run $B $E
+  T=90 run $B $E --no-routed-kernels
   save_kernel_cache
 elif [ "$1" = 1 ]; then
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|causal|liger|grouped|gpu0|triton" | tee "$OUT/doctor.txt"

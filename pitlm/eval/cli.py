@@ -89,6 +89,7 @@ def bench_embed_command(
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:i].")] = "auto",
     fast_kernels: Annotated[bool, typer.Option("--fast-kernels/--no-fast-kernels", help="GPU: fla's fused causal conv1d and RMSNorms (pitlm.kernels).")] = True,
     profile: Annotated[str | None, typer.Option("--profile", help="Write a torch.profiler table of one more batch to this file.")] = None,
+    routed_kernels: Annotated[bool, typer.Option("--routed-kernels/--no-routed-kernels", help="GPU, with the fast kernels: the routed experts' fused Triton kernels (pitlm.train.routed_kernels).")] = True,
 ) -> None:
     """Forward-only embedding throughput (prompts/s) of a random-weight architecture, as `pitlm eval` runs it."""
     from pitlm.eval.embed import bench_embed
@@ -96,7 +97,7 @@ def bench_embed_command(
 
     batches = tuple(int(b) for b in batch.split(",") if b.strip())
     out = bench_embed(arch, n_prompts=n_prompts, batch_sizes=batches, device=device, prompt_tokens=prompt_tokens,
-                      fast_kernels=fast_kernels, profile_path=profile)
+                      fast_kernels=fast_kernels, profile_path=profile, routed_kernels=routed_kernels)
     emit_summary(out)
 
 

@@ -206,11 +206,12 @@ def embed_prompts(model_spec: ModelSpec | str, prompts: list[str], vol: Volume, 
 
 def bench_embed(arch: str, n_prompts: int = 256, batch_sizes: tuple[int, ...] = (32,), device: str = "auto",
                 prompt_tokens: int = 64, seed: int = 0, fast_kernels: bool = True,
-                profile_path: str | None = None) -> dict[str, Any]:
+                profile_path: str | None = None, routed_kernels: bool = True) -> dict[str, Any]:
     """Forward-only embedding throughput of a random-weight `arch` (builtin name, HF id or dir) on prompts of
     `prompt_tokens` random tokens: the same batching and last-token path as `pitlm eval`. Only the backbone is built
     (no lm_head), once, directly on the target device in its eval dtype; each batch size is then timed after a
-    warm-up batch; on a GPU with pitlm's fused kernels unless `fast_kernels` is off; `profile_path`: a
+    warm-up batch; on a GPU with pitlm's fused kernels unless `fast_kernels` is off (`routed_kernels` off: all but
+    the routed experts' Triton kernels, pitlm.train.routed_kernels); `profile_path`: a
     torch.profiler table of one more batch of the first size. Keys: the first batch size's figures, plus
     `prompts_per_s_batch<B>` for every B."""
     import torch
@@ -230,6 +231,11 @@ def bench_embed(arch: str, n_prompts: int = 256, batch_sizes: tuple[int, ...] = 
 
     cpu_safe_delta_rules()
     kernels = install_fast_kernels(model, experts=True) if fast_kernels and cuda else []
+    if not routed_kernels:
+        from pitlm.train.routed_kernels import set_routed_kernels
+
+        set_routed_kernels(model, False)
+        kernels = [k for k in kernels if not k.startswith("triton-routed")]
     out: dict[str, Any] = {"arch": arch, "device": device, "dtype": str(dtype).replace("torch.", ""),
                            "params": sum(p.numel() for p in model.parameters()),
                            "build_seconds": round(time.perf_counter() - t0, 3), "n_prompts": n_prompts,

@@ -109,7 +109,8 @@ def lora_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_
     from pitlm.train import routed_kernels
 
     top_k = top_k_index.shape[-1]
-    fused = routed_kernels.enabled(experts, hidden_states)  # install_fast_kernels switches it on
+    # install_fast_kernels switches the fused kernels on; a torch.compile'd block leaves the fusing to inductor
+    fused = routed_kernels.enabled(experts, hidden_states) and not torch.compiler.is_compiling()
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device)
