@@ -50,9 +50,12 @@
 #           then on, on one model (the "on" arm profiled)
 #   phase 25 (right after 24, warm): the seed's recipe under 79 GiB and batch 10 under 74 GiB with the kernels;
 #           the embedding bench with the kernels on and off
+#   phase 26 (carry .whl .kcache): dense LoRA with the scale on the rank side and the add in the GEMM
+#           (pitlm.train.lora_dense) -- its tests on the GPU, then the 74 GiB step with peft's dense forward and
+#           with the fused one (profiled), and the seed's recipe under 79 GiB
 #   A cold machine spends > 5 min in fla's Triton autotuning before the first 35B step: run the phases that train
 #   in consecutive calls on a warm machine, with TRITON_CACHE_AUTOTUNING=1.
-# Usage: bash scripts/gpu_bench.sh 0|1|...|25
+# Usage: bash scripts/gpu_bench.sh 0|1|...|26
 set -u
 export TRITON_CACHE_AUTOTUNING=1
 source scripts/gpu_env.sh
@@ -218,6 +221,16 @@ elif [ "$1" = 25 ]; then
   E="embed --arch qwen3.5-35b-a3b --n-prompts 4096 --batch 1024 --prompt-tokens 64"
   T=90 run $B $E
   T=90 run $B $E --no-routed-kernels
+  save_kernel_cache
+elif [ "$1" = 26 ]; then
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_train_lora_dense.py 2>&1 | tail -2
+  M="--adapter-dtype base --optim adamw8bit --ce-chunk 512"
+  T=${T1:-150} run $B train $L $M --offload-checkpoints --full-modules "" --batch 8 --in-backward on \
+    --memory-cap-gib 74.0 --dense-path peft
+  T=${T2:-170} run $B train $L $M --offload-checkpoints --full-modules "" --batch 8 --in-backward on \
+    --memory-cap-gib 74.0 --profile "$OUT/profile_dense.txt"
+  T=${T3:-170} run $B train $L $M --batch 8 --memory-cap-gib 79.0 --stochastic-round full_modules
   save_kernel_cache
 elif [ "$1" = 1 ]; then
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|causal|liger|grouped|gpu0|triton" | tee "$OUT/doctor.txt"

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from pitlm.config import apply_overrides
+from pitlm.config import apply_overrides, build_config
 from pitlm.doctor import fast_path_summary
 from pitlm.errors import ConfigError
 from pitlm.train.activations import compile_blocks, enable_activation_checkpointing, set_uncheckpointed_layers
@@ -48,14 +48,15 @@ def _as_list(v) -> list:
 
 def _bench_config(arch: str, mode: str, model_overrides: list[str] | None, lora_preset: str | None, lr: float,
                   optim: str, adapter_dtype: str, experts_path: str, full_modules: list[str] | None,
-                  stochastic_round: str = "none"):
+                  stochastic_round: str = "none", dense_path: str = "fused"):
     """(model config, LoRA preset, TrainConfig) of a bench: the arch's preset LoRA list unless one is named."""
     config = build_model_config(apply_overrides({"arch": arch}, model_overrides))
     preset = lora_preset or ("qwen3.5-moe" if "qwen3_5_moe" in config.model_type else "dense")
-    cfg = TrainConfig(mode=mode, corpus="bench", base="random",
-                      optim={"lr": lr, "name": optim, "stochastic_round": stochastic_round},
-                      lora={"preset": preset, "adapter_dtype": adapter_dtype, "experts_path": experts_path,
-                            **({} if full_modules is None else {"full_modules": full_modules})})
+    cfg = build_config(TrainConfig, {
+        "mode": mode, "corpus": "bench", "base": "random",
+        "optim": {"lr": lr, "name": optim, "stochastic_round": stochastic_round},
+        "lora": {"preset": preset, "adapter_dtype": adapter_dtype, "experts_path": experts_path,
+                 "dense_path": dense_path, **({} if full_modules is None else {"full_modules": full_modules})}})
     return config, preset, cfg
 
 
@@ -68,7 +69,7 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
                 grad_accum: int = 1, memory_cap_gib: float | None = None,
                 uncheckpointed_layers: int | list[int] = 0, stochastic_round: str = "none",
                 offload_checkpoints: bool = False, compile: str = "none",
-                routed_kernels: bool | list[bool] = True,
+                routed_kernels: bool | list[bool] = True, dense_path: str = "fused",
                 on_result: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]] | None:
     """Run warmup + steps training steps on random tokens for every (uncheckpointed layers, in_backward, batch size)
     combination, on one model built once; returns one measurement each on rank 0 (None elsewhere). One that runs out
@@ -98,7 +99,7 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
             torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_gib * 2**30 / total_bytes), env.device)
         dtype = torch.bfloat16 if on_gpu else torch.float32
         config, preset, cfg = _bench_config(arch, mode, model_overrides, lora_preset, lr, optim, adapter_dtype,
-                                            experts_path, full_modules, stochastic_round)
+                                            experts_path, full_modules, stochastic_round, dense_path)
         t0 = time.perf_counter()
         if mode == "lora":
             model = build_scratch_model(config, dtype, env.device)
@@ -129,6 +130,7 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
             "build_seconds": round(build_seconds, 1), "ce_chunk": ce_chunk if mode == "lora" else None,
             "optim": optim, "stochastic_round": stochastic_round, "adapter_dtype": adapter_dtype if mode == "lora" else None,
             "experts_path": experts_path if mode == "lora" else None,
+            "dense_path": dense_path if mode == "lora" else None,
             "full_modules": ",".join(cfg.lora.full_modules) if mode == "lora" else None,
             "memory_cap_gib": memory_cap_gib if on_gpu else None,
             "offload_checkpoints": offload_checkpoints, "compile": compile,

@@ -61,6 +61,10 @@ class LoraConfig(StageConfig):
     # GEMMs (pitlm.train.experts); `peft` keeps peft's parametrization, which materialises W + B·A for every expert
     # on every forward (44% of a 35B-A3B step on an H100). Same adapters, same results.
     experts_path: Literal["grouped", "peft"] = "grouped"
+    # LoRA on dense (nn.Linear) layers: `fused` scales the r-column low-rank product and accumulates the
+    # up-projection into the base output inside the GEMM (pitlm.train.lora_dense); `peft` keeps peft's forward,
+    # which scales and adds the full (tokens, out) output in two more passes. Same adapters, same results.
+    dense_path: Literal["fused", "peft"] = "fused"
     # Trained in full (peft modules_to_save) in their own param group at a smaller LR, as the seed did.
     full_modules: list[str] = Field(default_factory=lambda: ["lm_head", "embed_tokens"])
     full_modules_lr: float | None = None  # None -> optim.lr / 10

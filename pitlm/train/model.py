@@ -186,6 +186,11 @@ def apply_lora(model: nn.Module, cfg) -> nn.Module:
 
         n = install_expert_lora(peft_model)
         log.info("expert LoRA: grouped GEMMs on the routed tokens in %d experts modules", n)
+    if modules and cfg.dense_path == "fused":
+        from pitlm.train.lora_dense import install_dense_lora
+
+        n = install_dense_lora(peft_model)
+        log.info("dense LoRA: scale on the rank side, up-projection added in the GEMM in %d layers", n)
     return peft_model
 
 

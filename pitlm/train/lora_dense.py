@@ -1,0 +1,81 @@
+"""LoRA on dense layers with the scale on the rank side and the add inside the GEMM.
+
+peft's `lora.Linear` computes `result + lora_B(lora_A(dropout(x))) * scaling`: after the rank-r up-projection it
+multiplies the full (tokens, out) output by the scaling and adds it to the base output, two memory-bound passes over
+an (tokens, out) tensor forward, the same again in the recompute of a checkpointed block, and one more backward
+(the multiply's). On Qwen3.5-35B-A3B's 74 GiB step the multiplies and adds of the adapted projections were
+~60 ms of 1.32 s (BENCHMARKS.md, session 8's profile). The same output is
+
+    x @ W^T + b + ((dropout(x) @ A^T) * scaling) @ B^T
+
+with the scale on the r columns, and the up-projection accumulated into the base output by cuBLAS's epilogue
+(`addmm_` with beta = 1, which reads the base output once and writes it once).
+
+`install_dense_lora(model)` routes peft's `lora.Linear` layers around plain `nn.Linear` bases through that; each
+call falls back to peft's own forward when the layer is not plain LoRA at that moment (adapters disabled or merged,
+several active, a variant such as DoRA, a LoRA bias, per-call adapter names). Adapters, saving, loading and merging
+stay peft's.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+
+import torch
+from torch import nn
+
+log = logging.getLogger("pitlm.train")
+
+
+def install_dense_lora(model: nn.Module) -> int:
+    """Route every peft `lora.Linear` of `model` whose base is a plain `nn.Linear` through `dense_lora_forward`.
+    Returns how many layers were routed."""
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:
+        return 0
+    n = 0
+    for m in model.modules():
+        if isinstance(m, LoraLinear) and type(m.get_base_layer()) is nn.Linear \
+                and not getattr(m, "fan_in_fan_out", False):
+            m.forward = types.MethodType(_forward, m)
+            n += 1
+    return n
+
+
+def _plain_adapter(layer) -> str | None:
+    """The one active plain-LoRA adapter of a peft lora.Linear, or None when its own forward must run."""
+    if layer.disable_adapters or layer.merged:
+        return None
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) != 1:
+        return None
+    name = active[0]
+    if name in getattr(layer, "lora_variant", {}) or layer.lora_B[name].bias is not None:
+        return None
+    return name
+
+
+def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    name = None if args or kwargs else _plain_adapter(self)
+    if name is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    self._check_forward_args(x)
+    return dense_lora_forward(self.get_base_layer(), x, self.lora_A[name].weight, self.lora_B[name].weight,
+                              self.scaling[name], self.lora_dropout[name])
+
+
+def dense_lora_forward(base: nn.Linear, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                       dropout: nn.Module) -> torch.Tensor:
+    """base(x) + ((dropout(x) @ a^T) * scaling) @ b^T, the up-projection accumulated into base(x) in the GEMM;
+    a (r, in), b (out, r). Under autocast both GEMMs run in its dtype, as peft's do."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    out = nn.functional.linear(x2, base.weight, base.bias)  # its backward needs x and W, not this output
+    xd = dropout(x2)
+    if not torch.is_autocast_enabled(x.device.type):  # peft casts the input to the adapter's dtype
+        xd = xd.to(a.dtype)
+    low = nn.functional.linear(xd, a) * scaling  # the scale on r columns, not on the output's
+    out = out.addmm_(low.to(out.dtype), b.t().to(out.dtype))
+    return out.view(*lead, out.shape[-1])
