@@ -101,6 +101,14 @@ def test_gather_sum_equals_the_reference_unpermute(interpret, with_extra):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("hidden", [24, 1500])  # one masked column block; three
+def test_gather_rows_equals_index_select(interpret, hidden):
+    gen = torch.Generator().manual_seed(hidden)
+    tokens = torch.randn(13, hidden, generator=gen)
+    src = torch.randint(0, 13, (61,), generator=gen)  # rows not a multiple of the row block
+    torch.testing.assert_close(rk.gather_rows(tokens, src), tokens.index_select(0, src), rtol=0, atol=0)
+
+
 def lora_model():
     from pitlm.train.config import LoraConfig
     from pitlm.train.model import apply_lora, build_model_config, build_scratch_model
@@ -129,8 +137,8 @@ def test_the_lora_model_takes_the_kernels_and_keeps_its_loss_and_gradients(inter
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     ref_loss, ref_grads = loss_and_grads()
-    calls = {"swiglu": 0, "gather_sum": 0}
-    real_swiglu, real_gather = rk.swiglu_routed, rk._gather_sum
+    calls = {"swiglu": 0, "gather_sum": 0, "gather_rows": 0}
+    real_swiglu, real_gather, real_rows = rk.swiglu_routed, rk._gather_sum, rk.gather_rows
 
     def count(name, fn):
         def wrapped(*a, **k):
@@ -140,10 +148,12 @@ def test_the_lora_model_takes_the_kernels_and_keeps_its_loss_and_gradients(inter
 
     monkeypatch.setattr(rk, "swiglu_routed", count("swiglu", real_swiglu))
     monkeypatch.setattr(rk, "_gather_sum", count("gather_sum", real_gather))
+    monkeypatch.setattr(rk, "gather_rows", count("gather_rows", real_rows))
     assert rk.set_routed_kernels(model, True) == 4
     loss, grads = loss_and_grads()
-    # 4 MoE layers: SwiGLU once each; gather-sum once forward (down rows) and once backward (input gradient)
-    assert calls == {"swiglu": 4, "gather_sum": 8}
+    # 4 MoE layers: SwiGLU once each; gather-sum once forward (down rows) and once backward (input gradient);
+    # gather-rows once forward (the permute) and once backward (the down rows' gradient)
+    assert calls == {"swiglu": 4, "gather_sum": 8, "gather_rows": 8}
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
     assert any(".mlp.experts." in n for n in grads)
     for name, g in grads.items():
@@ -177,6 +187,8 @@ def test_bad_shapes_are_refused_with_one_line():
         rk.swiglu_routed(torch.zeros(4, 5), None, torch.zeros(4))
     with pytest.raises(ValueError, match="tokens\\*top_k"):
         rk.gather_sum(torch.zeros(6, 4), None, torch.arange(6), 4)
+    with pytest.raises(ValueError, match="\\(n, hidden\\) tokens"):
+        rk.gather_rows(torch.zeros(6), torch.arange(6))
 
 
 @pytest.mark.gpu

@@ -53,12 +53,16 @@ def exclude_grouped_gemm_from_compile() -> None:
 # profile); each token fills exactly top_k rows, so both directions are gathers plus a sum over top_k.
 # With sorted[s] = flat[perm[s]], src = perm // top_k and inv[perm[s]] = s: permuted row s is token src[s], and
 # token t's rows are inv[t*top_k : (t+1)*top_k]. The two maps are adjoint, so each one's backward is the other.
-# fused: the gather-and-sum direction runs as one Triton kernel (pitlm.train.routed_kernels).
+# fused: both directions run as Triton kernels (pitlm.train.routed_kernels: gather_rows, gather_sum).
 class _PermuteRouted(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tokens, src, inv, top_k, fused):
         ctx.save_for_backward(src, inv)
         ctx.top_k, ctx.fused = top_k, fused
+        if fused and tokens.dim() == 2:
+            from pitlm.train.routed_kernels import gather_rows
+
+            return gather_rows(tokens, src)
         return tokens.index_select(0, src)
 
     @staticmethod
