@@ -53,9 +53,11 @@
 #   phase 26 (carry .whl .kcache): dense LoRA with the scale on the rank side and the add in the GEMM
 #           (pitlm.train.lora_dense) -- its tests on the GPU, then the 74 GiB step with peft's dense forward and
 #           with the fused one (profiled), and the seed's recipe under 79 GiB
+#   phase 27 (carry .whl .kcache): the routed kernels' GPU tests and the 74 GiB recipe profiled, with the permute's
+#           row gather in Triton (gather_rows)
 #   A cold machine spends > 5 min in fla's Triton autotuning before the first 35B step: run the phases that train
 #   in consecutive calls on a warm machine, with TRITON_CACHE_AUTOTUNING=1.
-# Usage: bash scripts/gpu_bench.sh 0|1|...|26
+# Usage: bash scripts/gpu_bench.sh 0|1|...|27
 set -u
 export TRITON_CACHE_AUTOTUNING=1
 source scripts/gpu_env.sh
@@ -232,6 +234,14 @@ elif [ "$1" = 26 ]; then
     --memory-cap-gib 74.0 --profile "$OUT/profile_dense.txt"
   T=${T3:-170} run $B train $L $M --batch 8 --memory-cap-gib 79.0 --stochastic-round full_modules
   save_kernel_cache
+elif [ "$1" = 27 ]; then
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_train_routed_kernels.py tests/test_train_lora_dense.py \
+    -k "gpu or cuda or bf16" 2>&1 | tail -1
+  M="--adapter-dtype base --optim adamw8bit --ce-chunk 512 --offload-checkpoints"
+  T=${T1:-300} run $B train $L $M --full-modules "" --batch 8 --in-backward on --memory-cap-gib 74.0 \
+    --profile "$OUT/profile_rows.txt"
+  grep -E "gather|Self CUDA time total" "$OUT/profile_rows.txt" | head -8
 elif [ "$1" = 1 ]; then
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|causal|liger|grouped|gpu0|triton" | tee "$OUT/doctor.txt"
   run $B train $L --batch 1
