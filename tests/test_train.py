@@ -431,7 +431,9 @@ def test_bench_train_offloads_checkpoints_and_refuses_unknown_compile_modes(run)
     s = summary_of(out)
     assert s["offload_checkpoints"] == "true" and s["compile"] == "none" and float(s["tokens_per_second"]) > 0
     code, out, err = run(*args, "--compile", "layers")
-    assert code != 0 and "compile must be none or moe" in err and "tokens_per_second" not in out
+    assert code != 0 and "'compile': bad value 'layers'" in err and "tokens_per_second" not in out
+    code, out, err = run(*args, "--offload-checkpoints", "--no-activation-checkpointing")  # the trainer's own rule
+    assert code != 0 and "set gradient_checkpointing: true" in err and "tokens_per_second" not in out
 
 
 def test_offloaded_checkpointing_trains_the_same_adapter(run, world, tmp_path):

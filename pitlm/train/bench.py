@@ -19,9 +19,8 @@ import torch
 
 from pitlm.config import apply_overrides, build_config
 from pitlm.doctor import fast_path_summary
-from pitlm.errors import ConfigError
 from pitlm.train.activations import compile_blocks, enable_activation_checkpointing, set_uncheckpointed_layers
-from pitlm.train.config import TrainConfig
+from pitlm.train.config import TrainConfig, check_activations
 from pitlm.train.loop import quiet_transformers
 from pitlm.train.model import (
     apply_lora,
@@ -48,12 +47,13 @@ def _as_list(v) -> list:
 
 def _bench_config(arch: str, mode: str, model_overrides: list[str] | None, lora_preset: str | None, lr: float,
                   optim: str, adapter_dtype: str, experts_path: str, full_modules: list[str] | None,
-                  stochastic_round: str = "none", dense_path: str = "fused"):
-    """(model config, LoRA preset, TrainConfig) of a bench: the arch's preset LoRA list unless one is named."""
+                  stochastic_round: str = "none", dense_path: str = "fused", activations: dict | None = None):
+    """(model config, LoRA preset, TrainConfig) of a bench: the arch's preset LoRA list unless one is named.
+    activations: the TrainConfig's checkpointing / offload / compile fields, checked by `check_activations`."""
     config = build_model_config(apply_overrides({"arch": arch}, model_overrides))
     preset = lora_preset or ("qwen3.5-moe" if "qwen3_5_moe" in config.model_type else "dense")
     cfg = build_config(TrainConfig, {
-        "mode": mode, "corpus": "bench", "base": "random",
+        "mode": mode, "corpus": "bench", "base": "random", **(activations or {}),
         "optim": {"lr": lr, "name": optim, "stochastic_round": stochastic_round},
         "lora": {"preset": preset, "adapter_dtype": adapter_dtype, "experts_path": experts_path,
                  "dense_path": dense_path, **({} if full_modules is None else {"full_modules": full_modules})}})
@@ -84,12 +84,11 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
         raise ValueError(f"mode must be lora or full, got {mode!r}")
     if mode == "full" and any(_as_list(in_backward)):
         raise ValueError("in_backward is for one process (lora); FSDP2 frees gradients shard by shard")
-    if mode == "full" and (offload_checkpoints or compile != "none"):
-        raise ConfigError("offload_checkpoints and compile are for one process (lora); FSDP2 runs stay eager")
-    if compile not in ("none", "moe"):
-        raise ConfigError(f"compile must be none or moe, got {compile!r}")
-    if offload_checkpoints and not activation_checkpointing:
-        raise ConfigError("offload_checkpoints offloads the checkpointed blocks' inputs: needs activation checkpointing")
+    activations = {"gradient_checkpointing": activation_checkpointing,
+                   "gradient_checkpointing_offload": offload_checkpoints, "compile": compile}
+    config, preset, cfg = _bench_config(arch, mode, model_overrides, lora_preset, lr, optim, adapter_dtype,
+                                        experts_path, full_modules, stochastic_round, dense_path, activations)
+    check_activations(cfg, fsdp=mode == "full")  # the trainer's own rules, before a model is built
     quiet_transformers()
     env = init_distributed(device, need_group=mode == "full")
     try:
@@ -98,8 +97,6 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
             total_bytes = torch.cuda.get_device_properties(env.device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_gib * 2**30 / total_bytes), env.device)
         dtype = torch.bfloat16 if on_gpu else torch.float32
-        config, preset, cfg = _bench_config(arch, mode, model_overrides, lora_preset, lr, optim, adapter_dtype,
-                                            experts_path, full_modules, stochastic_round, dense_path)
         t0 = time.perf_counter()
         if mode == "lora":
             model = build_scratch_model(config, dtype, env.device)

@@ -167,13 +167,7 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> None:
     if cfg.mode == "lora" and world_size > 1:
         raise ConfigError(f"mode lora runs on one process (got world size {world_size}); the multi-GPU arm is "
                           "mode full (FSDP2)")
-    if cfg.gradient_checkpointing_offload and not cfg.gradient_checkpointing:
-        raise ConfigError("gradient_checkpointing_offload offloads the checkpointed blocks' inputs: set "
-                          "gradient_checkpointing: true as well")
-    fsdp = cfg.mode == "full" or world_size > 1
-    if fsdp and (cfg.gradient_checkpointing_offload or cfg.compile != "none"):
-        raise ConfigError("gradient_checkpointing_offload and compile are for one process (lora, scratch); FSDP2 "
-                          "runs keep fsdp.activation_checkpointing and eager blocks")
+    check_activations(cfg, fsdp=cfg.mode == "full" or world_size > 1)
     if cfg.optim.in_backward:
         if cfg.optim.grad_clip > 0:
             raise ConfigError(f"optim.in_backward with optim.grad_clip={cfg.optim.grad_clip}: each parameter is "
@@ -189,6 +183,17 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> None:
     if cfg.batch_size % per_step:
         raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by world size x grad_accum_steps "
                           f"= {world_size} x {cfg.grad_accum_steps}")
+
+
+def check_activations(cfg: TrainConfig, fsdp: bool) -> None:
+    """The rules on where activations live (checkpointing, offloading, compiled blocks): check_config's, and
+    pitlm bench train's for its flags."""
+    if cfg.gradient_checkpointing_offload and not cfg.gradient_checkpointing:
+        raise ConfigError("gradient_checkpointing_offload offloads the checkpointed blocks' inputs: set "
+                          "gradient_checkpointing: true as well")
+    if fsdp and (cfg.gradient_checkpointing_offload or cfg.compile != "none"):
+        raise ConfigError("gradient_checkpointing_offload and compile are for one process (lora, scratch); FSDP2 "
+                          "runs keep fsdp.activation_checkpointing and eager blocks")
 
 
 def micro_batch_size(cfg: TrainConfig, world_size: int) -> int:
