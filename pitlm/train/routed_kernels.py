@@ -26,6 +26,7 @@ against.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import types
@@ -166,6 +167,11 @@ def _k() -> types.SimpleNamespace:
     return _kernels(_interpreting())
 
 
+def _on(t: torch.Tensor):
+    """Launch on t's GPU (Triton launches on the current device, which need not be t's)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _blocks(inter: int) -> tuple[int, int]:
     import triton
 
@@ -186,8 +192,9 @@ class _SwiGLURouted(torch.autograd.Function):
         block_r, block_c = _blocks(inter)
         if n_rows:
             grid = (k.triton.cdiv(n_rows, block_r), k.triton.cdiv(inter, block_c))
-            k.swiglu_fwd[grid](base, lora if lora is not None else base, weights, gu, h, n_rows, inter=inter,
-                               HAS_LORA=lora is not None, BLOCK_R=block_r, BLOCK_C=block_c)
+            with _on(base):
+                k.swiglu_fwd[grid](base, lora if lora is not None else base, weights, gu, h, n_rows, inter=inter,
+                                   HAS_LORA=lora is not None, BLOCK_R=block_r, BLOCK_C=block_c)
         ctx.save_for_backward(gu, weights)
         ctx.has_lora = lora is not None
         return h
@@ -202,8 +209,9 @@ class _SwiGLURouted(torch.autograd.Function):
         dw = torch.empty_like(weights)
         block_r, block_c = _blocks(inter)
         if n_rows:
-            k.swiglu_bwd[(k.triton.cdiv(n_rows, block_r),)](gu, weights, dh, dgu, dw, n_rows, inter=inter,
-                                                            BLOCK_R=block_r, BLOCK_C=block_c)
+            with _on(gu):
+                k.swiglu_bwd[(k.triton.cdiv(n_rows, block_r),)](gu, weights, dh, dgu, dw, n_rows, inter=inter,
+                                                                BLOCK_R=block_r, BLOCK_C=block_c)
         return dgu, (dgu if ctx.has_lora else None), dw
 
 
@@ -224,9 +232,10 @@ def _gather_sum(rows: torch.Tensor, extra: torch.Tensor | None, inv: torch.Tenso
     out = rows.new_empty(n_tokens, hidden)
     block_h = min(k.triton.next_power_of_2(hidden), 1024)
     if n_tokens:
-        k.gather_sum[(n_tokens, k.triton.cdiv(hidden, block_h))](
-            rows, extra if extra is not None else rows, inv.contiguous(), out, hidden, TOP_K=top_k,
-            HAS_EXTRA=extra is not None, BLOCK_H=block_h)
+        with _on(rows):
+            k.gather_sum[(n_tokens, k.triton.cdiv(hidden, block_h))](
+                rows, extra if extra is not None else rows, inv.contiguous(), out, hidden, TOP_K=top_k,
+                HAS_EXTRA=extra is not None, BLOCK_H=block_h)
     return out
 
 
@@ -252,6 +261,7 @@ def gather_rows(tokens: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     block_h = min(k.triton.next_power_of_2(hidden), 512)
     block_r = max(1, 4096 // block_h)
     if n_rows:
-        k.gather_rows[(k.triton.cdiv(n_rows, block_r), k.triton.cdiv(hidden, block_h))](
-            tokens, src.contiguous(), out, n_rows, hidden, BLOCK_R=block_r, BLOCK_H=block_h)
+        with _on(tokens):
+            k.gather_rows[(k.triton.cdiv(n_rows, block_r), k.triton.cdiv(hidden, block_h))](
+                tokens, src.contiguous(), out, n_rows, hidden, BLOCK_R=block_r, BLOCK_H=block_h)
     return out
