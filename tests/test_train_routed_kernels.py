@@ -54,6 +54,33 @@ def test_swiglu_equals_the_reference_with_gradients(interpret, inter, with_lora)
             torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
 
 
+def test_paired_outputs_keep_two_readers_gradients_apart_and_sum_them_in_the_kernel(interpret):
+    """pair=True / the paired permute: one result, two readers (as the base and LoRA GEMMs); the gradients equal
+    those of the single output read twice."""
+    from pitlm.train.experts import _PermuteRoutedPair
+
+    gen = torch.Generator().manual_seed(7)
+    base, lora = (torch.randn(21, 40, generator=gen) for _ in range(2))
+    w = torch.rand(21, generator=gen)
+    m1, m2 = torch.randn(20, 3, generator=gen), torch.randn(20, 5, generator=gen)
+
+    def readers(a, b):
+        return torch.cat([(a @ m1).flatten(), (b @ m2).flatten()])
+
+    _, g_pair = grads_of(lambda b, lo, wt: readers(*rk.swiglu_routed(b, lo, wt, pair=True)), base, lora, w)
+    _, g_one = grads_of(lambda b, lo, wt: readers(*[reference_swiglu(b, lo, wt)] * 2), base, lora, w)
+    for a, b in zip(g_pair, g_one, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    n_tokens, top_k = 6, 3
+    tokens = torch.randn(n_tokens, 20, generator=gen)
+    inv = torch.randperm(n_tokens * top_k, generator=gen)
+    src = torch.empty_like(inv)
+    src[inv] = torch.arange(inv.numel()) // top_k
+    _, (g_pair,) = grads_of(lambda t: readers(*_PermuteRoutedPair.apply(t, src, inv, top_k)), tokens)
+    _, (g_one,) = grads_of(lambda t: readers(*[t.index_select(0, src)] * 2), tokens)
+    torch.testing.assert_close(g_pair, g_one, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the interpreter truncates to bf16)")
 def test_swiglu_in_bf16_is_as_close_to_float32_as_the_reference():

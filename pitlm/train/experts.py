@@ -92,6 +92,27 @@ class _UnpermuteRouted(torch.autograd.Function):
         return g, (g if ctx.has_extra else None), None, None, None, None
 
 
+class _PermuteRoutedPair(torch.autograd.Function):
+    """The fused permute for rows read by two GEMMs (the base and the LoRA down-projection): the same rows returned
+    twice, so their two gradients reach backward apart and are summed inside the fused gather-sum, not by autograd
+    over a (rows, hidden) tensor."""
+
+    @staticmethod
+    def forward(ctx, tokens, src, inv, top_k):
+        from pitlm.train.routed_kernels import gather_rows
+
+        ctx.save_for_backward(src, inv)
+        ctx.top_k = top_k
+        rows = gather_rows(tokens, src)
+        return rows, rows.view_as(rows)
+
+    @staticmethod
+    def backward(ctx, grad, grad2):
+        src, inv = ctx.saved_tensors
+        grad, grad2 = (grad, grad2) if grad is not None else (grad2, None)
+        return _UnpermuteRouted.apply(grad, grad2, src, inv, ctx.top_k, True), None, None, None
+
+
 def permute_routed(tokens: torch.Tensor, src: torch.Tensor, inv: torch.Tensor, top_k: int,
                    fused: bool = False) -> torch.Tensor:
     """tokens[src]: token src[s] as routed row s."""
@@ -119,25 +140,31 @@ def lora_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device)
     src = perm // top_k  # the token of each routed row
-    x = permute_routed(hidden_states, src, inv, top_k, fused)
+    if fused and "gate_up_proj" in factors and hidden_states.dim() == 2:
+        x, x_low = _PermuteRoutedPair.apply(hidden_states, src, inv, top_k)
+    else:
+        x = x_low = permute_routed(hidden_states, src, inv, top_k, fused)
     weights = permute_routed(top_k_weights.reshape(-1), perm, inv, 1)
     n_experts = experts.gate_up_proj.shape[0]
     hist_in = expert_ids.int() if x.device.type == "cuda" else expert_ids.float()
     offsets = torch.cumsum(torch.histc(hist_in, bins=n_experts, min=0, max=n_experts - 1), 0, dtype=torch.int32)
 
-    def project(inp: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The base GEMM's output and the LoRA term's (None without an adapter), still to be added."""
+    def project(inp: torch.Tensor, name: str, inp_low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The base GEMM's output and the LoRA term's (None without an adapter), still to be added; inp_low: inp
+        itself, or its alias from a paired op (the two gradients then stay apart)."""
         out = _GEMM(inp, getattr(experts, name), offsets)
         if name not in factors:
             return out, None
         lhs, rhs, scaling = factors[name]  # peft's lhs is a permuted view: grouped GEMMs want plain layouts
         lhs, rhs = lhs.contiguous(), rhs.contiguous()
-        low = _GEMM(inp, rhs, offsets) * scaling  # (S, r): the scale on r columns, not on the output's
+        low = _GEMM(inp_low, rhs, offsets) * scaling  # (S, r): the scale on r columns, not on the output's
         return out, _GEMM(low, lhs, offsets)
 
-    base, lora = project(x, "gate_up_proj")
+    base, lora = project(x, "gate_up_proj", x_low)
     if fused:  # the LoRA add, SiLU(gate) * up and the routing weight in one kernel
-        h = routed_kernels.swiglu_routed(base, lora, weights)
+        pair = "down_proj" in factors  # h read by two GEMMs: their gradients summed in the kernel
+        out = routed_kernels.swiglu_routed(base, lora, weights, pair=pair)
+        h, h_low = out if pair else (out, out)
     else:
         h = base if lora is None else base + lora
         if hasattr(experts, "_apply_gate"):
@@ -146,8 +173,8 @@ def lora_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_
             gate, up = h.chunk(2, dim=-1)
             h = experts.act_fn(gate) * up
         # the routing weight scales each routed row; down_proj is linear, so it goes on the narrow input side
-        h = h * weights.unsqueeze(-1).to(h.dtype)
-    base, lora = project(h, "down_proj")
+        h = h_low = h * weights.unsqueeze(-1).to(h.dtype)
+    base, lora = project(h, "down_proj", h_low)
     return unpermute_routed(base, src, inv, top_k, extra=lora, fused=fused).to(hidden_states.dtype)
 
 

@@ -114,7 +114,8 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
         tl.store(h + r64[:, None] * inter + cols[None, :], out.to(h.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def swiglu_bwd(gu, w, dh, dgu, dw, n_rows, inter: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    def swiglu_bwd(gu, w, dh, dh2, dgu, dw, n_rows, inter: tl.constexpr, HAS_DH2: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_C: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = rows < n_rows
         r64 = rows.to(tl.int64)
@@ -126,7 +127,10 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
             g_off = r64[:, None] * (2 * inter) + cols[None, :]
             g = tl.load(gu + g_off, mask=mask, other=0.0).to(tl.float32)
             u = tl.load(gu + g_off + inter, mask=mask, other=0.0).to(tl.float32)
-            d = tl.load(dh + r64[:, None] * inter + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            h_off = r64[:, None] * inter + cols[None, :]
+            d = tl.load(dh + h_off, mask=mask, other=0.0).to(tl.float32)
+            if HAS_DH2:  # the second reader's gradient (pair=True), summed here instead of by autograd
+                d += tl.load(dh2 + h_off, mask=mask, other=0.0).to(tl.float32)
             sig = 1.0 / (1.0 + tl.exp(-g))
             act = g * sig
             acc += tl.sum(d * act * u, axis=1)
@@ -181,7 +185,7 @@ def _blocks(inter: int) -> tuple[int, int]:
 
 class _SwiGLURouted(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, base, lora, weights):
+    def forward(ctx, base, lora, weights, pair):
         k = _k()
         n_rows, inter = base.shape[0], base.shape[1] // 2
         base = base.contiguous()
@@ -197,31 +201,36 @@ class _SwiGLURouted(torch.autograd.Function):
                                    HAS_LORA=lora is not None, BLOCK_R=block_r, BLOCK_C=block_c)
         ctx.save_for_backward(gu, weights)
         ctx.has_lora = lora is not None
-        return h
+        return (h, h.view_as(h)) if pair else h
 
     @staticmethod
-    def backward(ctx, dh):
+    def backward(ctx, dh, dh2=None):
         k = _k()
         gu, weights = ctx.saved_tensors
         n_rows, inter = gu.shape[0], gu.shape[1] // 2
+        dh, dh2 = (dh, dh2) if dh is not None else (dh2, None)
         dh = dh.contiguous()
+        dh2 = dh2.contiguous() if dh2 is not None else None
         dgu = torch.empty_like(gu)
         dw = torch.empty_like(weights)
         block_r, block_c = _blocks(inter)
         if n_rows:
             with _on(gu):
-                k.swiglu_bwd[(k.triton.cdiv(n_rows, block_r),)](gu, weights, dh, dgu, dw, n_rows, inter=inter,
-                                                                BLOCK_R=block_r, BLOCK_C=block_c)
-        return dgu, (dgu if ctx.has_lora else None), dw
+                k.swiglu_bwd[(k.triton.cdiv(n_rows, block_r),)](
+                    gu, weights, dh, dh2 if dh2 is not None else dh, dgu, dw, n_rows, inter=inter,
+                    HAS_DH2=dh2 is not None, BLOCK_R=block_r, BLOCK_C=block_c)
+        return dgu, (dgu if ctx.has_lora else None), dw, None
 
 
-def swiglu_routed(base: torch.Tensor, lora: torch.Tensor | None, weights: torch.Tensor) -> torch.Tensor:
+def swiglu_routed(base: torch.Tensor, lora: torch.Tensor | None, weights: torch.Tensor, pair: bool = False):
     """SiLU(g) * u * weights[:, None] with (g | u) = base + lora split in two halves along the last dimension:
-    base, lora (rows, 2 * intermediate), weights (rows,); returns (rows, intermediate) in base's dtype."""
+    base, lora (rows, 2 * intermediate), weights (rows,); returns (rows, intermediate) in base's dtype. pair: the
+    result twice (the same memory) for two readers, e.g. the down projection's base and LoRA GEMMs; their two
+    gradients are summed inside the backward kernel instead of by autograd over a (rows, intermediate) tensor."""
     if base.dim() != 2 or base.shape[1] % 2 or weights.shape != base.shape[:1]:
         raise ValueError(f"swiglu_routed wants (rows, 2*inter) and (rows,), got {tuple(base.shape)} and "
                          f"{tuple(weights.shape)}")
-    return _SwiGLURouted.apply(base, lora, weights)
+    return _SwiGLURouted.apply(base, lora, weights, pair)
 
 
 def _gather_sum(rows: torch.Tensor, extra: torch.Tensor | None, inv: torch.Tensor, top_k: int) -> torch.Tensor:
