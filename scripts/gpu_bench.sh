@@ -55,9 +55,11 @@
 #           with the fused one (profiled), and the seed's recipe under 79 GiB
 #   phase 27 (carry .whl .kcache): the routed kernels' GPU tests and the 74 GiB recipe profiled, with the permute's
 #           row gather in Triton (gather_rows)
+#   phase 28 (carry .whl .kcache): phase 27 again after the paired outputs (gradients of two readers summed in the
+#           fused kernels); the GPU tests need ~70 s on a cold machine
 #   A cold machine spends > 5 min in fla's Triton autotuning before the first 35B step: run the phases that train
 #   in consecutive calls on a warm machine, with TRITON_CACHE_AUTOTUNING=1.
-# Usage: bash scripts/gpu_bench.sh 0|1|...|27
+# Usage: bash scripts/gpu_bench.sh 0|1|...|28
 set -u
 export TRITON_CACHE_AUTOTUNING=1
 source scripts/gpu_env.sh
@@ -234,9 +236,9 @@ elif [ "$1" = 26 ]; then
     --memory-cap-gib 74.0 --profile "$OUT/profile_dense.txt"
   T=${T3:-170} run $B train $L $M --batch 8 --memory-cap-gib 79.0 --stochastic-round full_modules
   save_kernel_cache
-elif [ "$1" = 27 ]; then
+elif [ "$1" = 27 ] || [ "$1" = 28 ]; then
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-  timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_train_routed_kernels.py tests/test_train_lora_dense.py \
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_train_routed_kernels.py tests/test_train_lora_dense.py \
     -k "gpu or cuda or bf16" 2>&1 | tail -1
   M="--adapter-dtype base --optim adamw8bit --ce-chunk 512 --offload-checkpoints"
   T=${T1:-300} run $B train $L $M --full-modules "" --batch 8 --in-backward on --memory-cap-gib 74.0 \
