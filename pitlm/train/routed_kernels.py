@@ -17,11 +17,16 @@ shapes). Here each chain is one kernel each way:
   float32 without materialising the gathered (rows, hidden) tensor;
 - `gather_rows(tokens, src)`: each token's row copied to its top_k routed rows (the permute before the experts).
 
+Where a result is read by two GEMMs (the base and the LoRA down-projection), the op returns it twice (the same
+memory; `swiglu_routed(..., pair=True)`, `pitlm.train.experts._PermuteRoutedPair`), so autograd hands its backward
+the two gradients apart and the kernel sums them, instead of autograd adding two (rows, width) tensors first.
+Measured on the 35B-A3B's 74 GiB step: 11.4k -> 13.7k tok/s together with the dense LoRA add-in-GEMM
+(BENCHMARKS.md, session 8).
+
 They run on CUDA tensors where Triton imports, and on CPU tensors under Triton's interpreter when asked
 (TRITON_INTERPRET=1 set before triton's import, and PITLM_ROUTED_KERNELS_CPU=1: how the tests run the same kernel
-code without a GPU). `pitlm.kernels.install_fast_kernels`
-switches them on per experts module; the torch reference path in `pitlm.train.experts` is what they are tested
-against.
+code without a GPU). `pitlm.kernels.install_fast_kernels` switches them on per experts module; the torch reference
+path in `pitlm.train.experts` is what they are tested against.
 """
 
 from __future__ import annotations
