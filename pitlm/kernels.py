@@ -135,8 +135,9 @@ def _experts_forward(ref):
 
 def install_fast_kernels(model: nn.Module, experts: bool = False) -> list[str]:
     """Route `model`'s causal conv1d and RMSNorms through fla's fused kernels and, with `experts`, its routed
-    experts through pitlm's grouped forward (CUDA tensors only). Returns the names of what was installed: [] on a
-    model without these layers or where fla does not import."""
+    experts through pitlm's grouped forward (CUDA tensors only); switch on the routed experts' Triton kernels where
+    triton imports (pitlm.train.routed_kernels). Returns the names of what was installed: [] on a model without
+    these layers, the routed kernels alone where fla does not import."""
     from pitlm.train.routed_kernels import set_routed_kernels
 
     installed = []
