@@ -133,17 +133,20 @@ def _experts_forward(ref):
     return forward
 
 
-def install_fast_kernels(model: nn.Module, experts: bool = False) -> list[str]:
+ROUTED = "triton-routed-experts"  # install_fast_kernels' name for pitlm.train.routed_kernels
+
+
+def install_fast_kernels(model: nn.Module, experts: bool = False, routed: bool = True) -> list[str]:
     """Route `model`'s causal conv1d and RMSNorms through fla's fused kernels and, with `experts`, its routed
-    experts through pitlm's grouped forward (CUDA tensors only); switch on the routed experts' Triton kernels where
-    triton imports (pitlm.train.routed_kernels). Returns the names of what was installed: [] on a model without
+    experts through pitlm's grouped forward (CUDA tensors only); with `routed`, switch on the routed experts' Triton
+    kernels where triton imports (pitlm.train.routed_kernels; off: switched off). Returns the names of what was installed: [] on a model without
     these layers, the routed kernels alone where fla does not import."""
     from pitlm.train.routed_kernels import set_routed_kernels
 
     installed = []
-    n_routed = set_routed_kernels(model, True)
-    if n_routed:
-        installed.append(f"triton-routed-experts x{n_routed}")
+    n_routed = set_routed_kernels(model, routed)
+    if n_routed and routed:
+        installed.append(f"{ROUTED} x{n_routed}")
     kinds = {type(m).__name__ for m in model.modules()}
     if not kinds & (OFFSET_NORMS | GATED_NORMS) and not any("GatedDeltaNet" in k for k in kinds):
         return _log_installed(installed)

@@ -98,7 +98,10 @@ def test_install_is_a_no_op_without_deltanet_layers_or_fla(monkeypatch):
     assert kernels.install_fast_kernels(dense) == []
     monkeypatch.setattr(kernels, "_fla", lambda: None)  # the routed experts' kernels need only triton
     routed = ["triton-routed-experts x4"] if routed_kernels._has_triton() else []
-    assert kernels.install_fast_kernels(tiny_hybrid()) == routed
+    model = tiny_hybrid()
+    assert kernels.install_fast_kernels(model) == routed
+    assert kernels.install_fast_kernels(model, routed=False) == []  # and switched off again
+    assert not any(getattr(m, routed_kernels.FLAG, False) for m in model.modules())
 
 
 def test_full_module_originals_share_the_trained_storage():

@@ -165,7 +165,7 @@ def test_the_lora_model_takes_the_kernels_and_keeps_its_loss_and_gradients(inter
 
     ref_loss, ref_grads = loss_and_grads()
     calls = {"swiglu": 0, "gather_sum": 0, "gather_rows": 0}
-    real_swiglu, real_gather, real_rows = rk.swiglu_routed, rk._gather_sum, rk.gather_rows
+    real_swiglu, real_gather, real_rows = rk.swiglu_routed, rk.gather_sum, rk.gather_rows
 
     def count(name, fn):
         def wrapped(*a, **k):
@@ -174,7 +174,7 @@ def test_the_lora_model_takes_the_kernels_and_keeps_its_loss_and_gradients(inter
         return wrapped
 
     monkeypatch.setattr(rk, "swiglu_routed", count("swiglu", real_swiglu))
-    monkeypatch.setattr(rk, "_gather_sum", count("gather_sum", real_gather))
+    monkeypatch.setattr(rk, "gather_sum", count("gather_sum", real_gather))
     monkeypatch.setattr(rk, "gather_rows", count("gather_rows", real_rows))
     assert rk.set_routed_kernels(model, True) == 4
     loss, grads = loss_and_grads()

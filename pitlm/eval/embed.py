@@ -230,12 +230,7 @@ def bench_embed(arch: str, n_prompts: int = 256, batch_sizes: tuple[int, ...] = 
     from pitlm.kernels import cpu_safe_delta_rules, install_fast_kernels
 
     cpu_safe_delta_rules()
-    kernels = install_fast_kernels(model, experts=True) if fast_kernels and cuda else []
-    if not routed_kernels:
-        from pitlm.train.routed_kernels import set_routed_kernels
-
-        set_routed_kernels(model, False)
-        kernels = [k for k in kernels if not k.startswith("triton-routed")]
+    kernels = install_fast_kernels(model, experts=True, routed=routed_kernels) if fast_kernels and cuda else []
     out: dict[str, Any] = {"arch": arch, "device": device, "dtype": str(dtype).replace("torch.", ""),
                            "params": sum(p.numel() for p in model.parameters()),
                            "build_seconds": round(time.perf_counter() - t0, 3), "n_prompts": n_prompts,

@@ -19,6 +19,7 @@ import torch
 
 from pitlm.config import apply_overrides, build_config
 from pitlm.doctor import fast_path_summary
+from pitlm.kernels import ROUTED, install_fast_kernels
 from pitlm.train.activations import compile_blocks, enable_activation_checkpointing, set_uncheckpointed_layers
 from pitlm.train.config import TrainConfig, check_activations
 from pitlm.train.loop import quiet_transformers
@@ -110,9 +111,8 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
             total = count_params(model)
         kernels = []
         if fast_kernels and on_gpu and mode == "lora":  # FSDP2 (full) + these kernels: not verified yet
-            from pitlm.kernels import install_fast_kernels
-
             kernels = install_fast_kernels(model)
+
         compile_blocks(model, compile)
         model.train()
         build_seconds = time.perf_counter() - t0
@@ -139,7 +139,7 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
         if sweeps_checkpointing:
             for skip in skips:  # a bad count fails now, not after the sweep's first (slow) measurements
                 set_uncheckpointed_layers(model, skip)
-        routed_sweep = _as_list(routed_kernels) if any(k.startswith("triton-routed") for k in kernels) else [False]
+        routed_sweep = _as_list(routed_kernels) if any(k.startswith(ROUTED) for k in kernels) else [False]
         combos = [(s, b, ib, r) for s in skips for r in routed_sweep for ib in _as_list(in_backward)
                   for b in _as_list(batch_size)]
         results = []

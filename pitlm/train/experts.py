@@ -59,7 +59,7 @@ class _PermuteRouted(torch.autograd.Function):
     def forward(ctx, tokens, src, inv, top_k, fused):
         ctx.save_for_backward(src, inv)
         ctx.top_k, ctx.fused = top_k, fused
-        if fused and tokens.dim() == 2:
+        if fused:
             from pitlm.train.routed_kernels import gather_rows
 
             return gather_rows(tokens, src)
@@ -140,7 +140,7 @@ def lora_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device)
     src = perm // top_k  # the token of each routed row
-    if fused and "gate_up_proj" in factors and hidden_states.dim() == 2:
+    if fused and "gate_up_proj" in factors:
         x, x_low = _PermuteRoutedPair.apply(hidden_states, src, inv, top_k)
     else:
         x = x_low = permute_routed(hidden_states, src, inv, top_k, fused)

@@ -238,7 +238,12 @@ def swiglu_routed(base: torch.Tensor, lora: torch.Tensor | None, weights: torch.
     return _SwiGLURouted.apply(base, lora, weights, pair)
 
 
-def _gather_sum(rows: torch.Tensor, extra: torch.Tensor | None, inv: torch.Tensor, top_k: int) -> torch.Tensor:
+def gather_sum(rows: torch.Tensor, extra: torch.Tensor | None, inv: torch.Tensor, top_k: int) -> torch.Tensor:
+    """out[t] = sum_j (rows + extra)[inv[t * top_k + j]] for rows, extra (tokens * top_k, hidden): the forward of
+    `pitlm.train.experts.unpermute_routed`, one kernel, no autograd of its own."""
+    if rows.dim() != 2 or rows.shape[0] % top_k or inv.shape != rows.shape[:1]:
+        raise ValueError(f"gather_sum wants (tokens*top_k, hidden) rows and as many indices, got "
+                         f"{tuple(rows.shape)} and {tuple(inv.shape)}")
     k = _k()
     rows = rows.contiguous()
     extra = extra.contiguous() if extra is not None else None
@@ -251,15 +256,6 @@ def _gather_sum(rows: torch.Tensor, extra: torch.Tensor | None, inv: torch.Tenso
                 rows, extra if extra is not None else rows, inv.contiguous(), out, hidden, TOP_K=top_k,
                 HAS_EXTRA=extra is not None, BLOCK_H=block_h)
     return out
-
-
-def gather_sum(rows: torch.Tensor, extra: torch.Tensor | None, inv: torch.Tensor, top_k: int) -> torch.Tensor:
-    """out[t] = sum_j (rows + extra)[inv[t * top_k + j]] for rows, extra (tokens * top_k, hidden): the forward of
-    `pitlm.train.experts.unpermute_routed`, one kernel, no autograd of its own."""
-    if rows.dim() != 2 or rows.shape[0] % top_k or inv.shape != rows.shape[:1]:
-        raise ValueError(f"gather_sum wants (tokens*top_k, hidden) rows and as many indices, got "
-                         f"{tuple(rows.shape)} and {tuple(inv.shape)}")
-    return _gather_sum(rows, extra, inv, top_k)
 
 
 def gather_rows(tokens: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
