@@ -120,17 +120,23 @@ def fast_kernel_checks(gpus: list[dict]) -> list[Check]:
                             f"usable (backend {backend})" if ok else f"fails to import: {err}",
                             "" if ok else "reinstall flash-linear-attention / fla-core"))
     fla_ok = bool(checks) and checks[-1].status == "ok"
-    # pitlm.kernels: fla's Triton causal conv1d (instead of Dao's CUDA package) and fused RMSNorms, on a GPU
+    # pitlm.kernels: fla's Triton causal conv1d (instead of Dao's CUDA package), fused RMSNorms and the Gated
+    # DeltaNet forward with grouped key heads and the gates inside the delta rule, on a GPU
     checks.append(Check("fused conv1d + RMSNorm", "ok" if fla_ok else "info",
                         "fla's Triton kernels via pitlm.kernels" if fla_ok else "off (needs a usable fla on a GPU)",
                         "" if fla_ok else "make flash-linear-attention usable (above)"))
-    # pitlm.train.routed_kernels: needs only Triton (the routed experts' LoRA adds, SwiGLU, weight, top-k sum)
+    checks.append(Check("grouped-head delta rule", "ok" if fla_ok else "info",
+                        "fla's delta rule without repeated key heads, gates in its kernels" if fla_ok else
+                        "off (needs a usable fla on a GPU)", "" if fla_ok else "make flash-linear-attention usable"))
+    # pitlm.train.routed_kernels / moe_kernels: need only Triton (the routed experts' LoRA adds, SwiGLU, weight,
+    # top-k sum; the router's softmax / top-k; the shared expert's gate)
     has_triton = _version("triton") is not None
     routed_ok = has_triton and bool(gpus)
-    checks.append(Check("fused routed experts", "ok" if routed_ok else "info",
-                        f"pitlm's Triton kernels (triton {_version('triton')})" if routed_ok else
-                        ("off (no GPU here)" if has_triton else "off (triton not installed)"),
-                        "" if routed_ok or not gpus else "install triton (it comes with CUDA builds of torch)"))
+    for name in ("fused routed experts", "fused MoE router + shared gate"):
+        checks.append(Check(name, "ok" if routed_ok else "info",
+                            f"pitlm's Triton kernels (triton {_version('triton')})" if routed_ok else
+                            ("off (no GPU here)" if has_triton else "off (triton not installed)"),
+                            "" if routed_ok or not gpus else "install triton (it comes with CUDA builds of torch)"))
     for mod, label, hint in (("causal_conv1d", "causal-conv1d", "optional: pitlm uses fla's conv kernel"),
                              ("flash_attn", "flash-attn", "pip install flash-attn (optional; sdpa is used otherwise)"),
                              ("liger_kernel", "liger-kernel",

@@ -12,6 +12,13 @@ pieces of these models run slower than they need to on a GPU (BENCHMARKS.md, the
 - the gated RMSNorm of the delta-rule output (norm, scale, silu gate): fla's `rms_norm_gated`;
 - the routed experts' glue between their grouped GEMMs (LoRA adds, SiLU * up, routing weight, the top-k gather
   and sum): `pitlm.train.routed_kernels`' fused Triton kernels, switched on per experts module (training and eval);
+- the Gated DeltaNet layer around the delta rule (Qwen3.5 / Qwen3.5-MoE, separate in_proj_qkv/z/b/a): transformers
+  5.17 repeats q and k to the value heads (`repeat_interleave`, strided copies ~4x slower than memory speed, and a
+  sum backward), and computes the decay gate and beta in separate float32 kernels. fla 0.6's delta rule takes the
+  value heads grouped over the key heads (GVA, value head h reads key head h // (HV / H), the repeat's order) and
+  fuses `-exp(A_log) * softplus(a + dt_bias)` and `sigmoid(b)` into its kernels; the conv output is split into
+  contiguous q, k, v by one copy kernel (`split_last`, torch's split_with_sizes_copy fast path);
+- the router and the shared expert's gate of the MoE block: `pitlm.train.moe_kernels`' Triton kernels;
 - the routed experts: transformers' grouped-GEMM forward masks the routed-token tensors for expert parallelism
   (in 5.17 on every call: ~30% of an embedding forward of the 35B on an H100); pitlm's grouped forward
   (`pitlm.train.experts.lora_experts_forward` without adapters) is the same GEMMs without the masks.
@@ -29,6 +36,7 @@ import importlib
 import logging
 import types
 
+import torch
 from torch import nn
 
 log = logging.getLogger("pitlm")
@@ -46,10 +54,12 @@ def _fla():
         from fla.modules.causal_conv1d import causal_conv1d
         from fla.modules.norm.fused_norm_gate import rms_norm_gated
         from fla.modules.norm.layernorm import rms_norm
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     except Exception as e:  # noqa: BLE001 - any import failure means: not usable here
         log.debug("fla kernels unavailable: %s", e)
         return None
-    return types.SimpleNamespace(conv=causal_conv1d, rms_norm=rms_norm, rms_norm_gated=rms_norm_gated)
+    return types.SimpleNamespace(conv=causal_conv1d, rms_norm=rms_norm, rms_norm_gated=rms_norm_gated,
+                                 delta_rule=chunk_gated_delta_rule)
 
 
 def _patch_conv(modeling, fla) -> bool:
@@ -122,6 +132,77 @@ def _gated_norm_forward(fla, ref):
     return forward
 
 
+class _SplitLast(torch.autograd.Function):
+    """Contiguous pieces of x along its last dimension in one copy kernel (torch's split_with_sizes_copy with out=
+    has a fast path for contiguous CUDA operands); the backward concatenates the pieces' gradients."""
+
+    @staticmethod
+    def forward(ctx, x, sizes):
+        x = x.contiguous()
+        outs = [x.new_empty(*x.shape[:-1], n) for n in sizes]
+        torch.split_with_sizes_copy(x, list(sizes), dim=-1, out=outs)
+        ctx.sizes = sizes
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        like = next(g for g in grads if g is not None)
+        grads = [g if g is not None else like.new_zeros(*like.shape[:-1], n) for g, n in zip(grads, ctx.sizes,
+                                                                                             strict=True)]
+        return torch.cat(grads, dim=-1), None
+
+
+def split_last(x: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
+    """x split along its last dimension into contiguous tensors of these widths (one copy kernel on CUDA)."""
+    if sum(sizes) != x.shape[-1]:
+        raise ValueError(f"split_last: widths {sizes} do not add up to {x.shape[-1]}")
+    return _SplitLast.apply(x, tuple(sizes))
+
+
+GDN_FLAG = "_pitlm_gdn_fast"  # on a Gated DeltaNet module: fla's GVA delta rule with the gates in its kernels
+GDN_SPLIT = {"Qwen3_5MoeGatedDeltaNet", "Qwen3_5GatedDeltaNet"}  # separate in_proj_qkv / _z / _b / _a
+PACKING = ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx", "cu_seqlens")  # packed sequences: transformers' handling
+
+
+def _gdn_forward(fla, ref, modeling):
+    mask_padding = getattr(modeling, "apply_mask_to_padding_states", None)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        cache = kwargs.get("cache_params", kwargs.get("cache"))
+        if (args or cache is not None or any(kwargs.get(k) is not None for k in PACKING)
+                or not getattr(self, GDN_FLAG, False) or not _fast_device(hidden_states)
+                or self.conv1d.weight.device != hidden_states.device):  # e.g. accelerate's offloaded weights
+            return ref(hidden_states, *args, **kwargs)
+        if mask_padding is not None:
+            hidden_states = mask_padding(hidden_states, kwargs.get("attention_mask"))
+        return gdn_forward(self, hidden_states, fla)
+
+    return forward
+
+
+def _fast_device(t: torch.Tensor) -> bool:
+    return t.is_cuda
+
+
+def gdn_forward(m: nn.Module, hidden_states: torch.Tensor, fla) -> torch.Tensor:
+    """transformers' Qwen3.5 Gated DeltaNet forward without a cache, with fla's conv on the (B, T, D) projection,
+    q / k / v split by one copy, and the delta rule taking the key heads grouped (no repeat to the value heads) and
+    the decay gate and beta computed inside its kernels from the raw projections."""
+    batch, seq, _ = hidden_states.shape
+    mixed = m.in_proj_qkv(hidden_states)
+    z = m.in_proj_z(hidden_states)
+    b = m.in_proj_b(hidden_states)
+    a = m.in_proj_a(hidden_states)
+    mixed, _ = fla.conv(mixed, m.conv1d.weight.squeeze(1), m.conv1d.bias, activation=m.activation)
+    q, k, v = split_last(mixed, [m.key_dim, m.key_dim, m.value_dim])
+    out, _ = fla.delta_rule(q.view(batch, seq, -1, m.head_k_dim), k.view(batch, seq, -1, m.head_k_dim),
+                            v.view(batch, seq, -1, m.head_v_dim), g=a, beta=b, use_qk_l2norm_in_kernel=True,
+                            use_gate_in_kernel=True, A_log=m.A_log, dt_bias=m.dt_bias,
+                            use_beta_sigmoid_in_kernel=True)
+    out = m.norm(out.reshape(-1, m.head_v_dim), z.reshape(-1, m.head_v_dim))
+    return m.out_proj(out.reshape(batch, seq, -1))
+
+
 def _experts_forward(ref):
     from pitlm.train.experts import lora_experts_forward
 
@@ -133,20 +214,29 @@ def _experts_forward(ref):
     return forward
 
 
-ROUTED = "triton-routed-experts"  # install_fast_kernels' name for pitlm.train.routed_kernels
+ROUTED = "triton-routed-experts"  # install_fast_kernels' names: pitlm.train.routed_kernels,
+ROUTER = "triton-router-topk"  # pitlm.train.moe_kernels' router,
+SHARED_GATE = "triton-shared-expert-gate"  # its shared-expert gate,
+GDN = "fla-gated-deltanet-gva"  # and the Gated DeltaNet forward above
 
 
 def install_fast_kernels(model: nn.Module, experts: bool = False, routed: bool = True) -> list[str]:
-    """Route `model`'s causal conv1d and RMSNorms through fla's fused kernels and, with `experts`, its routed
-    experts through pitlm's grouped forward (CUDA tensors only); with `routed`, switch on the routed experts' Triton
-    kernels where triton imports (pitlm.train.routed_kernels; off: switched off). Returns the names of what was installed: [] on a model without
-    these layers, the routed kernels alone where fla does not import."""
+    """Route `model`'s causal conv1d, RMSNorms and Gated DeltaNet layers through fla's fused kernels and, with
+    `experts`, its routed experts through pitlm's grouped forward (CUDA tensors only); with `routed`, switch on the
+    MoE block's Triton kernels where triton imports (the routed experts' `pitlm.train.routed_kernels`, the router's
+    and the shared expert gate's `pitlm.train.moe_kernels`; off: switched off). Returns the names of what was
+    installed: [] on a model without these layers, the Triton kernels alone where fla does not import. Each
+    installed path has a switch: `set_fast_path(model, name, on)`."""
+    from pitlm.train.moe_kernels import install_moe_kernels
     from pitlm.train.routed_kernels import set_routed_kernels
 
     installed = []
     n_routed = set_routed_kernels(model, routed)
     if n_routed and routed:
         installed.append(f"{ROUTED} x{n_routed}")
+    n_router, n_block = install_moe_kernels(model, on=routed)
+    if routed:
+        installed += [f"{name} x{n}" for name, n in ((ROUTER, n_router), (SHARED_GATE, n_block)) if n]
     kinds = {type(m).__name__ for m in model.modules()}
     if not kinds & (OFFSET_NORMS | GATED_NORMS) and not any("GatedDeltaNet" in k for k in kinds):
         return _log_installed(installed)
@@ -164,12 +254,16 @@ def install_fast_kernels(model: nn.Module, experts: bool = False, routed: bool =
             installed.append(f"fla-causal-conv1d ({name})")
     from pitlm.train.experts import experts_unsupported
 
-    n_norm = n_gated = n_experts = 0
+    n_norm = n_gated = n_experts = n_gdn = 0
     for m in model.modules():
         kind = type(m).__name__
         if getattr(m, "_pitlm_fast", False):
             continue
-        if experts and kind.endswith("Experts") and experts_unsupported(m) is None:
+        if kind in GDN_SPLIT:
+            m.forward = types.MethodType(_gdn_forward(fla, m.forward, importlib.import_module(type(m).__module__)), m)
+            setattr(m, GDN_FLAG, True)
+            n_gdn += 1
+        elif experts and kind.endswith("Experts") and experts_unsupported(m) is None:
             m.forward = types.MethodType(_experts_forward(m.forward), m)
             n_experts += 1
         elif kind in OFFSET_NORMS:
@@ -185,9 +279,32 @@ def install_fast_kernels(model: nn.Module, experts: bool = False, routed: bool =
         installed.append(f"fla-rmsnorm x{n_norm}")
     if n_gated:
         installed.append(f"fla-gated-rmsnorm x{n_gated}")
+    if n_gdn:
+        installed.append(f"{GDN} x{n_gdn}")
     if n_experts:
         installed.append(f"grouped-experts x{n_experts}")
     return _log_installed(installed)
+
+
+def fast_path_switches() -> dict[str, str]:
+    """{name: the module attribute that switches it}: the fast paths that can be turned off on a built model."""
+    from pitlm.train.moe_kernels import ROUTER_FLAG, SHARED_FLAG
+    from pitlm.train.routed_kernels import FLAG
+
+    return {"routed-experts": FLAG, "router": ROUTER_FLAG, "shared-gate": SHARED_FLAG, "gdn": GDN_FLAG}
+
+
+def set_fast_path(model: nn.Module, name: str, on: bool) -> int:
+    """Switch one installed fast path (a `fast_path_switches()` name) on or off; returns how many modules."""
+    switches = fast_path_switches()
+    if name not in switches:
+        raise ValueError(f"unknown fast path {name!r}; known: {', '.join(switches)}")
+    n = 0
+    for m in model.modules():
+        if hasattr(m, switches[name]):
+            setattr(m, switches[name], on)
+            n += 1
+    return n
 
 
 def _log_installed(installed: list[str]) -> list[str]:

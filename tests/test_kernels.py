@@ -38,10 +38,12 @@ def test_install_patches_conv_and_norms_and_keeps_cpu_on_the_reference(monkeypat
     n_layers = model.config.num_hidden_layers
     n_attn = sum(t == "full_attention" for t in model.config.layer_types)
     n_norm = 2 * n_layers + 2 * n_attn + 1  # input/post-attention per layer, q/k per attention layer, final
-    routed = [f"triton-routed-experts x{n_layers}"] if routed_kernels._has_triton() else []
+    routed = [f"{name} x{n_layers}" for name in (kernels.ROUTED, kernels.ROUTER, kernels.SHARED_GATE)] \
+        if routed_kernels._has_triton() else []
     assert installed == [*routed, "fla-causal-conv1d (qwen3_5_moe)", f"fla-rmsnorm x{n_norm}",
-                         f"fla-gated-rmsnorm x{n_layers - n_attn}", f"grouped-experts x{n_layers}"]
-    # once only (the routed kernels' switch is an attribute: set again, to the same value)
+                         f"fla-gated-rmsnorm x{n_layers - n_attn}", f"{kernels.GDN} x{n_layers - n_attn}",
+                         f"grouped-experts x{n_layers}"]
+    # once only (the Triton kernels' switches are attributes: set again, to the same value)
     assert kernels.install_fast_kernels(model, experts=True) == [*routed, "fla-causal-conv1d (qwen3_5_moe)"]
     with torch.no_grad():
         after = model(input_ids=tokens).logits
@@ -97,11 +99,102 @@ def test_install_is_a_no_op_without_deltanet_layers_or_fla(monkeypatch):
     monkeypatch.setattr(kernels, "_fla", refusing_fla)
     assert kernels.install_fast_kernels(dense) == []
     monkeypatch.setattr(kernels, "_fla", lambda: None)  # the routed experts' kernels need only triton
-    routed = ["triton-routed-experts x4"] if routed_kernels._has_triton() else []
+    routed = [f"{name} x4" for name in (kernels.ROUTED, kernels.ROUTER, kernels.SHARED_GATE)] \
+        if routed_kernels._has_triton() else []
     model = tiny_hybrid()
     assert kernels.install_fast_kernels(model) == routed
     assert kernels.install_fast_kernels(model, routed=False) == []  # and switched off again
-    assert not any(getattr(m, routed_kernels.FLAG, False) for m in model.modules())
+    flags = [routed_kernels.FLAG, *kernels.fast_path_switches().values()]
+    assert not any(getattr(m, f, False) for m in model.modules() for f in flags)
+
+
+def cpu_fla(calls: list):
+    """fla's functions with their documented semantics in torch, for CPU tensors: the conv on (B, T, D) inputs, and
+    the delta rule with the value heads grouped over the key heads (value head h reads key head h // (HV / H)) and
+    the decay gate -exp(A_log) * softplus(g + dt_bias) and sigmoid(beta) computed inside. The real kernels are
+    checked against the reference on a GPU (test_fast_kernels_match_the_reference_on_the_gpu)."""
+    import torch.nn.functional as F
+    from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as modeling
+
+    ref = getattr(modeling.torch_chunk_gated_delta_rule, "__wrapped__", modeling.torch_chunk_gated_delta_rule)
+
+    def conv(x, weight, bias=None, activation=None, **kwargs):
+        y = F.conv1d(x.transpose(1, 2), weight.unsqueeze(1), bias, padding=weight.shape[-1] - 1,
+                     groups=x.shape[-1])[..., :x.shape[1]]
+        return (F.silu(y) if activation in ("silu", "swish") else y).transpose(1, 2), None
+
+    def delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=False, use_gate_in_kernel=False, A_log=None,
+                   dt_bias=None, use_beta_sigmoid_in_kernel=False, **kwargs):
+        calls.append(q.shape)
+        assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+        rep = v.shape[2] // q.shape[2]
+        q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
+        if use_gate_in_kernel:
+            g = -A_log.float().exp() * F.softplus(g.float() + dt_bias)
+        if use_beta_sigmoid_in_kernel:
+            beta = beta.sigmoid()
+        return ref(q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+
+    never = refusing_fla()
+    return types.SimpleNamespace(conv=conv, delta_rule=delta_rule, rms_norm=never.rms_norm,
+                                 rms_norm_gated=never.rms_norm_gated)
+
+
+def test_gated_deltanet_forward_equals_transformers_with_lora_and_gradients(monkeypatch):
+    """pitlm's Gated DeltaNet forward (grouped key heads, gates inside the delta rule, one split copy) against
+    transformers' on the CPU in float32, with fla's functions in torch (cpu_fla): the same loss and every gradient,
+    with LoRA on its projections; off, and with a cache, transformers' forward runs."""
+    from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as modeling
+
+    from pitlm.train.config import LoraConfig
+    from pitlm.train.model import apply_lora
+
+    monkeypatch.setattr(modeling, "causal_conv1d_fn", modeling.causal_conv1d_fn)  # restored after the test
+    model = apply_lora(tiny_hybrid(), LoraConfig(preset="qwen3.5-moe"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    ids = torch.randint(2, 258, (2, 70), generator=torch.Generator().manual_seed(3))  # > one 64-token chunk
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss  # as pitlm's train step
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_loss, ref_grads = loss_and_grads()
+    calls = []
+    monkeypatch.setattr(kernels, "_fla", lambda: cpu_fla(calls))
+    monkeypatch.setattr(kernels, "_fast_device", lambda t: True)
+    n_gdn = sum(t == "linear_attention" for t in model.config.layer_types)
+    assert f"{kernels.GDN} x{n_gdn}" in kernels.install_fast_kernels(model)
+    loss, grads = loss_and_grads()
+    assert len(calls) == n_gdn and calls[0][2] == model.config.linear_num_key_heads  # key heads not repeated
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    assert grads.keys() == ref_grads.keys() and any("in_proj_qkv.lora_A" in n for n in grads)
+    for name, g in grads.items():
+        scale = ref_grads[name].abs().max().clamp(min=1e-12)
+        assert (g - ref_grads[name]).abs().max() / scale < 1e-4, name
+    with torch.no_grad():
+        model.eval()(input_ids=ids, use_cache=True)  # a cache: transformers' forward (it keeps conv / state)
+        assert len(calls) == n_gdn
+        assert kernels.set_fast_path(model, "gdn", False) == n_gdn
+        model(input_ids=ids, use_cache=False)
+        assert len(calls) == n_gdn
+
+
+def test_split_last_gives_contiguous_pieces_and_their_gradient():
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    pieces = kernels.split_last(x, [3, 3, 6])
+    assert all(p.is_contiguous() for p in pieces)
+    for p, r in zip(pieces, torch.split(x, [3, 3, 6], dim=-1), strict=True):
+        assert torch.equal(p, r)
+    (pieces[0].sum() * 2 + pieces[2].pow(2).sum()).backward()  # the middle piece unused: a zero gradient
+    torch.testing.assert_close(x.grad, torch.cat([torch.full((2, 5, 3), 2.0), torch.zeros(2, 5, 3),
+                                                  2 * x.detach()[..., 6:]], dim=-1))
+    with pytest.raises(ValueError, match="do not add up"):
+        kernels.split_last(x, [3, 3])
 
 
 def test_full_module_originals_share_the_trained_storage():
@@ -126,18 +219,22 @@ def fla_usable() -> bool:
 
 
 @pytest.mark.skipif(not fla_usable(), reason="needs a CUDA GPU with flash-linear-attention")
-def test_fast_kernels_match_the_reference_on_the_gpu():
-    """bf16 on a GPU: loss and gradients with the fused kernels vs the reference path, both against float32."""
+def test_fast_kernels_match_the_reference_on_the_gpu(monkeypatch):
+    """bf16 on a GPU: loss and gradients with the fused kernels (fla's conv, norms and grouped-head delta rule with
+    its gates inside, the MoE block's Triton kernels) vs the reference path, both against float32."""
     from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as modeling
 
     ref_conv = modeling.causal_conv1d_fn
+    gdn_calls = []
+    real_gdn = kernels.gdn_forward
+    monkeypatch.setattr(kernels, "gdn_forward", lambda *a: gdn_calls.append(1) or real_gdn(*a))
     try:
         m32 = tiny_hybrid(torch.float32, "cuda")
         tokens = torch.randint(0, m32.config.vocab_size, (2, 257), device="cuda")
 
         def run(model):
             model.zero_grad(set_to_none=True)
-            out = model(input_ids=tokens, labels=tokens)
+            out = model(input_ids=tokens, labels=tokens, use_cache=False)  # as pitlm's train step
             out.loss.backward()
             return out.loss.detach().float(), torch.cat([p.grad.float().flatten() for p in model.parameters()
                                                          if p.grad is not None])
@@ -148,6 +245,7 @@ def test_fast_kernels_match_the_reference_on_the_gpu():
         loss_ref, g_ref = run(m16)
         assert kernels.install_fast_kernels(m16, experts=True)
         loss_fast, g_fast = run(m16)
+        assert len(gdn_calls) == sum(t == "linear_attention" for t in m16.config.layer_types)
 
         def rel(a, b):
             return float((a - b).norm() / b.norm())

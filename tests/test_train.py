@@ -397,6 +397,34 @@ def test_bench_train_sweeps_uncheckpointed_layers_and_reports_the_loss_path(run)
     assert code != 0 and "has only 4 decoder layers" in err
 
 
+def test_bench_ablation_switches_one_fast_path_off_and_refuses_unknown_names(run, monkeypatch):
+    """--ablate: every installed fast path on but the named one; --routed-kernels off turns the MoE block's three
+    Triton paths off together. On a CPU nothing is installed, so the sweep is the plain model; a bad name is one
+    error line before any model is built."""
+    pytest.importorskip("triton")
+    from pitlm import kernels
+    from pitlm.train import bench
+    from pitlm.train.model import build_model_config, build_scratch_model
+
+    model = build_scratch_model(build_model_config("tiny-qwen3.5-moe"), torch.float32)
+    monkeypatch.setattr(kernels, "_fla", lambda: None)
+    assert kernels.install_fast_kernels(model)
+    switches = kernels.fast_path_switches()
+
+    def state():
+        return {name: sorted({getattr(m, attr) for m in model.modules() if hasattr(m, attr)})
+                for name, attr in switches.items() if any(hasattr(m, attr) for m in model.modules())}
+
+    assert bench._switch_fast_paths(model, True, "router") is True
+    assert state() == {"routed-experts": [True], "router": [False], "shared-gate": [True]}
+    assert bench._switch_fast_paths(model, False, "none") is False
+    assert state() == {"routed-experts": [False], "router": [False], "shared-gate": [False]}
+    assert bench._switch_fast_paths(model, True, "none") is True
+    assert state() == {"routed-experts": [True], "router": [True], "shared-gate": [True]}
+    code, out, err = run("bench", "train", "--arch", "tiny-qwen3.5-moe", "--ablate", "none,fast")
+    assert code != 0 and "unknown --ablate fast" in err and "Traceback" not in err
+
+
 def test_bench_train_reports_each_measurement_before_the_next_starts(monkeypatch):
     """A sweep cut short by a job's time limit (a new shape's kernel autotuning can take minutes on a GPU) must
     already have reported what it measured."""

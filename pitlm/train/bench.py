@@ -19,7 +19,8 @@ import torch
 
 from pitlm.config import apply_overrides, build_config
 from pitlm.doctor import fast_path_summary
-from pitlm.kernels import ROUTED, install_fast_kernels
+from pitlm.errors import ConfigError
+from pitlm.kernels import fast_path_switches, install_fast_kernels, set_fast_path
 from pitlm.train.activations import compile_blocks, enable_activation_checkpointing, set_uncheckpointed_layers
 from pitlm.train.config import TrainConfig, check_activations
 from pitlm.train.loop import quiet_transformers
@@ -36,7 +37,6 @@ from pitlm.train.parallel import (
     init_distributed,
     shutdown_distributed,
 )
-from pitlm.train.routed_kernels import set_routed_kernels
 from pitlm.train.step import train_step
 
 log = logging.getLogger("pitlm.bench")
@@ -71,6 +71,7 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
                 uncheckpointed_layers: int | list[int] = 0, stochastic_round: str = "none",
                 offload_checkpoints: bool = False, compile: str = "none",
                 routed_kernels: bool | list[bool] = True, dense_path: str = "fused",
+                ablate: str | list[str] = "none",
                 on_result: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]] | None:
     """Run warmup + steps training steps on random tokens for every (uncheckpointed layers, in_backward, batch size)
     combination, on one model built once; returns one measurement each on rank 0 (None elsewhere). One that runs out
@@ -78,11 +79,16 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
     H100's budget on an H200). uncheckpointed_layers: the last N decoder layers keep their activations.
     offload_checkpoints: checkpointed blocks keep their input in pinned host memory. compile: torch.compile the MoE
     blocks (moe); the warm-up steps pay the compilation. routed_kernels: with the fast kernels, the experts' fused
-    Triton kernels on or off (pitlm.train.routed_kernels); a list sweeps both on one model.
+    Triton kernels on or off (the MoE block's: pitlm.train.routed_kernels and moe_kernels); a list sweeps both on
+    one model. ablate: with the fast kernels, one installed fast path switched off (a `pitlm.kernels` switch name:
+    gdn, router, shared-gate, routed-experts) or none; a list measures each on one model.
     on_result: called on rank 0 with each measurement as soon as it exists, so a sweep cut short by a time limit
     (a new shape's kernel autotuning can take minutes) still reports what it measured."""
     if mode not in ("lora", "full"):
         raise ValueError(f"mode must be lora or full, got {mode!r}")
+    unknown = [a for a in _as_list(ablate) if a != "none" and a not in fast_path_switches()]
+    if unknown:
+        raise ConfigError(f"unknown --ablate {', '.join(unknown)}; known: none, {', '.join(fast_path_switches())}")
     if mode == "full" and any(_as_list(in_backward)):
         raise ValueError("in_backward is for one process (lora); FSDP2 frees gradients shard by shard")
     activations = {"gradient_checkpointing": activation_checkpointing,
@@ -139,25 +145,40 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
         if sweeps_checkpointing:
             for skip in skips:  # a bad count fails now, not after the sweep's first (slow) measurements
                 set_uncheckpointed_layers(model, skip)
-        routed_sweep = _as_list(routed_kernels) if any(k.startswith(ROUTED) for k in kernels) else [False]
-        combos = [(s, b, ib, r) for s in skips for r in routed_sweep for ib in _as_list(in_backward)
-                  for b in _as_list(batch_size)]
+        routed_sweep = _as_list(routed_kernels) if kernels else [False]
+        ablations = _as_list(ablate) if kernels else ["none"]
+        combos = [(s, b, ib, r, a) for s in skips for r in routed_sweep for a in ablations
+                  for ib in _as_list(in_backward) for b in _as_list(batch_size)]
         results = []
-        for i, (skip, batch, ib, routed) in enumerate(combos):
+        for i, (skip, batch, ib, routed, ablated) in enumerate(combos):
             if sweeps_checkpointing:
                 set_uncheckpointed_layers(model, skip)
-            set_routed_kernels(model, bool(routed))
+            routed_on = _switch_fast_paths(model, bool(routed), ablated)
             last = i == len(combos) - 1
             result = _measure(model, cfg, env, config.vocab_size, batch, bool(ib), seq_len, steps, warmup, ce_chunk,
                               grad_accum, profile_path if last else None)
             results.append({"bench_config": f"{i + 1}/{len(combos)}", **common, "uncheckpointed_layers": skip,
-                            "routed_kernels": "triton" if routed else "torch", **result})
+                            "routed_kernels": "triton" if routed_on else "torch", "ablated": ablated, **result})
             if on_result is not None and env.is_main:
                 on_result(results[-1])
         shutdown_distributed()
         return results if env.is_main else None
     finally:
         shutdown_distributed(wait=False)
+
+
+MOE_BLOCK_PATHS = ("routed-experts", "router", "shared-gate")  # --routed-kernels off switches all three off
+
+
+def _switch_fast_paths(model, routed: bool, ablated: str) -> bool:
+    """Every installed fast path on except `ablated`, and the MoE block's Triton kernels only with `routed`;
+    returns whether any of those is on."""
+    routed_on = False
+    for name in fast_path_switches():
+        on = name != ablated and (routed or name not in MOE_BLOCK_PATHS)
+        if set_fast_path(model, name, on) and on and name in MOE_BLOCK_PATHS:
+            routed_on = True
+    return routed_on
 
 
 def _autocast(device_type: str, mode: str) -> torch.dtype | None:

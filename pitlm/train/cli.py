@@ -144,7 +144,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             uncheckpointed: Annotated[str, typer.Option("--uncheckpointed-layers", help="lora: the last N decoder layers keep their activations (no recompute); a comma list sweeps (0,4,8).")] = "0",
             offload_checkpoints: Annotated[bool, typer.Option("--offload-checkpoints/--no-offload-checkpoints", help="lora: checkpointed blocks keep their input in pinned host memory (copied back one block ahead).")] = False,
             compile_: Annotated[str, typer.Option("--compile", help="lora: none | moe -- torch.compile each MoE block (the warm-up compiles).")] = "none",
-            routed_kernels: Annotated[str, typer.Option("--routed-kernels", help="GPU, with the fast kernels: on | off | on,off -- the routed experts' fused Triton kernels (pitlm.train.routed_kernels).")] = "on",
+            routed_kernels: Annotated[str, typer.Option("--routed-kernels", help="GPU, with the fast kernels: on | off | on,off -- the MoE block's fused Triton kernels (routed experts, router, shared-expert gate).")] = "on",
+            ablate: Annotated[str, typer.Option("--ablate", help="GPU, with the fast kernels: none | gdn | router | shared-gate | routed-experts -- that fast path off; a comma list measures each on one model.")] = "none",
             set_: SetOpt = None) -> None:
         """Training throughput and peak memory of pitlm's own train_step on random weights and tokens."""
         from pitlm.errors import ConfigError
@@ -181,4 +182,4 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                     in_backward=ib, grad_accum=grad_accum, memory_cap_gib=memory_cap_gib,
                     uncheckpointed_layers=skips, stochastic_round=stochastic_round,
                     offload_checkpoints=offload_checkpoints, compile=compile_, routed_kernels=routed,
-                    on_result=emit)
+                    ablate=[a.strip() for a in ablate.split(",") if a.strip()] or ["none"], on_result=emit)
