@@ -57,9 +57,12 @@
 #           row gather in Triton (gather_rows)
 #   phase 28 (carry .whl .kcache): phase 27 again after the paired outputs (gradients of two readers summed in the
 #           fused kernels); the GPU tests need ~70 s on a cold machine
+#   phase 29 (carry .whl .kcache; session 9's first call): GPU tests of the Gated DeltaNet forward with grouped key
+#           heads and in-kernel gates (pitlm.kernels) and of the router / shared-gate kernels (pitlm.train.moe_kernels);
+#           the 74 GiB recipe with each new path switched off in turn, then all on (profiled), on one model
 #   A cold machine spends > 5 min in fla's Triton autotuning before the first 35B step: run the phases that train
 #   in consecutive calls on a warm machine, with TRITON_CACHE_AUTOTUNING=1.
-# Usage: bash scripts/gpu_bench.sh 0|1|...|28
+# Usage: bash scripts/gpu_bench.sh 0|1|...|29
 set -u
 export TRITON_CACHE_AUTOTUNING=1
 source scripts/gpu_env.sh
@@ -244,6 +247,16 @@ elif [ "$1" = 27 ] || [ "$1" = 28 ]; then
   T=${T1:-300} run $B train $L $M --full-modules "" --batch 8 --in-backward on --memory-cap-gib 74.0 \
     --profile "$OUT/profile_rows.txt"
   grep -E "gather|Self CUDA time total" "$OUT/profile_rows.txt" | head -8
+elif [ "$1" = 29 ]; then
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|gpu0|routed|router|delta rule" | tee "$OUT/doctor.txt"
+  timeout ${TT:-240} python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_train_moe_kernels.py \
+    -k "gpu or cuda" 2>&1 | tail -4
+  M="--adapter-dtype base --optim adamw8bit --ce-chunk 512 --offload-checkpoints"
+  T=${T1:-420} run $B train $L $M --full-modules "" --batch 8 --in-backward on --memory-cap-gib 74.0 \
+    --ablate ${ABL:-gdn,router,shared-gate,none} --profile "$OUT/profile_s9.txt"
+  grep -E "Self CUDA time total" "$OUT/profile_s9.txt" | head -2
+  save_kernel_cache
 elif [ "$1" = 1 ]; then
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|causal|liger|grouped|gpu0|triton" | tee "$OUT/doctor.txt"
   run $B train $L --batch 1
