@@ -243,3 +243,81 @@ def test_kernels_in_bf16_on_the_gpu_match_the_reference_against_float32():
 
     assert rel(loss_fast, loss32) <= 1.5 * max(rel(loss_ref, loss32), 1e-3)
     assert rel(g_fast, g32) <= 1.5 * max(rel(g_ref, g32), 1e-2)
+
+
+def test_lora_in_the_gemms_k_equals_separate_gemms_and_keeps_the_weights(interpret, monkeypatch):
+    """gate_up_proj's and down_proj's LoRA terms in their base GEMMs' K (padded routed rows / h and weight storage,
+    pitlm.train.experts._LoRAInK) against the separate rank-r GEMMs: the same loss and every gradient; the base
+    weights keep their values (now views of the padded storage) and the state dict its keys."""
+    from pitlm.train import experts as ex
+
+    model = lora_model()
+    ids = torch.randint(2, 258, (2, 24), generator=torch.Generator().manual_seed(4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert rk.set_routed_kernels(model, True) == 4
+    moe = [m for m in model.modules() if type(m).__name__.endswith("Experts")]
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    for m in moe:
+        setattr(m, rk.IN_K, False)
+    ref_loss, ref_grads = loss_and_grads()
+    calls = []
+    real = ex._LoRAInK.apply
+    monkeypatch.setattr(ex._LoRAInK, "apply", lambda *a: calls.append(1) or real(*a))
+    for m in moe:
+        setattr(m, rk.IN_K, True)
+    loss, grads = loss_and_grads()
+    assert len(calls) == 8  # 4 layers x (gate_up, down)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    for name, g in grads.items():
+        scale = ref_grads[name].abs().max().clamp(min=1e-12)
+        assert (g - ref_grads[name]).abs().max() / scale < 1e-5, name
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+    rank = model.peft_config["default"].r
+    for name in ("gate_up_proj", "down_proj"):
+        store, w = getattr(moe[0], ex.PAD)[name], getattr(moe[0], name)
+        assert store.shape[-1] == w.shape[-1] + ex.lora_pad(rank, w.shape[-1])
+        assert w.data_ptr() == store.data_ptr() and not w.requires_grad
+        assert ex.padded_weight(moe[0], name, store.shape[-1] - w.shape[-1]) is store
+
+
+def test_lora_pad_keeps_rows_16_byte_aligned_and_grouped_weight_grad_matches_a_loop():
+    from pitlm.train.experts import grouped_weight_grad, lora_pad
+
+    for rank, width in ((16, 512), (8, 32), (5, 20), (1, 7)):
+        pad = lora_pad(rank, width)
+        assert pad >= rank and (width + pad) % 8 == 0 and pad - rank < 8
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(20, 8, generator=gen), torch.randn(20, 16, generator=gen)
+    offsets = torch.tensor([5, 5, 12, 20], dtype=torch.int32)  # group 1 empty
+    out = grouped_weight_grad(a, b, offsets, 4)
+    starts = [0, 5, 5, 12]
+    for g, (s, e) in enumerate(zip(starts, offsets.tolist(), strict=True)):
+        torch.testing.assert_close(out[g], a[s:e].t() @ b[s:e], rtol=1e-5, atol=1e-5)
+
+
+def test_gather_kernels_read_and_write_the_first_columns_of_padded_buffers(interpret):
+    """Rows strided by a padded buffer (the LoRA-in-K layout) are read in place by gather_sum and written in place
+    by gather_rows(pad=) and swiglu_routed(pad=): the same values as contiguous tensors."""
+    gen = torch.Generator().manual_seed(9)
+    n_tokens, top_k, hidden, pad = 7, 3, 40, 8
+    buf = torch.randn(n_tokens * top_k, hidden + pad, generator=gen)
+    rows, extra = buf[:, :hidden], torch.randn(n_tokens * top_k, hidden, generator=gen)
+    inv = torch.randperm(n_tokens * top_k, generator=gen)
+    torch.testing.assert_close(rk.gather_sum(rows, extra, inv, top_k),
+                               rk.gather_sum(rows.contiguous(), extra, inv, top_k), rtol=0, atol=0)
+    tokens, src = torch.randn(n_tokens, hidden, generator=gen), torch.randint(0, n_tokens, (21,), generator=gen)
+    out = rk.gather_rows(tokens, src, pad)
+    assert out.stride(0) == hidden + pad and torch.equal(out, tokens.index_select(0, src))
+    base, w = torch.randn(21, 2 * hidden, generator=gen), torch.rand(21, generator=gen)
+    h = rk.swiglu_routed(base, None, w, pad=pad)
+    assert h.stride(0) == hidden + pad
+    torch.testing.assert_close(h, reference_swiglu(base, None, w), rtol=1e-6, atol=1e-6)

@@ -98,19 +98,104 @@ class _PermuteRoutedPair(torch.autograd.Function):
     over a (rows, hidden) tensor."""
 
     @staticmethod
-    def forward(ctx, tokens, src, inv, top_k):
+    def forward(ctx, tokens, src, inv, top_k, pad=0):
         from pitlm.train.routed_kernels import gather_rows
 
         ctx.save_for_backward(src, inv)
         ctx.top_k = top_k
-        rows = gather_rows(tokens, src)
+        rows = gather_rows(tokens, src, pad)  # pad: room for the gate_up LoRA term in K (_LoRAInK)
         return rows, rows.view_as(rows)
 
     @staticmethod
     def backward(ctx, grad, grad2):
         src, inv = ctx.saved_tensors
         grad, grad2 = (grad, grad2) if grad is not None else (grad2, None)
-        return _UnpermuteRouted.apply(grad, grad2, src, inv, ctx.top_k, True), None, None, None
+        return _UnpermuteRouted.apply(grad, grad2, src, inv, ctx.top_k, True), None, None, None, None
+
+
+def grouped_weight_grad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Per group g of rows (offsets as in grouped_linear): a_g^T @ b_g, stacked (groups, a cols, b cols); the
+    weight-gradient form of a grouped GEMM. Groups without rows give zeros."""
+    gmm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+    aligned = all(t.shape[-1] * t.element_size() % 16 == 0 and t.shape[0] * t.element_size() % 16 == 0
+                  for t in (a, b))
+    native = a.dtype == torch.bfloat16 or (a.device.type == "cpu" and a.dtype == torch.float32)
+    if gmm is not None and aligned and native and a.dtype == b.dtype:
+        return gmm(a.t(), b, offs=offsets)
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()
+    out = a.new_zeros(n_groups, a.shape[1], b.shape[1])
+    start = 0
+    for g, n in enumerate(counts):
+        if n:
+            out[g] = a[start:start + n].t() @ b[start:start + n]
+        start += n
+    return out
+
+
+PAD = "_pitlm_lora_pad"  # experts attribute: {parameter name: its (experts, out, in + pad) storage}
+
+
+def lora_pad(rank: int, width: int) -> int:
+    """Columns appended to a width-`width` GEMM operand to hold a rank-`rank` LoRA term: rank, rounded up so that
+    rows stay 16-byte aligned in bf16."""
+    return rank + (-(width + rank)) % 8
+
+
+def padded_weight(experts: nn.Module, name: str, pad: int) -> torch.Tensor:
+    """The (experts, out, in + pad) storage whose first `in` columns are the frozen expert weight `name`: made once
+    (the weight is copied, and the module's parameter becomes a view of it), kept while the parameter is that view."""
+    w = getattr(experts, name)
+    store = getattr(experts, PAD, {}).get(name)
+    if store is not None and store.shape[-1] == w.shape[-1] + pad and store.data_ptr() == w.data_ptr():
+        return store
+    store = w.new_zeros(*w.shape[:-1], w.shape[-1] + pad)
+    with torch.no_grad():
+        store[..., :w.shape[-1]].copy_(w)
+    setattr(experts, name, nn.Parameter(store[..., :w.shape[-1]], requires_grad=w.requires_grad))
+    if not hasattr(experts, PAD):
+        setattr(experts, PAD, {})
+    getattr(experts, PAD)[name] = store
+    return store
+
+
+class _LoRAInK(torch.autograd.Function):
+    """A projection with LoRA as one grouped GEMM over a longer K: per expert e, on its routed rows,
+
+        (h | s·(h_low @ A_e^T)) @ (W_e | B_e)^T = h @ W_e^T + s·(h_low @ A_e^T) @ B_e^T
+
+    with h the first columns of a padded buffer (`swiglu_routed(..., pad=)`) and W_e the first columns of the
+    padded weight storage (`padded_weight`): the rank-r term is written into the pad columns of both, so the LoRA
+    up-projection and its add ride in the base GEMM (r more of K) instead of a (rows, out) GEMM output that is
+    written and read again. Backward: one GEMM gives d(h) and d(low) together; A's and B's gradients are the
+    weight-gradient GEMMs. h and h_low are one tensor read twice (their gradients stay apart)."""
+
+    @staticmethod
+    def forward(ctx, h, h_low, rhs, lhs, scaling, store, offsets):
+        rows, inter = h.shape
+        r = rhs.shape[1]
+        ext = torch.as_strided(h, (rows, store.shape[-1]), (h.stride(0), 1))  # h with its pad columns
+        low = grouped_linear(h_low, rhs, offsets) * scaling
+        ext[:, inter:inter + r].copy_(low)
+        if ext.shape[1] > inter + r:  # alignment columns: zero in the weight, and must not be NaN here
+            ext[:, inter + r:].zero_()
+        store[..., inter:inter + r].copy_(lhs)
+        out = grouped_linear(ext, store, offsets)
+        ctx.save_for_backward(ext, rhs, store, offsets)
+        ctx.scaling, ctx.inter, ctx.lhs_dtype = scaling, inter, lhs.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        ext, rhs, store, offsets = ctx.saved_tensors
+        inter, r = ctx.inter, rhs.shape[1]
+        d_out = d_out.contiguous()
+        d_ext = grouped_linear(d_out, store.transpose(-2, -1), offsets)  # (rows, inter + pad): d(h) | d(low)
+        d_low = d_ext[:, inter:inter + r] * ctx.scaling
+        n = store.shape[0]
+        d_lhs = grouped_weight_grad(d_out, ext[:, inter:inter + r].contiguous(), offsets, n)
+        d_rhs = grouped_weight_grad(d_low, ext[:, :inter], offsets, n)
+        d_h_low = grouped_linear(d_low, rhs.transpose(-2, -1), offsets)
+        return d_ext[:, :inter], d_h_low, d_rhs.to(rhs.dtype), d_lhs.to(ctx.lhs_dtype), None, None, None
 
 
 def permute_routed(tokens: torch.Tensor, src: torch.Tensor, inv: torch.Tensor, top_k: int,
@@ -140,8 +225,10 @@ def lora_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device)
     src = perm // top_k  # the token of each routed row
+    in_k_gu = fused and "gate_up_proj" in factors and _lora_in_k_ok(experts, "gate_up_proj", factors)
     if fused and "gate_up_proj" in factors:
-        x, x_low = _PermuteRoutedPair.apply(hidden_states, src, inv, top_k)
+        pad_gu = lora_pad(factors["gate_up_proj"][1].shape[1], hidden_states.shape[1]) if in_k_gu else 0
+        x, x_low = _PermuteRoutedPair.apply(hidden_states, src, inv, top_k, pad_gu)
     else:
         x = x_low = permute_routed(hidden_states, src, inv, top_k, fused)
     weights = permute_routed(top_k_weights.reshape(-1), perm, inv, 1)
@@ -160,11 +247,23 @@ def lora_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_
         low = _GEMM(inp_low, rhs, offsets) * scaling  # (S, r): the scale on r columns, not on the output's
         return out, _GEMM(low, lhs, offsets)
 
-    base, lora = project(x, "gate_up_proj", x_low)
+    if in_k_gu:  # gate_up_proj's LoRA in its base GEMM's K (padded routed rows and weight)
+        lhs, rhs, scaling = factors["gate_up_proj"]
+        store = padded_weight(experts, "gate_up_proj", pad_gu)
+        base, lora = _LoRAInK.apply(x, x_low, rhs.contiguous(), lhs.contiguous(), scaling, store, offsets), None
+    else:
+        base, lora = project(x, "gate_up_proj", x_low)
+    in_k = fused and "down_proj" in factors and _lora_in_k_ok(experts, "down_proj", factors)
     if fused:  # the LoRA add, SiLU(gate) * up and the routing weight in one kernel
         pair = "down_proj" in factors  # h read by two GEMMs: their gradients summed in the kernel
-        out = routed_kernels.swiglu_routed(base, lora, weights, pair=pair)
+        pad = lora_pad(factors["down_proj"][1].shape[1], base.shape[1] // 2) if in_k else 0
+        out = routed_kernels.swiglu_routed(base, lora, weights, pair=pair, pad=pad)
         h, h_low = out if pair else (out, out)
+        if in_k:  # down_proj's LoRA in its base GEMM's K (padded h and weight)
+            lhs, rhs, scaling = factors["down_proj"]
+            store = padded_weight(experts, "down_proj", pad)
+            rows = _LoRAInK.apply(h, h_low, rhs.contiguous(), lhs.contiguous(), scaling, store, offsets)
+            return unpermute_routed(rows, src, inv, top_k, fused=True).to(hidden_states.dtype)
     else:
         h = base if lora is None else base + lora
         if hasattr(experts, "_apply_gate"):
@@ -176,6 +275,16 @@ def lora_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_
         h = h_low = h * weights.unsqueeze(-1).to(h.dtype)
     base, lora = project(h, "down_proj", h_low)
     return unpermute_routed(base, src, inv, top_k, extra=lora, fused=fused).to(hidden_states.dtype)
+
+
+def _lora_in_k_ok(experts: nn.Module, name: str, factors: dict) -> bool:
+    """Whether projection `name`'s LoRA can ride in its GEMM's K (`_LoRAInK`): with the routed kernels, unless
+    switched off (`routed_kernels.IN_K` attribute, default on), for a frozen 3-D weight."""
+    from pitlm.train import routed_kernels
+
+    w = getattr(experts, name)
+    return getattr(experts, routed_kernels.IN_K, True) and w.dim() == 3 and not w.requires_grad \
+        and factors[name][1].dim() == 3
 
 
 def experts_unsupported(experts: nn.Module) -> str | None:

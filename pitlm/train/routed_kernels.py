@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 FLAG = "_pitlm_routed_kernels"  # the experts-module attribute that switches these kernels on
+IN_K = "_pitlm_lora_in_k"  # with them: down_proj's LoRA term inside its GEMM's K (pitlm.train.experts._LoRAInK)
 
 
 @functools.cache
@@ -98,8 +99,8 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
     import triton.language as tl
 
     @triton.jit
-    def swiglu_fwd(base, lora, w, gu, h, n_rows, inter: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_C: tl.constexpr):
+    def swiglu_fwd(base, lora, w, gu, h, n_rows, inter: tl.constexpr, h_stride: tl.constexpr, HAS_LORA: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         rmask = rows < n_rows
@@ -116,11 +117,11 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
         gf = g.to(tl.float32)
         wr = tl.load(w + rows, mask=rmask, other=0.0).to(tl.float32)
         out = gf / (1.0 + tl.exp(-gf)) * u.to(tl.float32) * wr[:, None]
-        tl.store(h + r64[:, None] * inter + cols[None, :], out.to(h.dtype.element_ty), mask=mask)
+        tl.store(h + r64[:, None] * h_stride + cols[None, :], out.to(h.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def swiglu_bwd(gu, w, dh, dh2, dgu, dw, n_rows, inter: tl.constexpr, HAS_DH2: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_C: tl.constexpr):
+    def swiglu_bwd(gu, w, dh, dh2, dgu, dw, n_rows, inter: tl.constexpr, dh_stride: tl.constexpr,
+                   dh2_stride: tl.constexpr, HAS_DH2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = rows < n_rows
         r64 = rows.to(tl.int64)
@@ -132,10 +133,9 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
             g_off = r64[:, None] * (2 * inter) + cols[None, :]
             g = tl.load(gu + g_off, mask=mask, other=0.0).to(tl.float32)
             u = tl.load(gu + g_off + inter, mask=mask, other=0.0).to(tl.float32)
-            h_off = r64[:, None] * inter + cols[None, :]
-            d = tl.load(dh + h_off, mask=mask, other=0.0).to(tl.float32)
+            d = tl.load(dh + r64[:, None] * dh_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             if HAS_DH2:  # the second reader's gradient (pair=True), summed here instead of by autograd
-                d += tl.load(dh2 + h_off, mask=mask, other=0.0).to(tl.float32)
+                d += tl.load(dh2 + r64[:, None] * dh2_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             sig = 1.0 / (1.0 + tl.exp(-g))
             act = g * sig
             acc += tl.sum(d * act * u, axis=1)
@@ -145,28 +145,28 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
         tl.store(dw + rows, acc.to(dw.dtype.element_ty), mask=rmask)
 
     @triton.jit
-    def gather_sum(rows, extra, inv, out, hidden, TOP_K: tl.constexpr, HAS_EXTRA: tl.constexpr,
-                   BLOCK_H: tl.constexpr):
+    def gather_sum(rows, extra, inv, out, hidden, rows_stride, extra_stride, TOP_K: tl.constexpr,
+                   HAS_EXTRA: tl.constexpr, BLOCK_H: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         m = cols < hidden
         acc = tl.zeros([BLOCK_H], dtype=tl.float32)
         for j in tl.static_range(TOP_K):
             r = tl.load(inv + t * TOP_K + j).to(tl.int64)
-            acc += tl.load(rows + r * hidden + cols, mask=m, other=0.0).to(tl.float32)
+            acc += tl.load(rows + r * rows_stride + cols, mask=m, other=0.0).to(tl.float32)
             if HAS_EXTRA:
-                acc += tl.load(extra + r * hidden + cols, mask=m, other=0.0).to(tl.float32)
+                acc += tl.load(extra + r * extra_stride + cols, mask=m, other=0.0).to(tl.float32)
         tl.store(out + t * hidden + cols, acc.to(out.dtype.element_ty), mask=m)
 
     @triton.jit
-    def gather_rows(tokens, src, out, n_rows, hidden, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    def gather_rows(tokens, src, out, n_rows, hidden, out_stride, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         rmask = rows < n_rows
         mask = rmask[:, None] & (cols < hidden)[None, :]
         t = tl.load(src + rows, mask=rmask, other=0).to(tl.int64)
         v = tl.load(tokens + t[:, None] * hidden + cols[None, :], mask=mask, other=0.0)
-        tl.store(out + rows.to(tl.int64)[:, None] * hidden + cols[None, :], v, mask=mask)
+        tl.store(out + rows.to(tl.int64)[:, None] * out_stride + cols[None, :], v, mask=mask)
 
     return types.SimpleNamespace(triton=triton, swiglu_fwd=swiglu_fwd, swiglu_bwd=swiglu_bwd, gather_sum=gather_sum,
                                  gather_rows=gather_rows)
@@ -190,20 +190,21 @@ def _blocks(inter: int) -> tuple[int, int]:
 
 class _SwiGLURouted(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, base, lora, weights, pair):
+    def forward(ctx, base, lora, weights, pair, pad):
         k = _k()
         n_rows, inter = base.shape[0], base.shape[1] // 2
         base = base.contiguous()
         lora = lora.contiguous() if lora is not None else None
         weights = weights.contiguous()
         gu = torch.empty_like(base) if lora is not None else base
-        h = base.new_empty(n_rows, inter)
+        h = base.new_empty(n_rows, inter + pad)[:, :inter]
         block_r, block_c = _blocks(inter)
         if n_rows:
             grid = (k.triton.cdiv(n_rows, block_r), k.triton.cdiv(inter, block_c))
             with _on(base):
                 k.swiglu_fwd[grid](base, lora if lora is not None else base, weights, gu, h, n_rows, inter=inter,
-                                   HAS_LORA=lora is not None, BLOCK_R=block_r, BLOCK_C=block_c)
+                                   h_stride=h.stride(0), HAS_LORA=lora is not None, BLOCK_R=block_r,
+                                   BLOCK_C=block_c)
         ctx.save_for_backward(gu, weights)
         ctx.has_lora = lora is not None
         return (h, h.view_as(h)) if pair else h
@@ -214,28 +215,36 @@ class _SwiGLURouted(torch.autograd.Function):
         gu, weights = ctx.saved_tensors
         n_rows, inter = gu.shape[0], gu.shape[1] // 2
         dh, dh2 = (dh, dh2) if dh is not None else (dh2, None)
-        dh = dh.contiguous()
-        dh2 = dh2.contiguous() if dh2 is not None else None
+        dh = _rows(dh)
+        dh2 = _rows(dh2) if dh2 is not None else dh
         dgu = torch.empty_like(gu)
         dw = torch.empty_like(weights)
         block_r, block_c = _blocks(inter)
         if n_rows:
             with _on(gu):
                 k.swiglu_bwd[(k.triton.cdiv(n_rows, block_r),)](
-                    gu, weights, dh, dh2 if dh2 is not None else dh, dgu, dw, n_rows, inter=inter,
-                    HAS_DH2=dh2 is not None, BLOCK_R=block_r, BLOCK_C=block_c)
-        return dgu, (dgu if ctx.has_lora else None), dw, None
+                    gu, weights, dh, dh2, dgu, dw, n_rows, inter=inter, dh_stride=dh.stride(0),
+                    dh2_stride=dh2.stride(0), HAS_DH2=dh2 is not dh, BLOCK_R=block_r, BLOCK_C=block_c)
+        return dgu, (dgu if ctx.has_lora else None), dw, None, None
 
 
-def swiglu_routed(base: torch.Tensor, lora: torch.Tensor | None, weights: torch.Tensor, pair: bool = False):
+def swiglu_routed(base: torch.Tensor, lora: torch.Tensor | None, weights: torch.Tensor, pair: bool = False,
+                  pad: int = 0):
     """SiLU(g) * u * weights[:, None] with (g | u) = base + lora split in two halves along the last dimension:
     base, lora (rows, 2 * intermediate), weights (rows,); returns (rows, intermediate) in base's dtype. pair: the
     result twice (the same memory) for two readers, e.g. the down projection's base and LoRA GEMMs; their two
-    gradients are summed inside the backward kernel instead of by autograd over a (rows, intermediate) tensor."""
+    gradients are summed inside the backward kernel instead of by autograd over a (rows, intermediate) tensor.
+    pad: the result is the first columns of a (rows, intermediate + pad) buffer, the pad columns left for
+    `pitlm.train.experts`' LoRA in the GEMM's K dimension (unwritten)."""
     if base.dim() != 2 or base.shape[1] % 2 or weights.shape != base.shape[:1]:
         raise ValueError(f"swiglu_routed wants (rows, 2*inter) and (rows,), got {tuple(base.shape)} and "
                          f"{tuple(weights.shape)}")
-    return _SwiGLURouted.apply(base, lora, weights, pair)
+    return _SwiGLURouted.apply(base, lora, weights, pair, pad)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t with unit column stride (rows may be strided, e.g. the first columns of a padded buffer)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def gather_sum(rows: torch.Tensor, extra: torch.Tensor | None, inv: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -245,33 +254,35 @@ def gather_sum(rows: torch.Tensor, extra: torch.Tensor | None, inv: torch.Tensor
         raise ValueError(f"gather_sum wants (tokens*top_k, hidden) rows and as many indices, got "
                          f"{tuple(rows.shape)} and {tuple(inv.shape)}")
     k = _k()
-    rows = rows.contiguous()
-    extra = extra.contiguous() if extra is not None else None
+    rows = _rows(rows)  # strided rows are read in place (e.g. the first columns of a padded buffer)
+    extra = _rows(extra) if extra is not None else None
     n_tokens, hidden = rows.shape[0] // top_k, rows.shape[1]
     out = rows.new_empty(n_tokens, hidden)
     block_h = min(k.triton.next_power_of_2(hidden), 1024)
     if n_tokens:
         with _on(rows):
             k.gather_sum[(n_tokens, k.triton.cdiv(hidden, block_h))](
-                rows, extra if extra is not None else rows, inv.contiguous(), out, hidden, TOP_K=top_k,
-                HAS_EXTRA=extra is not None, BLOCK_H=block_h)
+                rows, extra if extra is not None else rows, inv.contiguous(), out, hidden, rows.stride(0),
+                (extra if extra is not None else rows).stride(0), TOP_K=top_k, HAS_EXTRA=extra is not None,
+                BLOCK_H=block_h)
     return out
 
 
-def gather_rows(tokens: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+def gather_rows(tokens: torch.Tensor, src: torch.Tensor, pad: int = 0) -> torch.Tensor:
     """tokens[src] for tokens (n, hidden) and src (rows,): the forward of `pitlm.train.experts.permute_routed`, one
-    kernel of (rows x hidden) tiles (torch's index_select runs this shape at ~1.3 TB/s on an H200)."""
+    kernel of (rows x hidden) tiles (torch's index_select runs this shape at ~1.3 TB/s on an H200). pad: the result
+    is the first columns of a (rows, hidden + pad) buffer (pad columns unwritten), as in `swiglu_routed`."""
     if tokens.dim() != 2 or src.dim() != 1:
         raise ValueError(f"gather_rows wants (n, hidden) tokens and (rows,) indices, got {tuple(tokens.shape)} and "
                          f"{tuple(src.shape)}")
     k = _k()
     tokens = tokens.contiguous()
     n_rows, hidden = src.shape[0], tokens.shape[1]
-    out = tokens.new_empty(n_rows, hidden)
+    out = tokens.new_empty(n_rows, hidden + pad)[:, :hidden]
     block_h = min(k.triton.next_power_of_2(hidden), 512)
     block_r = max(1, 4096 // block_h)
     if n_rows:
         with _on(tokens):
             k.gather_rows[(k.triton.cdiv(n_rows, block_r), k.triton.cdiv(hidden, block_h))](
-                tokens, src.contiguous(), out, n_rows, hidden, BLOCK_R=block_r, BLOCK_H=block_h)
+                tokens, src.contiguous(), out, n_rows, hidden, out.stride(0), BLOCK_R=block_r, BLOCK_H=block_h)
     return out
