@@ -416,11 +416,11 @@ def test_bench_ablation_switches_one_fast_path_off_and_refuses_unknown_names(run
                 for name, attr in switches.items() if any(hasattr(m, attr) for m in model.modules())}
 
     assert bench._switch_fast_paths(model, True, "router") is True
-    assert state() == {"routed-experts": [True], "router": [False], "shared-gate": [True]}
+    assert state() == {"routed-experts": [True], "lora-in-k": [True], "router": [False], "shared-gate": [True]}
     assert bench._switch_fast_paths(model, False, "none") is False
-    assert state() == {"routed-experts": [False], "router": [False], "shared-gate": [False]}
-    assert bench._switch_fast_paths(model, True, "none") is True
-    assert state() == {"routed-experts": [True], "router": [True], "shared-gate": [True]}
+    assert state() == {"routed-experts": [False], "lora-in-k": [True], "router": [False], "shared-gate": [False]}
+    assert bench._switch_fast_paths(model, True, "lora-in-k") is True
+    assert state() == {"routed-experts": [True], "lora-in-k": [False], "router": [True], "shared-gate": [True]}
     code, out, err = run("bench", "train", "--arch", "tiny-qwen3.5-moe", "--ablate", "none,fast")
     assert code != 0 and "unknown --ablate fast" in err and "Traceback" not in err
 

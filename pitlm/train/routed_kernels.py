@@ -82,6 +82,8 @@ def set_routed_kernels(model: nn.Module, on: bool) -> int:
     for m in model.modules():
         if type(m).__name__.endswith("Experts") and supports(m):
             setattr(m, FLAG, on)
+            if not hasattr(m, IN_K):
+                setattr(m, IN_K, True)
             n += 1
     return n
 
