@@ -288,11 +288,12 @@ def install_fast_kernels(model: nn.Module, experts: bool = False, routed: bool =
 
 def fast_path_switches() -> dict[str, str]:
     """{name: the module attribute that switches it}: the fast paths that can be turned off on a built model."""
+    from pitlm.train.lora_dense import ONE_NODE
     from pitlm.train.moe_kernels import ROUTER_FLAG, SHARED_FLAG
     from pitlm.train.routed_kernels import FLAG, IN_K
 
     return {"routed-experts": FLAG, "lora-in-k": IN_K, "router": ROUTER_FLAG, "shared-gate": SHARED_FLAG,
-            "gdn": GDN_FLAG}
+            "gdn": GDN_FLAG, "dense-one-node": ONE_NODE}
 
 
 def set_fast_path(model: nn.Module, name: str, on: bool) -> int:

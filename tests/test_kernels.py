@@ -104,8 +104,9 @@ def test_install_is_a_no_op_without_deltanet_layers_or_fla(monkeypatch):
     model = tiny_hybrid()
     assert kernels.install_fast_kernels(model) == routed
     assert kernels.install_fast_kernels(model, routed=False) == []  # and switched off again
-    flags = [a for name, a in kernels.fast_path_switches().items() if name != "lora-in-k"]  # that one: within
-    assert not any(getattr(m, f, False) for m in model.modules() for f in flags)  # the routed experts' kernels
+    flags = [a for name, a in kernels.fast_path_switches().items()  # lora-in-k: part of the routed experts'
+             if name not in ("lora-in-k", "dense-one-node")]       # kernels; dense-one-node: of the LoRA layers
+    assert not any(getattr(m, f, False) for m in model.modules() for f in flags)
 
 
 def cpu_fla(calls: list):

@@ -41,14 +41,18 @@ def loss_and_grads(model, ids, seed=0, autocast=None):
 IDS = torch.randint(2, 258, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_fused_equals_peft_in_loss_and_every_gradient(dropout):
+@pytest.mark.parametrize(("dropout", "one_node"), [(0.0, True), (0.0, False), (0.1, True)])
+def test_fused_equals_peft_in_loss_and_every_gradient(dropout, one_node):
+    from pitlm.train.lora_dense import ONE_NODE
+
     extra = {"dropout": dropout, "target_parameters": []} if dropout else {}  # peft: no dropout on 3-D experts
     ref, fused = lora_model("peft", **extra).train(), lora_model("fused", **extra).train()
     assert fused.state_dict().keys() == ref.state_dict().keys()
     fused.load_state_dict(ref.state_dict())
     n = len(dense_layers(fused))
     assert n > 0 and install_dense_lora(fused) == n  # apply_lora routed every one; installing again is harmless
+    for m in dense_layers(fused):
+        setattr(m, ONE_NODE, one_node)
     assert all(m.forward.__func__.__module__ == "pitlm.train.lora_dense" for m in dense_layers(fused))
     assert all(m.forward.__func__.__module__ != "pitlm.train.lora_dense" for m in dense_layers(ref))
     ref_loss, ref_grads = loss_and_grads(ref, IDS)
@@ -63,7 +67,9 @@ def test_fused_equals_peft_in_loss_and_every_gradient(dropout):
         assert grads[name].abs().max() > 0, name
 
 
-def test_fused_output_comes_from_the_gemm_epilogue():
+def test_fused_output_comes_from_the_gemm_epilogue_in_one_graph_node():
+    """No dropout and a frozen base: one node (pitlm's backward, the input's two gradients in one buffer); with
+    dropout the add is still the GEMM's epilogue (addmm); peft's own forward ends in its scaled add."""
     layer = dense_layers(lora_model("fused"))[0]
     x = torch.randn(3, 5, layer.in_features, requires_grad=True)
 
@@ -71,7 +77,8 @@ def test_fused_output_comes_from_the_gemm_epilogue():
         fn = out.grad_fn
         return type(fn.next_functions[0][0] if type(fn).__name__ == "ViewBackward0" else fn).__name__
 
-    assert last_op(layer(x)) == "AddmmBackward0"  # not peft's scaled add
+    assert last_op(layer(x)) == "_DenseLoRABackward"
+    assert last_op(dense_layers(lora_model("fused", dropout=0.1, target_parameters=[]))[0](x)) == "AddmmBackward0"
     assert last_op(dense_layers(lora_model("peft"))[0](x)) == "AddBackward0"
 
 

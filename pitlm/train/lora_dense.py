@@ -11,6 +11,9 @@ an (tokens, out) tensor forward, the same again in the recompute of a checkpoint
 with the scale on the r columns, and the up-projection accumulated into the base output by cuBLAS's epilogue
 (`addmm_` with beta = 1, which reads the base output once and writes it once).
 
+Backward (a frozen base, no dropout: `_DenseLoRA`): the input's gradient through W and through the adapter's A
+accumulated in one buffer (addmm_) instead of two (tokens, in) tensors added by autograd, in one graph node.
+
 `install_dense_lora(model)` routes peft's `lora.Linear` layers around plain `nn.Linear` bases through that; each
 call falls back to peft's own forward when the layer is not plain LoRA at that moment (adapters disabled or merged,
 several active, a variant such as DoRA, a LoRA bias, per-call adapter names). Adapters, saving, loading and merging
@@ -27,6 +30,8 @@ from torch import nn
 
 log = logging.getLogger("pitlm.train")
 
+ONE_NODE = "_pitlm_dense_one_node"  # on a routed lora.Linear: `_DenseLoRA` where it applies (default on)
+
 
 def install_dense_lora(model: nn.Module) -> int:
     """Route every peft `lora.Linear` of `model` whose base is a plain `nn.Linear` through `dense_lora_forward`.
@@ -40,6 +45,7 @@ def install_dense_lora(model: nn.Module) -> int:
         if isinstance(m, LoraLinear) and type(m.get_base_layer()) is nn.Linear \
                 and not getattr(m, "fan_in_fan_out", False):
             m.forward = types.MethodType(_forward, m)
+            setattr(m, ONE_NODE, getattr(m, ONE_NODE, True))
             n += 1
     return n
 
@@ -63,15 +69,54 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return type(self).forward(self, x, *args, **kwargs)
     self._check_forward_args(x)
     return dense_lora_forward(self.get_base_layer(), x, self.lora_A[name].weight, self.lora_B[name].weight,
-                              self.scaling[name], self.lora_dropout[name])
+                              self.scaling[name], self.lora_dropout[name], getattr(self, ONE_NODE, True))
+
+
+class _DenseLoRA(torch.autograd.Function):
+    """base(x) + ((x @ a^T) * s) @ b^T for a frozen base and no dropout, with its own backward: the input's two
+    gradients (through W and through a) accumulated in one buffer by addmm_ (autograd would add two (tokens, in)
+    tensors), and one graph node instead of four. Computes in `dtype` (autocast's, else x's)."""
+
+    @staticmethod
+    def forward(ctx, x2, weight, bias, a, b, scaling, dtype):
+        with torch.autocast(x2.device.type, enabled=False):
+            xc, wc, ac, bc = (t.to(dtype) for t in (x2, weight, a, b))
+            out = nn.functional.linear(xc, wc, None if bias is None else bias.to(dtype))
+            low = (xc @ ac.t()) * scaling
+            out.addmm_(low, bc.t())
+        ctx.save_for_backward(xc, low, wc, ac, bc)
+        ctx.scaling, ctx.dtypes = scaling, (x2.dtype, a.dtype, b.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        xc, low, wc, ac, bc = ctx.saved_tensors
+        x_dtype, a_dtype, b_dtype = ctx.dtypes
+        d_out = d_out.to(wc.dtype)
+        d_b = (d_out.t() @ low).to(b_dtype)
+        d_low = (d_out @ bc) * ctx.scaling
+        d_a = (d_low.t() @ xc).to(a_dtype)
+        d_x = None
+        if ctx.needs_input_grad[0]:
+            d_x = (d_out @ wc).addmm_(d_low, ac).to(x_dtype)
+        return d_x, None, None, d_a, d_b, None, None
 
 
 def dense_lora_forward(base: nn.Linear, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
-                       dropout: nn.Module) -> torch.Tensor:
+                       dropout: nn.Module, one_node: bool = True) -> torch.Tensor:
     """base(x) + ((dropout(x) @ a^T) * scaling) @ b^T, the up-projection accumulated into base(x) in the GEMM;
-    a (r, in), b (out, r). Under autocast both GEMMs run in its dtype, as peft's do."""
+    a (r, in), b (out, r). Under autocast both GEMMs run in its dtype, as peft's do. With `one_node`, a frozen base
+    without dropout takes `_DenseLoRA` (its own backward)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
+    frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
+    dev = x.device.type
+    autocast = torch.is_autocast_enabled(dev)
+    if one_node and frozen and isinstance(dropout, nn.Identity) \
+            and (autocast or x.dtype == base.weight.dtype == a.dtype == b.dtype):
+        dtype = torch.get_autocast_dtype(dev) if autocast else x.dtype
+        out = _DenseLoRA.apply(x2, base.weight, base.bias, a, b, scaling, dtype)
+        return out.view(*lead, out.shape[-1])
     out = nn.functional.linear(x2, base.weight, base.bias)  # its backward needs x and W, not this output
     xd = dropout(x2)
     if not torch.is_autocast_enabled(x.device.type):  # peft casts the input to the adapter's dtype
