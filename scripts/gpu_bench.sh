@@ -60,9 +60,12 @@
 #   phase 29 (carry .whl .kcache; session 9's first call): GPU tests of the Gated DeltaNet forward with grouped key
 #           heads and in-kernel gates (pitlm.kernels) and of the router / shared-gate kernels (pitlm.train.moe_kernels);
 #           the 74 GiB recipe with each new path switched off in turn, then all on (profiled), on one model
+#   phase 30 (carry .whl .kcache): GPU tests of the routed experts' kernels with the LoRA terms in the GEMMs' K and
+#           of the one-node dense LoRA; the 74 GiB recipe with each switched off, then all on (profiled)
+#   phase 31 (right after 30, warm): the seed's recipe under 79 GiB; batch 10 under 74 GiB; the embedding bench
 #   A cold machine spends > 5 min in fla's Triton autotuning before the first 35B step: run the phases that train
 #   in consecutive calls on a warm machine, with TRITON_CACHE_AUTOTUNING=1.
-# Usage: bash scripts/gpu_bench.sh 0|1|...|29
+# Usage: bash scripts/gpu_bench.sh 0|1|...|31
 set -u
 export TRITON_CACHE_AUTOTUNING=1
 source scripts/gpu_env.sh
@@ -257,6 +260,22 @@ elif [ "$1" = 29 ]; then
     --ablate ${ABL:-gdn,router,shared-gate,none} --profile "$OUT/profile_s9.txt"
   grep -E "Self CUDA time total" "$OUT/profile_s9.txt" | head -2
   save_kernel_cache
+elif [ "$1" = 30 ]; then
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  timeout ${TT:-200} python3 -m pytest -q -p no:cacheprovider tests/test_train_routed_kernels.py \
+    tests/test_train_lora_dense.py tests/test_train_experts.py -k "gpu or cuda or bf16" 2>&1 | tail -2
+  M="--adapter-dtype base --optim adamw8bit --ce-chunk 512 --offload-checkpoints"
+  T=${T1:-380} run $B train $L $M --full-modules "" --batch 8 --in-backward on --memory-cap-gib 74.0 \
+    --ablate ${ABL:-lora-in-k,dense-one-node,none} --profile "$OUT/profile_s9b.txt"
+  grep -E "Self CUDA time total" "$OUT/profile_s9b.txt" | head -1
+  save_kernel_cache
+elif [ "$1" = 31 ]; then
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  M="--adapter-dtype base --optim adamw8bit --ce-chunk 512"
+  T=${T1:-200} run $B train $L $M --batch 8 --memory-cap-gib 79.0 --stochastic-round full_modules
+  T=${T2:-200} run $B train $L $M --offload-checkpoints --full-modules "" --batch 10 --in-backward on \
+    --memory-cap-gib 74.0
+  T=120 run $B embed --arch qwen3.5-35b-a3b --n-prompts 4096 --batch 1024 --prompt-tokens 64
 elif [ "$1" = 1 ]; then
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|causal|liger|grouped|gpu0|triton" | tee "$OUT/doctor.txt"
   run $B train $L --batch 1

@@ -23,7 +23,8 @@ export TORCHINDUCTOR_CACHE_DIR=/tmp/kcache/inductor  # torch.compile's generated
 if [ -f .kcache/kcache.tar.xz ] && [ ! -f /tmp/kcache/.restored ]; then
   mkdir -p /tmp/kcache && xz -dc .kcache/kcache.tar.xz | tar -C /tmp/kcache -xf - && touch /tmp/kcache/.restored
 fi
-save_kernel_cache() { tar -C /tmp/kcache --exclude=.restored -cf - . | xz -6 -T0 > "$OUT/kcache.tar.xz"; ls -la "$OUT/kcache.tar.xz"; }
+# (without inductor's: the recipes do not compile; xz -9 keeps it small enough to carry beside .whl)
+save_kernel_cache() { tar -C /tmp/kcache --exclude=.restored --exclude=./inductor -cf - . | xz -9 -T0 > "$OUT/kcache.tar.xz"; ls -la "$OUT/kcache.tar.xz"; }
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PITLM_HOME=${PITLM_HOME:-/tmp/pitlm-home} PITLM_NO_PROGRESS=1 PYTHONUNBUFFERED=1
 set +e
