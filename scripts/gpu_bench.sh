@@ -62,7 +62,7 @@
 #           the 74 GiB recipe with each new path switched off in turn, then all on (profiled), on one model
 #   phase 30 (carry .whl .kcache): GPU tests of the routed experts' kernels with the LoRA terms in the GEMMs' K and
 #           of the one-node dense LoRA; the 74 GiB recipe with each switched off, then all on (profiled)
-#   phase 31 (right after 30, warm): the seed's recipe under 79 GiB; batch 10 under 74 GiB; the embedding bench
+#   phase 31 (carry .whl .kcache): the seed's recipe under 79 GiB; the embedding bench
 #   A cold machine spends > 5 min in fla's Triton autotuning before the first 35B step: run the phases that train
 #   in consecutive calls on a warm machine, with TRITON_CACHE_AUTOTUNING=1.
 # Usage: bash scripts/gpu_bench.sh 0|1|...|31
@@ -273,8 +273,6 @@ elif [ "$1" = 31 ]; then
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
   M="--adapter-dtype base --optim adamw8bit --ce-chunk 512"
   T=${T1:-200} run $B train $L $M --batch 8 --memory-cap-gib 79.0 --stochastic-round full_modules
-  T=${T2:-200} run $B train $L $M --offload-checkpoints --full-modules "" --batch 10 --in-backward on \
-    --memory-cap-gib 74.0
   T=120 run $B embed --arch qwen3.5-35b-a3b --n-prompts 4096 --batch 1024 --prompt-tokens 64
 elif [ "$1" = 1 ]; then
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|causal|liger|grouped|gpu0|triton" | tee "$OUT/doctor.txt"
