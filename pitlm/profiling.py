@@ -1,4 +1,14 @@
-"""One call under torch.profiler, its top operators written as tables (for `pitlm bench ... --profile`)."""
+"""One call under torch.profiler, its top operators written as tables (for `pitlm bench ... --profile`), and its
+device time split into classes that a GPU with other memory bandwidth would run at different speeds.
+
+`time_classes(events)` sorts each operator's own device time into: GEMMs above an H100's ridge point (compute-bound
+there: 989 TFLOP/s over 3.35 TB/s = 295 FLOP/byte, bf16), GEMMs below it (memory-bound, e.g. LoRA's rank-16
+projections), attention, the delta rule (fla's kernels, partly tensor-core bound), copies to and from pinned host
+memory (the offloaded checkpoints, on the copy engines, overlapped), and the rest (elementwise, norms, gathers,
+Triton glue: memory-bound). `h100_projection(classes)` scales an H200 step to an H100 from that split: the same
+compute, memory-bound time x 4.8 / 3.35 (the two HBM bandwidths), the delta rule as a range (x1 .. x1.43). An
+estimate with stated assumptions (same clocks and SM count, host copies still hidden), not a measurement.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +20,83 @@ import torch
 log = logging.getLogger("pitlm")
 
 
-def profile_call(fn: Callable[[], object], path: str, on_gpu: bool, rows: int = 30) -> None:
+H100_BW, H200_BW, H100_PEAK = 3.35e12, 4.8e12, 989e12  # bytes/s (HBM3 / HBM3e, SXM), bf16 dense FLOP/s
+GEMMS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm")
+
+
+def gemm_flops_bytes(name: str, shapes: list) -> tuple[float, float] | None:
+    """(FLOPs, bytes moved at 2 bytes an element) of one GEMM call from its recorded input shapes, or None."""
+    dims = [list(s) for s in shapes if isinstance(s, (list, tuple)) and len(s) >= 2]
+    if name == "aten::_grouped_mm" and len(dims) >= 2:
+        a, b = dims[0], dims[1]
+        if len(a) == 2 and len(b) == 3:  # (M, K) x (G, K, N): each row block by its group's weight
+            m, k, (g, _, n) = a[0], a[1], b
+            return 2.0 * m * k * n, 2.0 * (m * k + g * k * n + m * n)
+        if len(a) == 2 and len(b) == 2:  # (K, M) x (M, N) -> (G, K, N): the weight-gradient form
+            groups = next((s[0] for s in shapes[2:3] if isinstance(s, (list, tuple)) and len(s) == 1), 1)
+            k, m, n = a[0], a[1], b[1]
+            return 2.0 * k * m * n, 2.0 * (k * m + m * n + groups * k * n)
+        return None
+    if name in ("aten::addmm", "aten::addmm_", "aten::baddbmm") and len(dims) >= 3:
+        dims = dims[1:]  # the accumulator first
+    if len(dims) < 2:
+        return None
+    a, b = dims[0], dims[1]
+    batch = a[0] if len(a) == 3 else 1
+    m, k, n = a[-2], a[-1], b[-1]
+    return 2.0 * batch * m * k * n, 2.0 * batch * (m * k + k * n + m * n)
+
+
+def time_classes(events) -> dict[str, float]:
+    """Own device time (ms) by class over `events` (torch.profiler key averages grouped by input shape: key,
+    input_shapes, self_device_time_total in us, device_type): see the module docstring."""
+    out = dict.fromkeys(("gemm_compute", "gemm_memory", "attention", "delta_rule", "host_copies", "other"), 0.0)
+    host = kernels = 0.0
+    for e in events:
+        us = float(getattr(e, "self_device_time_total", 0.0) or 0.0)
+        name = e.key
+        if str(getattr(e, "device_type", "DeviceType.CPU")) != "DeviceType.CPU":  # kernel rows repeat their
+            # operator's time; only the copies to and from pinned host memory are counted from them
+            kernels += us
+            if name.startswith(("Memcpy DtoH (Device -> Pinned)", "Memcpy HtoD (Pinned -> Device)")):
+                host += us
+            continue
+        if us <= 0:
+            continue
+        if name in GEMMS:
+            fb = gemm_flops_bytes(name, e.input_shapes or [])
+            bound = fb is not None and fb[0] / fb[1] < H100_PEAK / H100_BW
+            out["gemm_memory" if bound else "gemm_compute"] += us
+        elif "attention" in name.lower() and "delta" not in name.lower():
+            out["attention"] += us
+        elif "GatedDeltaRule" in name or "gated_delta_rule" in name:
+            out["delta_rule"] += us
+        else:
+            out["other"] += us
+    out["host_copies"] = host
+    out["other"] = max(0.0, out["other"] - host)  # the pinned copies sit under aten::copy_ with the rest
+    out["other"] += max(0.0, kernels - sum(out.values()))  # kernels launched outside any recorded operator
+    return {k: round(v / 1e3, 2) for k, v in out.items()}
+
+
+def h100_projection(classes: dict[str, float]) -> tuple[float, float]:
+    """(low, high) factor by which an H200 step's device time grows on an H100 (module docstring)."""
+    slow = H200_BW / H100_BW
+    busy = sum(v for k, v in classes.items() if k != "host_copies")
+    if busy <= 0:
+        return 1.0, 1.0
+    fixed = classes["gemm_compute"] + classes["attention"]
+    scaled = (classes["gemm_memory"] + classes["other"]) * slow
+    low = (fixed + scaled + classes["delta_rule"]) / busy
+    high = (fixed + scaled + classes["delta_rule"] * slow) / busy
+    return round(low, 3), round(high, 3)
+
+
+def profile_call(fn: Callable[[], object], path: str, on_gpu: bool, rows: int = 30) -> dict[str, float]:
     """Run `fn` once under torch.profiler; write to `path` its top operators by device (or CPU) time, then the
     same split by input shapes (which tensor sizes an operator's time goes to), then by own time and input shapes
-    (the elementwise kernels behind a step's memory-bound time, each with its tensors)."""
+    (the elementwise kernels behind a step's memory-bound time, each with its tensors), then the device time by
+    class. Returns the classes (ms; empty on a CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
     from pitlm.volume import atomic_write_text
@@ -28,9 +111,13 @@ def profile_call(fn: Callable[[], object], path: str, on_gpu: bool, rows: int = 
     by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=rows,
                                                                   max_name_column_width=60, max_shapes_column_width=90)
     self_key = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
-    by_self = prof.key_averages(group_by_input_shape=True).table(sort_by=self_key, row_limit=3 * rows,
-                                                                 max_name_column_width=60,
-                                                                 max_shapes_column_width=90)
+    averages = prof.key_averages(group_by_input_shape=True)
+    by_self = averages.table(sort_by=self_key, row_limit=3 * rows, max_name_column_width=60,
+                             max_shapes_column_width=90)
+    classes = time_classes(averages) if on_gpu else {}
+    lines = "".join(f"{k}_ms: {v}\n" for k, v in classes.items())
     atomic_write_text(path, f"# by operator\n{by_op}\n\n# by operator and input shapes\n{by_shape}\n\n"
-                            f"# by own (self) time and input shapes: which kernels, on which tensors\n{by_self}\n")
+                            f"# by own (self) time and input shapes: which kernels, on which tensors\n{by_self}\n\n"
+                            f"# own device time by class (pitlm.profiling.time_classes)\n{lines}")
     log.info("profile (top %d operators by %s) -> %s", rows, key, path)
+    return classes

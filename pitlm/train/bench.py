@@ -227,14 +227,16 @@ def _measure(model, cfg: TrainConfig, env, vocab: int, batch_size: int, in_backw
         if on_gpu:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t_start
+        classes = {}
         if profile_path:
             from pitlm.profiling import profile_call
 
-            profile_call(lambda: one_step(warmup + steps), profile_path, on_gpu)
+            classes = profile_call(lambda: one_step(warmup + steps), profile_path, on_gpu)
         tokens = steps * batch_size * grad_accum * seq_len * env.world_size
         out.update({"tokens_per_second": round(tokens / seconds, 1),
                     "tokens_per_second_per_gpu": round(tokens / seconds / env.world_size, 1),
                     "step_seconds": round(seconds / steps, 4), "loss_last": round(losses[-1], 4)})
+        out.update(_projection(classes, tokens / seconds / env.world_size, env.device))
     except torch.cuda.OutOfMemoryError as e:  # the sweep goes on: this pair does not fit
         out.update({"tokens_per_second": "oom", "oom": str(e).split(".")[0]})
         log.warning("batch %d in_backward=%s: out of memory", batch_size, in_backward)
@@ -250,6 +252,18 @@ def _measure(model, cfg: TrainConfig, env, vocab: int, batch_size: int, in_backw
     gc.collect()
     if on_gpu:
         torch.cuda.empty_cache()
+    return out
+
+
+def _projection(classes: dict[str, float], tokens_per_second: float, device) -> dict[str, Any]:
+    """The profiled step's device time by class (ms) and, measured on an H200, the tokens/s an H100 would run by
+    pitlm.profiling.h100_projection (a range: an estimate, not a measurement)."""
+    from pitlm.profiling import h100_projection
+
+    out: dict[str, Any] = {f"gpu_ms_{k}": v for k, v in classes.items()}
+    if classes and "H200" in torch.cuda.get_device_name(device):
+        low, high = h100_projection(classes)
+        out["h100_projected_tokens_per_second"] = f"{tokens_per_second / high:.0f}-{tokens_per_second / low:.0f}"
     return out
 
 
