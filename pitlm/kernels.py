@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 import types
 
 import torch
@@ -217,7 +218,8 @@ def _experts_forward(ref):
 ROUTED = "triton-routed-experts"  # install_fast_kernels' names: pitlm.train.routed_kernels,
 ROUTER = "triton-router-topk"  # pitlm.train.moe_kernels' router,
 SHARED_GATE = "triton-shared-expert-gate"  # its shared-expert gate,
-GDN = "fla-gated-deltanet-gva"  # and the Gated DeltaNet forward above
+GDN = "fla-gated-deltanet-gva"  # the Gated DeltaNet forward above,
+ROPE = "triton-partial-rope"  # and pitlm.train.rope_kernel
 
 
 def install_fast_kernels(model: nn.Module, experts: bool = False, routed: bool = True) -> list[str]:
@@ -238,6 +240,7 @@ def install_fast_kernels(model: nn.Module, experts: bool = False, routed: bool =
     if routed:
         installed += [f"{name} x{n}" for name, n in ((ROUTER, n_router), (SHARED_GATE, n_block)) if n]
     kinds = {type(m).__name__ for m in model.modules()}
+    installed += _install_rope(kinds)
     if not kinds & (OFFSET_NORMS | GATED_NORMS) and not any("GatedDeltaNet" in k for k in kinds):
         return _log_installed(installed)
     fla = _fla()
@@ -286,6 +289,23 @@ def install_fast_kernels(model: nn.Module, experts: bool = False, routed: bool =
     return _log_installed(installed)
 
 
+def _install_rope(kinds: set[str]) -> list[str]:
+    """The Triton partial rotary embedding for the attention layers of the hybrids' modeling modules (Triton only)."""
+    from pitlm.train.rope_kernel import install_rope
+    from pitlm.train.routed_kernels import _has_triton
+
+    names = []
+    for name, prefix in MODELING.items():
+        if f"{prefix}Attention" in kinds and _has_triton():
+            try:
+                modeling = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+            except ImportError:
+                continue
+            if install_rope(modeling):
+                names.append(f"{ROPE} ({name})")
+    return names
+
+
 def fast_path_switches() -> dict[str, str]:
     """{name: the module attribute that switches it}: the fast paths that can be turned off on a built model."""
     from pitlm.train.lora_dense import ONE_NODE
@@ -293,14 +313,22 @@ def fast_path_switches() -> dict[str, str]:
     from pitlm.train.routed_kernels import FLAG, IN_K
 
     return {"routed-experts": FLAG, "lora-in-k": IN_K, "router": ROUTER_FLAG, "shared-gate": SHARED_FLAG,
-            "gdn": GDN_FLAG, "dense-one-node": ONE_NODE}
+            "gdn": GDN_FLAG, "dense-one-node": ONE_NODE, "rope": ""}
 
 
 def set_fast_path(model: nn.Module, name: str, on: bool) -> int:
-    """Switch one installed fast path (a `fast_path_switches()` name) on or off; returns how many modules."""
+    """Switch one installed fast path (a `fast_path_switches()` name) on or off; returns how many modules (rope:
+    a module-level function of the process, 1 when it is installed)."""
     switches = fast_path_switches()
     if name not in switches:
         raise ValueError(f"unknown fast path {name!r}; known: {', '.join(switches)}")
+    if name == "rope":
+        from pitlm.train.rope_kernel import SWITCH
+
+        SWITCH["on"] = on
+        return int(any(getattr(getattr(importlib.import_module(f"transformers.models.{m}.modeling_{m}"),
+                                       "apply_rotary_pos_emb", None), "_pitlm_fast", False)
+                       for m in MODELING if f"transformers.models.{m}.modeling_{m}" in sys.modules))
     n = 0
     for m in model.modules():
         if hasattr(m, switches[name]):

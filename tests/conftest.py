@@ -14,6 +14,22 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(autouse=True)
+def _unpatch_modeling_functions():
+    """pitlm.kernels patches module-level functions of transformers' modeling modules (the conv, the rotary
+    embedding), for the process; a test that installs them must not leave them to the next test."""
+    yield
+    import sys
+
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("transformers.models.") or module is None:
+            continue
+        for fn in ("causal_conv1d_fn", "apply_rotary_pos_emb"):
+            f = getattr(module, fn, None)
+            if getattr(f, "_pitlm_fast", False) and hasattr(f, "__wrapped__"):
+                setattr(module, fn, f.__wrapped__)
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     """A fresh PITLM_HOME for one test."""
