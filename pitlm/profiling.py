@@ -1,13 +1,15 @@
 """One call under torch.profiler, its top operators written as tables (for `pitlm bench ... --profile`), and its
 device time split into classes that a GPU with other memory bandwidth would run at different speeds.
 
-`time_classes(events)` sorts each operator's own device time into: GEMMs above an H100's ridge point (compute-bound
-there: 989 TFLOP/s over 3.35 TB/s = 295 FLOP/byte, bf16), GEMMs below it (memory-bound, e.g. LoRA's rank-16
-projections), attention, the delta rule (fla's kernels, partly tensor-core bound), copies to and from pinned host
+`time_classes(events)` sorts each operator's own device time into: GEMMs (each with its FLOPs and bytes from the
+recorded shapes), attention, the delta rule (fla's kernels, partly tensor-core bound), copies to and from pinned host
 memory (the offloaded checkpoints, on the copy engines, overlapped), and the rest (elementwise, norms, gathers,
-Triton glue: memory-bound). `h100_projection(classes)` scales an H200 step to an H100 from that split: the same
-compute, memory-bound time x 4.8 / 3.35 (the two HBM bandwidths), the delta rule as a range (x1 .. x1.43). An
-estimate with stated assumptions (same clocks and SM count, host copies still hidden), not a measurement.
+Triton glue: memory-bound). `h100_projection(classes)` scales a step measured on an H200 to an H100 from that
+split: both have the same SMs, clocks and bf16 peak, but 3.35 instead of 4.8 TB/s of HBM. So each GEMM slows by
+its roofline (`gemm_slowdown`: x1 when its FLOPs bind, x1.43 when its bytes do, as a LoRA's rank-16 products),
+attention keeps its time, the rest x 4.8 / 3.35 (an upper bound: latency-bound small kernels slow down less), and
+the delta rule a range (x1 .. x1.43). An estimate with stated assumptions (host copies still hidden), not a
+measurement.
 """
 
 from __future__ import annotations
@@ -47,10 +49,17 @@ def gemm_flops_bytes(name: str, shapes: list) -> tuple[float, float] | None:
     return 2.0 * batch * m * k * n, 2.0 * batch * (m * k + k * n + m * n)
 
 
+def gemm_slowdown(flops: float, nbytes: float) -> float:
+    """How much longer a GEMM takes on an H100 than on an H200, by the roofline: its time is set by the larger of
+    its FLOPs at the (shared) bf16 peak and its bytes at the HBM bandwidth, at the same efficiency on both."""
+    compute, memory = flops / H100_PEAK, nbytes / H200_BW
+    return max(compute, memory * H200_BW / H100_BW) / max(compute, memory)
+
+
 def time_classes(events) -> dict[str, float]:
     """Own device time (ms) by class over `events` (torch.profiler key averages grouped by input shape: key,
     input_shapes, self_device_time_total in us, device_type): see the module docstring."""
-    out = dict.fromkeys(("gemm_compute", "gemm_memory", "attention", "delta_rule", "host_copies", "other"), 0.0)
+    out = dict.fromkeys(("gemm", "gemm_h100", "attention", "delta_rule", "host_copies", "other"), 0.0)
     host = kernels = 0.0
     for e in events:
         us = float(getattr(e, "self_device_time_total", 0.0) or 0.0)
@@ -65,8 +74,8 @@ def time_classes(events) -> dict[str, float]:
             continue
         if name in GEMMS:
             fb = gemm_flops_bytes(name, e.input_shapes or [])
-            bound = fb is not None and fb[0] / fb[1] < H100_PEAK / H100_BW
-            out["gemm_memory" if bound else "gemm_compute"] += us
+            out["gemm"] += us
+            out["gemm_h100"] += us * gemm_slowdown(*fb) if fb else us * H200_BW / H100_BW
         elif "attention" in name.lower() and "delta" not in name.lower():
             out["attention"] += us
         elif "GatedDeltaRule" in name or "gated_delta_rule" in name:
@@ -75,20 +84,20 @@ def time_classes(events) -> dict[str, float]:
             out["other"] += us
     out["host_copies"] = host
     out["other"] = max(0.0, out["other"] - host)  # the pinned copies sit under aten::copy_ with the rest
-    out["other"] += max(0.0, kernels - sum(out.values()))  # kernels launched outside any recorded operator
+    counted = sum(v for k, v in out.items() if k != "gemm_h100")
+    out["other"] += max(0.0, kernels - counted)  # kernels launched outside any recorded operator
     return {k: round(v / 1e3, 2) for k, v in out.items()}
 
 
 def h100_projection(classes: dict[str, float]) -> tuple[float, float]:
     """(low, high) factor by which an H200 step's device time grows on an H100 (module docstring)."""
     slow = H200_BW / H100_BW
-    busy = sum(v for k, v in classes.items() if k != "host_copies")
+    busy = sum(v for k, v in classes.items() if k not in ("host_copies", "gemm_h100"))
     if busy <= 0:
         return 1.0, 1.0
-    fixed = classes["gemm_compute"] + classes["attention"]
-    scaled = (classes["gemm_memory"] + classes["other"]) * slow
-    low = (fixed + scaled + classes["delta_rule"]) / busy
-    high = (fixed + scaled + classes["delta_rule"] * slow) / busy
+    fixed = classes["gemm_h100"] + classes["attention"] + classes["other"] * slow
+    low = (fixed + classes["delta_rule"]) / busy
+    high = (fixed + classes["delta_rule"] * slow) / busy
     return round(low, 3), round(high, 3)
 
 

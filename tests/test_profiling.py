@@ -13,7 +13,7 @@ def ev(key, us, shapes=(), device="DeviceType.CPU"):
     return types.SimpleNamespace(key=key, self_device_time_total=us, input_shapes=list(shapes), device_type=device)
 
 
-def test_gemms_are_split_at_the_h100_ridge_point_by_their_shapes():
+def test_gemm_flops_and_bytes_from_recorded_shapes():
     big = profiling.gemm_flops_bytes("aten::mm", [[16384, 2048], [2048, 8192]])
     assert big == (2.0 * 16384 * 2048 * 8192, 2.0 * (16384 * 2048 + 2048 * 8192 + 16384 * 8192))
     lora_up = profiling.gemm_flops_bytes("aten::_grouped_mm", [[131072, 16], [256, 16, 2048], [256], [], []])
@@ -22,33 +22,41 @@ def test_gemms_are_split_at_the_h100_ridge_point_by_their_shapes():
     assert wgrad == (2.0 * 16 * 131072 * 2048, 2.0 * (16 * 131072 + 131072 * 2048 + 256 * 16 * 2048))
     acc = profiling.gemm_flops_bytes("aten::addmm_", [[16384, 2048], [16384, 16], [16, 2048], [], []])
     assert acc == (2.0 * 16384 * 16 * 2048, 2.0 * (16384 * 16 + 16 * 2048 + 16384 * 2048))
-    ridge = profiling.H100_PEAK / profiling.H100_BW
-    assert big[0] / big[1] > ridge > max(lora_up[0] / lora_up[1], wgrad[0] / wgrad[1], acc[0] / acc[1])
     assert profiling.gemm_flops_bytes("aten::_grouped_mm", [[4]]) is None
+    slow = profiling.H200_BW / profiling.H100_BW
+    assert profiling.gemm_slowdown(*big) == 1.0  # FLOPs bind on both GPUs
+    assert profiling.gemm_slowdown(*lora_up) == pytest.approx(slow)  # bytes bind on both
+    # the 35B's gate_up expert GEMM: bound by FLOPs on an H200, by a hair by bytes on an H100
+    gate_up = profiling.gemm_flops_bytes("aten::_grouped_mm", [[131072, 2048], [256, 2048, 1024], [256], [], []])
+    assert 1.0 < profiling.gemm_slowdown(*gate_up) < 1.05
 
 
 def test_time_classes_and_the_projection():
+    lora_bytes = 2.0 * (131072 * 16 + 256 * 16 * 2048 + 131072 * 2048)
     events = [
-        ev("aten::mm", 4000, [[16384, 2048], [2048, 8192]]),                          # compute-bound GEMM
-        ev("aten::_grouped_mm", 1000, [[131072, 16], [256, 16, 2048], [256], [], []]),  # LoRA: memory-bound
+        ev("aten::mm", 4000, [[16384, 2048], [2048, 8192]]),  # bound by its FLOPs on both GPUs
+        # the LoRA up-projection, bound by its bytes: 1.43x as long on an H100
+        ev("aten::_grouped_mm", 2 * lora_bytes / profiling.H200_BW * 1e6,
+           [[131072, 16], [256, 16, 2048], [256], [], []]),
         ev("aten::_cudnn_attention_backward", 500),
         ev("ChunkGatedDeltaRuleFunctionBackward", 1500),
         ev("aten::copy_", 2500, [[8, 2048, 2048], [8, 2048, 2048], []]),  # 2000 of it the pinned host copies
         ev("Memcpy DtoH (Device -> Pinned)", 1200, device="DeviceType.CUDA"),
         ev("Memcpy HtoD (Pinned -> Device)", 800, device="DeviceType.CUDA"),
         ev("nvjet_sm90_tst_192x192", 4000, device="DeviceType.CUDA"),  # kernel rows: their operators counted
-        ev("cutlass_grouped", 1000, device="DeviceType.CUDA"),         # them (rows of the same total below)
+        ev("cutlass_grouped", 2 * lora_bytes / profiling.H200_BW * 1e6, device="DeviceType.CUDA"),  # them
         ev("kernel_a", 2500, device="DeviceType.CUDA"),  # attention + delta rule + the device copy
         ev("launched_outside_any_operator", 500, device="DeviceType.CUDA"),  # -> other
         ev("aten::add_", 0),
     ]
-    classes = profiling.time_classes(events)
-    assert classes == {"gemm_compute": 4.0, "gemm_memory": 1.0, "attention": 0.5, "delta_rule": 1.5,
-                       "host_copies": 2.0, "other": 1.0}
-    low, high = profiling.h100_projection(classes)
+    lora_ms = 2 * lora_bytes / profiling.H200_BW * 1e3
     slow = profiling.H200_BW / profiling.H100_BW
-    busy = 4.0 + 1.0 + 0.5 + 1.5 + 1.0
-    assert low == pytest.approx((4.5 + 1.5 + 2.0 * slow) / busy, abs=1e-3)
-    assert high == pytest.approx((4.5 + 3.5 * slow) / busy, abs=1e-3)
+    classes = profiling.time_classes(events)
+    assert classes == pytest.approx({"gemm": 4.0 + lora_ms, "gemm_h100": 4.0 + lora_ms * slow, "attention": 0.5,
+                                     "delta_rule": 1.5, "host_copies": 2.0, "other": 1.0}, abs=0.01)
+    low, high = profiling.h100_projection(classes)
+    busy = 4.0 + lora_ms + 0.5 + 1.5 + 1.0
+    assert low == pytest.approx((4.0 + lora_ms * slow + 0.5 + 1.0 * slow + 1.5) / busy, abs=2e-3)
+    assert high == pytest.approx((4.0 + lora_ms * slow + 0.5 + (1.0 + 1.5) * slow) / busy, abs=2e-3)
     assert 1.0 < low < high < slow
     assert profiling.h100_projection(dict.fromkeys(classes, 0.0)) == (1.0, 1.0)
