@@ -222,13 +222,14 @@ GDN = "fla-gated-deltanet-gva"  # the Gated DeltaNet forward above,
 ROPE = "triton-partial-rope"  # and pitlm.train.rope_kernel
 
 
-def install_fast_kernels(model: nn.Module, experts: bool = False, routed: bool = True) -> list[str]:
+def install_fast_kernels(model: nn.Module, experts: bool = False, routed: bool = True, rope: bool = False) -> list[str]:
     """Route `model`'s causal conv1d, RMSNorms and Gated DeltaNet layers through fla's fused kernels and, with
     `experts`, its routed experts through pitlm's grouped forward (CUDA tensors only); with `routed`, switch on the
     MoE block's Triton kernels where triton imports (the routed experts' `pitlm.train.routed_kernels`, the router's
     and the shared expert gate's `pitlm.train.moe_kernels`; off: switched off). Returns the names of what was
     installed: [] on a model without these layers, the Triton kernels alone where fla does not import. Each
-    installed path has a switch: `set_fast_path(model, name, on)`."""
+    installed path has a switch: `set_fast_path(model, name, on)`. rope: also the Triton partial rotary embedding
+    (`pitlm.train.rope_kernel`; opt-in until its bf16 GPU test has reported: tests/test_train_rope_kernel.py)."""
     from pitlm.train.moe_kernels import install_moe_kernels
     from pitlm.train.routed_kernels import set_routed_kernels
 
@@ -240,7 +241,8 @@ def install_fast_kernels(model: nn.Module, experts: bool = False, routed: bool =
     if routed:
         installed += [f"{name} x{n}" for name, n in ((ROUTER, n_router), (SHARED_GATE, n_block)) if n]
     kinds = {type(m).__name__ for m in model.modules()}
-    installed += _install_rope(kinds)
+    if rope:
+        installed += _install_rope(kinds)
     if not kinds & (OFFSET_NORMS | GATED_NORMS) and not any("GatedDeltaNet" in k for k in kinds):
         return _log_installed(installed)
     fla = _fla()

@@ -63,8 +63,9 @@
 #   phase 30 (carry .whl .kcache): GPU tests of the routed experts' kernels with the LoRA terms in the GEMMs' K and
 #           of the one-node dense LoRA; the 74 GiB recipe with each switched off, then all on (profiled)
 #   phase 31 (carry .whl .kcache): the seed's recipe under 79 GiB; the embedding bench
-#   phase 32 (carry .whl .kcache): GPU tests of the Triton partial rotary embedding and the fast-kernel model test;
-#           the 74 GiB recipe without it, then with everything (profiled: device time by class, H100 projection)
+#   phase 32 (carry .whl .kcache): GPU tests of the Triton partial rotary embedding and the fast-kernel model test
+#           (session 9: their output was lost); the 74 GiB recipe without it, then with everything (profiled: device
+#           time by class, H100 projection). The kernel was installed by default then; it is opt-in (--rope) now
 #   A cold machine spends > 5 min in fla's Triton autotuning before the first 35B step: run the phases that train
 #   in consecutive calls on a warm machine, with TRITON_CACHE_AUTOTUNING=1.
 # Usage: bash scripts/gpu_bench.sh 0|1|...|32
@@ -282,7 +283,7 @@ elif [ "$1" = 32 ]; then
     -k "gpu or cuda" 2>&1 | tail -1
   M="--adapter-dtype base --optim adamw8bit --ce-chunk 512 --offload-checkpoints"
   T=${T1:-300} run $B train $L $M --full-modules "" --batch 8 --in-backward on --memory-cap-gib 74.0 \
-    --ablate ${ABL:-rope,none} --profile "$OUT/profile_s9c.txt"
+    --rope --ablate ${ABL:-rope,none} --profile "$OUT/profile_s9c.txt"
   tail -8 "$OUT/profile_s9c.txt"
 elif [ "$1" = 1 ]; then
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|causal|liger|grouped|gpu0|triton" | tee "$OUT/doctor.txt"

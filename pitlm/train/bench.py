@@ -71,7 +71,7 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
                 uncheckpointed_layers: int | list[int] = 0, stochastic_round: str = "none",
                 offload_checkpoints: bool = False, compile: str = "none",
                 routed_kernels: bool | list[bool] = True, dense_path: str = "fused",
-                ablate: str | list[str] = "none",
+                ablate: str | list[str] = "none", rope: bool = False,
                 on_result: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]] | None:
     """Run warmup + steps training steps on random tokens for every (uncheckpointed layers, in_backward, batch size)
     combination, on one model built once; returns one measurement each on rank 0 (None elsewhere). One that runs out
@@ -82,6 +82,7 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
     Triton kernels on or off (the MoE block's: pitlm.train.routed_kernels and moe_kernels); a list sweeps both on
     one model. ablate: with the fast kernels, one installed fast path switched off (a `pitlm.kernels` switch name:
     gdn, router, shared-gate, routed-experts, lora-in-k, dense-one-node, rope) or none; a list measures each on one model.
+    rope: install the Triton partial rotary embedding too (opt-in, pitlm.kernels.install_fast_kernels).
     on_result: called on rank 0 with each measurement as soon as it exists, so a sweep cut short by a time limit
     (a new shape's kernel autotuning can take minutes) still reports what it measured."""
     if mode not in ("lora", "full"):
@@ -117,7 +118,7 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
             total = count_params(model)
         kernels = []
         if fast_kernels and on_gpu and mode == "lora":  # FSDP2 (full) + these kernels: not verified yet
-            kernels = install_fast_kernels(model)
+            kernels = install_fast_kernels(model, rope=rope)
 
         compile_blocks(model, compile)
         model.train()

@@ -145,6 +145,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             offload_checkpoints: Annotated[bool, typer.Option("--offload-checkpoints/--no-offload-checkpoints", help="lora: checkpointed blocks keep their input in pinned host memory (copied back one block ahead).")] = False,
             compile_: Annotated[str, typer.Option("--compile", help="lora: none | moe -- torch.compile each MoE block (the warm-up compiles).")] = "none",
             routed_kernels: Annotated[str, typer.Option("--routed-kernels", help="GPU, with the fast kernels: on | off | on,off -- the MoE block's fused Triton kernels (routed experts, router, shared-expert gate).")] = "on",
+            rope: Annotated[bool, typer.Option("--rope/--no-rope", help="GPU, with the fast kernels: also the Triton partial rotary embedding (opt-in).")] = False,
             ablate: Annotated[str, typer.Option("--ablate", help="GPU, with the fast kernels: none | gdn | router | shared-gate | routed-experts | lora-in-k | dense-one-node | rope -- that fast path off; a comma list measures each on one model.")] = "none",
             set_: SetOpt = None) -> None:
         """Training throughput and peak memory of pitlm's own train_step on random weights and tokens."""
@@ -182,4 +183,5 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                     in_backward=ib, grad_accum=grad_accum, memory_cap_gib=memory_cap_gib,
                     uncheckpointed_layers=skips, stochastic_round=stochastic_round,
                     offload_checkpoints=offload_checkpoints, compile=compile_, routed_kernels=routed,
-                    ablate=[a.strip() for a in ablate.split(",") if a.strip()] or ["none"], on_result=emit)
+                    ablate=[a.strip() for a in ablate.split(",") if a.strip()] or ["none"], rope=rope,
+                    on_result=emit)
