@@ -321,3 +321,38 @@ def test_gather_kernels_read_and_write_the_first_columns_of_padded_buffers(inter
     h = rk.swiglu_routed(base, None, w, pad=pad)
     assert h.stride(0) == hidden + pad
     torch.testing.assert_close(h, reference_swiglu(base, None, w), rtol=1e-6, atol=1e-6)
+
+
+def test_lora_in_k_against_per_expert_products_with_adapters_in_another_dtype():
+    """_LoRAInK alone: per expert, (h | s·h@A^T) @ (W | B)^T against h @ W^T + s·(h @ A^T) @ B^T, with the adapters
+    in float64 (as float32 adapters beside bf16 activations on a GPU): the GEMMs run in the activations' dtype and
+    each gradient comes back in its input's dtype."""
+    from pitlm.train.experts import _LoRAInK, lora_pad
+
+    gen = torch.Generator().manual_seed(11)
+    n_exp, inter, out_w, rank, scaling = 3, 8, 6, 4, 0.5
+    offsets = torch.tensor([5, 5, 12], dtype=torch.int32)  # expert 1 gets no row
+    pad = lora_pad(rank, inter)
+    w = torch.randn(n_exp, out_w, inter, generator=gen)
+    store = torch.zeros(n_exp, out_w, inter + pad)
+    store[..., :inter] = w
+    h = torch.empty(12, inter + pad)[:, :inter]
+    h.copy_(torch.randn(12, inter, generator=gen))
+    rhs = torch.randn(n_exp, rank, inter, generator=gen, dtype=torch.float64).requires_grad_()  # A per expert
+    lhs = torch.randn(n_exp, out_w, rank, generator=gen, dtype=torch.float64).requires_grad_()  # B per expert
+    leaf = h.detach().clone().requires_grad_()
+    hv = torch.empty(12, inter + pad)[:, :inter]
+    hv.copy_(leaf.detach())
+    hv.requires_grad_()
+    out = _LoRAInK.apply(hv, hv, rhs, lhs, scaling, store, offsets)
+    starts, ends = [0, 5, 5], offsets.tolist()
+    ref = torch.cat([leaf[s:e] @ w[g].t() + scaling * (leaf[s:e] @ rhs[g].float().t()) @ lhs[g].float().t()
+                     for g, (s, e) in enumerate(zip(starts, ends, strict=True))])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn(out.shape, generator=gen)
+    d_h, d_rhs, d_lhs = torch.autograd.grad(out, [hv, rhs, lhs], g)
+    r_h, r_rhs, r_lhs = torch.autograd.grad(ref, [leaf, rhs, lhs], g)
+    assert d_rhs.dtype == d_lhs.dtype == torch.float64 and d_h.dtype == torch.float32
+    for a, b in ((d_h, r_h), (d_rhs, r_rhs), (d_lhs, r_lhs)):
+        torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-4, atol=1e-5)
+    assert torch.equal(store[..., :inter], w)  # the base weight's columns untouched

@@ -173,6 +173,7 @@ class _LoRAInK(torch.autograd.Function):
     def forward(ctx, h, h_low, rhs, lhs, scaling, store, offsets):
         rows, inter = h.shape
         r = rhs.shape[1]
+        ctx.rhs_dtype, rhs = rhs.dtype, rhs.to(h.dtype)  # float32 adapters: the GEMMs in the activations' dtype
         ext = torch.as_strided(h, (rows, store.shape[-1]), (h.stride(0), 1))  # h with its pad columns
         low = grouped_linear(h_low, rhs, offsets) * scaling
         ext[:, inter:inter + r].copy_(low)
@@ -195,7 +196,7 @@ class _LoRAInK(torch.autograd.Function):
         d_lhs = grouped_weight_grad(d_out, ext[:, inter:inter + r].contiguous(), offsets, n)
         d_rhs = grouped_weight_grad(d_low, ext[:, :inter], offsets, n)
         d_h_low = grouped_linear(d_low, rhs.transpose(-2, -1), offsets)
-        return d_ext[:, :inter], d_h_low, d_rhs.to(rhs.dtype), d_lhs.to(ctx.lhs_dtype), None, None, None
+        return d_ext[:, :inter], d_h_low, d_rhs.to(ctx.rhs_dtype), d_lhs.to(ctx.lhs_dtype), None, None, None
 
 
 def permute_routed(tokens: torch.Tensor, src: torch.Tensor, inv: torch.Tensor, top_k: int,
