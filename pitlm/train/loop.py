@@ -139,9 +139,10 @@ def prepare(cfg: TrainConfig, vol, env: DistEnv) -> Setup:
     model = build_model(cfg, env, base_path, max(len(tokenizer), index.vocab_size), tokenizer,
                         torch_dtype(dtype_name), fsdp)
     if cfg.fast_kernels and env.device.type == "cuda" and not fsdp:  # FSDP2 + these kernels: not verified yet
-        from pitlm.kernels import install_fast_kernels
+        from pitlm.kernels import install_fast_kernels, set_fast_path
 
         install_fast_kernels(model)
+        set_fast_path(model, "lora-in-k", cfg.lora.experts_in_k)
     vocab = _unwrapped_config(model).vocab_size
     if index.vocab_size > vocab:
         raise PitlmError(f"corpus {corpus_dir.name} was tokenized with a {index.vocab_size}-token vocabulary but the "
