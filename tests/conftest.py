@@ -31,6 +31,16 @@ def _unpatch_modeling_functions():
 
 
 @pytest.fixture
+def interpret(monkeypatch):
+    """pitlm's Triton kernels on CPU tensors under Triton's interpreter (chosen above on machines without a GPU)."""
+    from pitlm.train import routed_kernels
+
+    if not routed_kernels._interpreting():
+        pytest.skip("Triton's interpreter is chosen by conftest on machines without a GPU")
+    monkeypatch.setenv(routed_kernels.CPU_ENV, "1")
+
+
+@pytest.fixture
 def home(tmp_path, monkeypatch):
     """A fresh PITLM_HOME for one test."""
     h = tmp_path / "home"

@@ -13,12 +13,6 @@ from pitlm.train import routed_kernels as rk
 triton = pytest.importorskip("triton")
 
 
-@pytest.fixture
-def interpret(monkeypatch):
-    if not rk._interpreting():
-        pytest.skip("Triton's interpreter is chosen by conftest on machines without a GPU")
-    monkeypatch.setenv(rk.CPU_ENV, "1")
-
 
 def reference_router(logits, top_k):
     """transformers' Qwen3_5MoeTopKRouter after its linear."""

@@ -7,16 +7,9 @@ import pytest
 import torch
 
 from pitlm.train import rope_kernel as rk
-from pitlm.train import routed_kernels
 
 pytest.importorskip("triton")
 
-
-@pytest.fixture
-def interpret(monkeypatch):
-    if not routed_kernels._interpreting():
-        pytest.skip("Triton's interpreter is chosen by conftest on machines without a GPU")
-    monkeypatch.setenv(routed_kernels.CPU_ENV, "1")
 
 
 def modeling():

@@ -14,12 +14,6 @@ from pitlm.train.experts import install_expert_lora, permute_routed, unpermute_r
 triton = pytest.importorskip("triton")
 
 
-@pytest.fixture
-def interpret(monkeypatch):
-    if not rk._interpreting():
-        pytest.skip("Triton's interpreter is chosen by conftest on machines without a GPU")
-    monkeypatch.setenv(rk.CPU_ENV, "1")
-
 
 def reference_swiglu(base, lora, w):
     s = base if lora is None else base + lora
