@@ -13,7 +13,6 @@ from pitlm.train import routed_kernels as rk
 triton = pytest.importorskip("triton")
 
 
-
 def reference_router(logits, top_k):
     """transformers' Qwen3_5MoeTopKRouter after its linear."""
     probs = torch.softmax(logits, dtype=torch.float, dim=-1)

@@ -11,7 +11,6 @@ from pitlm.train import rope_kernel as rk
 pytest.importorskip("triton")
 
 
-
 def modeling():
     from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe
 

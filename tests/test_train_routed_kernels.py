@@ -14,7 +14,6 @@ from pitlm.train.experts import install_expert_lora, permute_routed, unpermute_r
 triton = pytest.importorskip("triton")
 
 
-
 def reference_swiglu(base, lora, w):
     s = base if lora is None else base + lora
     gate, up = s.chunk(2, dim=-1)
