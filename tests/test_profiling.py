@@ -60,3 +60,20 @@ def test_time_classes_and_the_projection():
     assert high == pytest.approx((4.0 + lora_ms * slow + 0.5 + (1.0 + 1.5) * slow) / busy, abs=2e-3)
     assert 1.0 < low < high < slow
     assert profiling.h100_projection(dict.fromkeys(classes, 0.0)) == (1.0, 1.0)
+
+
+def test_bench_prints_the_classes_and_on_an_h200_the_projected_h100_range(monkeypatch):
+    import torch
+
+    from pitlm.train import bench
+
+    classes = {"gemm": 4.0, "gemm_h100": 4.0, "attention": 1.0, "delta_rule": 2.0, "host_copies": 3.0,
+               "other": 3.0}
+    low, high = profiling.h100_projection(classes)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    out = bench._projection(classes, 1000.0, "cuda:0")
+    assert out["gpu_ms_other"] == 3.0 and out["gpu_ms_host_copies"] == 3.0
+    assert out["h100_projected_tokens_per_second"] == f"{1000 / high:.0f}-{1000 / low:.0f}"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert "h100_projected_tokens_per_second" not in bench._projection(classes, 1000.0, "cuda:0")
+    assert bench._projection({}, 1000.0, "cpu") == {}  # no profile, or a CPU one: nothing
