@@ -119,7 +119,6 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
         kernels = []
         if fast_kernels and on_gpu and mode == "lora":  # FSDP2 (full) + these kernels: not verified yet
             kernels = install_fast_kernels(model, rope=rope)
-
         compile_blocks(model, compile)
         model.train()
         build_seconds = time.perf_counter() - t0

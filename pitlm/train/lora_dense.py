@@ -119,7 +119,7 @@ def dense_lora_forward(base: nn.Linear, x: torch.Tensor, a: torch.Tensor, b: tor
         return out.view(*lead, out.shape[-1])
     out = nn.functional.linear(x2, base.weight, base.bias)  # its backward needs x and W, not this output
     xd = dropout(x2)
-    if not torch.is_autocast_enabled(x.device.type):  # peft casts the input to the adapter's dtype
+    if not autocast:  # peft casts the input to the adapter's dtype
         xd = xd.to(a.dtype)
     low = nn.functional.linear(xd, a) * scaling  # the scale on r columns, not on the output's
     out = out.addmm_(low.to(out.dtype), b.t().to(out.dtype))

@@ -32,7 +32,7 @@ import types
 import torch
 from torch import nn
 
-from pitlm.train.routed_kernels import _interpreting, _on, available
+from pitlm.train.routed_kernels import _has_triton, _interpreting, _on, available
 
 ROUTER_FLAG = "_pitlm_router_kernel"  # on a router module: the fused softmax / top-k / renormalise
 SHARED_FLAG = "_pitlm_shared_gate_kernel"  # on a sparse MoE block: the fused shared-expert gate and add
@@ -271,12 +271,6 @@ def _block_forward(ref):
         return shared_gate_add(routed, shared, self.shared_expert_gate(x)).view(batch, seq, hidden)
 
     return forward
-
-
-def _has_triton() -> bool:
-    from pitlm.train.routed_kernels import _has_triton
-
-    return _has_triton()
 
 
 def install_moe_kernels(model: nn.Module, on: bool = True) -> tuple[int, int]:
