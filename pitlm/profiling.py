@@ -10,10 +10,16 @@ its roofline (`gemm_slowdown`: x1 when its FLOPs bind, x1.43 when its bytes do, 
 attention keeps its time, the rest x 4.8 / 3.35 (an upper bound: latency-bound small kernels slow down less), and
 the delta rule a range (x1 .. x1.43). An estimate with stated assumptions (host copies still hidden), not a
 measurement.
+
+`device_gaps(kernels, cpu_ops)` finds where the device sat idle inside a profiled call: the union of its kernels
+over all streams (copies to and from pinned host memory left out: they run on the copy engines), the gaps between
+them, and for each large gap the kernel after it and the host operator that launched that kernel late (the host
+work the GPU waited on).
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Callable
 
@@ -92,13 +98,89 @@ def time_classes(events) -> dict[str, float]:
 def h100_projection(classes: dict[str, float]) -> tuple[float, float]:
     """(low, high) factor by which an H200 step's device time grows on an H100 (module docstring)."""
     slow = H200_BW / H100_BW
-    busy = sum(v for k, v in classes.items() if k not in ("host_copies", "gemm_h100"))
+    busy = sum(v for k, v in classes.items() if k not in ("host_copies", "gemm_h100", "idle"))
     if busy <= 0:
         return 1.0, 1.0
     fixed = classes["gemm_h100"] + classes["attention"] + classes["other"] * slow
     low = (fixed + classes["delta_rule"]) / busy
     high = (fixed + classes["delta_rule"] * slow) / busy
     return round(low, 3), round(high, 3)
+
+
+COPY_ENGINE = ("Memcpy DtoH (Device -> Pinned)", "Memcpy HtoD (Pinned -> Device)")
+
+
+def device_gaps(kernels: list[tuple[str, int, int, int]], launches: dict[int, str] | None = None,
+                min_gap_us: float = 20.0, top: int = 12) -> dict:
+    """Idle device time among `kernels` ((name, correlation id, start ns, end ns), any order, all streams).
+
+    Busy time is the union of the kernel intervals (the device counts as busy while any kernel runs); idle time is
+    the span from the first start to the last end less busy time. Gaps of at least `min_gap_us` are summed by what
+    ended them: the host operator that launched the next kernel (`launches`: correlation id -> operator name; the
+    kernel's own name when absent). Returns span_ms, busy_ms, idle_ms, gaps (count over the threshold) and `by_cause`:
+    [(cause, total ms, count)], largest first."""
+    spans = sorted((s, e, name, corr) for name, corr, s, e in kernels
+                   if e > s and not name.startswith(COPY_ENGINE))
+    if not spans:
+        return {"span_ms": 0.0, "busy_ms": 0.0, "idle_ms": 0.0, "gaps": 0, "by_cause": []}
+    busy, causes, count = 0, {}, 0
+    cur_s, cur_e = spans[0][0], spans[0][1]
+    for s, e, name, corr in spans[1:]:
+        if s > cur_e:  # a gap: the device had nothing to run until this kernel
+            busy += cur_e - cur_s
+            gap = s - cur_e
+            if gap >= min_gap_us * 1e3:
+                cause = (launches or {}).get(corr, name)
+                total, n = causes.get(cause, (0, 0))
+                causes[cause] = (total + gap, n + 1)
+                count += 1
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    span = max(e for _, e, _, _ in spans) - spans[0][0]
+    ranked = sorted(causes.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"span_ms": round(span / 1e6, 3), "busy_ms": round(busy / 1e6, 3),
+            "idle_ms": round((span - busy) / 1e6, 3), "gaps": count,
+            "by_cause": [(c, round(t / 1e6, 3), n) for c, (t, n) in ranked]}
+
+
+def _kineto_gaps(prof) -> dict:
+    """device_gaps over a finished torch.profiler run: kernels from its device events; each kernel's cause is the
+    innermost host operator around the runtime call (cudaLaunchKernel and the like) with the kernel's correlation
+    id."""
+    events = prof.profiler.kineto_results.events()
+    kernels, runtime, ops = [], {}, []
+    for e in events:
+        if str(e.device_type()) != "DeviceType.CPU":
+            kernels.append((e.name(), e.correlation_id(), e.start_ns(), e.start_ns() + e.duration_ns()))
+        elif e.name().startswith(("cuda", "cu")) and e.correlation_id():
+            runtime[e.correlation_id()] = (e.start_ns(), e.start_thread_id())
+        else:
+            ops.append((e.start_ns(), e.start_ns() + e.duration_ns(), e.start_thread_id(), e.name()))
+    # resolve only what a gap needs: the kernels that end one
+    spans = sorted((s, e, corr) for name, corr, s, e in kernels if e > s and not name.startswith(COPY_ENGINE))
+    after_gap, cur_e = set(), spans[0][1] if spans else 0
+    for s, e, corr in spans[1:]:
+        if s - cur_e >= 20_000:
+            after_gap.add(corr)
+        cur_e = max(cur_e, e)
+    by_thread: dict[int, list] = {}
+    for op in sorted(ops):
+        by_thread.setdefault(op[2], []).append(op)
+    starts = {th: [op[0] for op in v] for th, v in by_thread.items()}
+    launches = {}
+    for corr in after_gap:
+        if corr not in runtime:
+            continue
+        t, thread = runtime[corr]
+        i = bisect.bisect_right(starts.get(thread, []), t) - 1
+        while i >= 0:  # nested operators: the latest-starting one that still contains t is the innermost
+            if by_thread[thread][i][1] >= t:
+                launches[corr] = by_thread[thread][i][3]
+                break
+            i -= 1
+    return device_gaps(kernels, launches)
 
 
 def profile_call(fn: Callable[[], object], path: str, on_gpu: bool, rows: int = 30) -> dict[str, float]:
@@ -125,6 +207,13 @@ def profile_call(fn: Callable[[], object], path: str, on_gpu: bool, rows: int = 
                              max_shapes_column_width=90)
     classes = time_classes(averages) if on_gpu else {}
     lines = "".join(f"{k}_ms: {v}\n" for k, v in classes.items())
+    if on_gpu:
+        gaps = _kineto_gaps(prof)
+        classes["idle"] = gaps["idle_ms"]
+        lines += (f"\n# device idle inside the call (pitlm.profiling.device_gaps)\nspan_ms: {gaps['span_ms']}\n"
+                  f"busy_ms: {gaps['busy_ms']}\nidle_ms: {gaps['idle_ms']}\ngaps_over_20us: {gaps['gaps']}\n"
+                  + "".join(f"{ms:9.3f} ms {n:6d} gaps before a kernel launched by {cause}\n"
+                            for cause, ms, n in gaps["by_cause"]))
     atomic_write_text(path, f"# by operator\n{by_op}\n\n# by operator and input shapes\n{by_shape}\n\n"
                             f"# by own (self) time and input shapes: which kernels, on which tensors\n{by_self}\n\n"
                             f"# own device time by class (pitlm.profiling.time_classes)\n{lines}")

@@ -66,9 +66,12 @@
 #   phase 32 (carry .whl .kcache): GPU tests of the Triton partial rotary embedding and the fast-kernel model test
 #           (session 9: their output was lost); the 74 GiB recipe without it, then with everything (profiled: device
 #           time by class, H100 projection). The kernel was installed by default then; it is opt-in (--rope) now
+#   phase 33 (carry .whl .kcache; session 10's first call): the rotary kernel's and the fast-kernel model's GPU tests,
+#           their whole output kept in $OUT/tests33.txt; the 74 GiB recipe with --rope, profiled with the device's
+#           idle gaps and the host operators that ended them (pitlm.profiling.device_gaps)
 #   A cold machine spends > 5 min in fla's Triton autotuning before the first 35B step: run the phases that train
 #   in consecutive calls on a warm machine, with TRITON_CACHE_AUTOTUNING=1.
-# Usage: bash scripts/gpu_bench.sh 0|1|...|32
+# Usage: bash scripts/gpu_bench.sh 0|1|...|33
 set -u
 export TRITON_CACHE_AUTOTUNING=1
 source scripts/gpu_env.sh
@@ -285,6 +288,15 @@ elif [ "$1" = 32 ]; then
   T=${T1:-300} run $B train $L $M --full-modules "" --batch 8 --in-backward on --memory-cap-gib 74.0 \
     --rope --ablate ${ABL:-rope,none} --profile "$OUT/profile_s9c.txt"
   tail -8 "$OUT/profile_s9c.txt"
+elif [ "$1" = 33 ]; then
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  timeout ${TT:-200} python3 -m pytest -v -p no:cacheprovider tests/test_train_rope_kernel.py tests/test_kernels.py \
+    -k "gpu or cuda" > "$OUT/tests33.txt" 2>&1; echo "pytest rc: $?"
+  grep -E "PASSED|FAILED|ERROR|passed|failed|Error" "$OUT/tests33.txt" | tail -12
+  M="--adapter-dtype base --optim adamw8bit --ce-chunk 512 --offload-checkpoints"
+  T=${T1:-300} run $B train $L $M --full-modules "" --batch 8 --in-backward on --memory-cap-gib 74.0 \
+    --rope ${EXTRA:-} --profile "$OUT/profile_s10.txt"
+  sed -n '/# own device time by class/,$p' "$OUT/profile_s10.txt"
 elif [ "$1" = 1 ]; then
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|causal|liger|grouped|gpu0|triton" | tee "$OUT/doctor.txt"
   run $B train $L --batch 1

@@ -77,3 +77,25 @@ def test_bench_prints_the_classes_and_on_an_h200_the_projected_h100_range(monkey
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     assert "h100_projected_tokens_per_second" not in bench._projection(classes, 1000.0, "cuda:0")
     assert bench._projection({}, 1000.0, "cpu") == {}  # no profile, or a CPU one: nothing
+
+
+def test_device_gaps_unions_streams_and_names_what_ended_each_gap():
+    us = 1_000  # ns
+    kernels = [  # (name, correlation id, start ns, end ns); two streams overlap, copies on the copy engines
+        ("gemm", 1, 0, 100 * us),
+        ("norm", 2, 50 * us, 150 * us),  # overlaps the gemm: busy 0..150
+        ("Memcpy DtoH (Device -> Pinned)", 3, 150 * us, 400 * us),  # not compute: the gap stays a gap
+        ("conv", 4, 200 * us, 260 * us),  # gap of 50 us before it
+        ("tiny", 5, 265 * us, 270 * us),  # gap of 5 us: idle, but under the threshold
+        ("conv", 6, 370 * us, 400 * us),  # gap of 100 us
+        ("rope", 7, 430 * us, 440 * us),  # gap of 30 us
+    ]
+    out = profiling.device_gaps(kernels, {4: "aten::item", 6: "aten::item"}, min_gap_us=20.0)
+    assert out["span_ms"] == 0.44
+    assert out["busy_ms"] == pytest.approx((150 + 60 + 5 + 30 + 10) / 1e3)
+    assert out["idle_ms"] == pytest.approx((50 + 5 + 100 + 30) / 1e3)
+    assert out["gaps"] == 3
+    assert out["by_cause"] == [("aten::item", 0.15, 2), ("rope", 0.03, 1)]
+    shuffled = profiling.device_gaps(kernels[::-1], {4: "aten::item", 6: "aten::item"}, min_gap_us=20.0)
+    assert shuffled == out  # order-free
+    assert profiling.device_gaps([], None)["idle_ms"] == 0.0
