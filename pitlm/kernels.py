@@ -222,14 +222,15 @@ GDN = "fla-gated-deltanet-gva"  # the Gated DeltaNet forward above,
 ROPE = "triton-partial-rope"  # and pitlm.train.rope_kernel
 
 
-def install_fast_kernels(model: nn.Module, experts: bool = False, routed: bool = True, rope: bool = False) -> list[str]:
+def install_fast_kernels(model: nn.Module, experts: bool = False, routed: bool = True, rope: bool = True) -> list[str]:
     """Route `model`'s causal conv1d, RMSNorms and Gated DeltaNet layers through fla's fused kernels and, with
     `experts`, its routed experts through pitlm's grouped forward (CUDA tensors only); with `routed`, switch on the
     MoE block's Triton kernels where triton imports (the routed experts' `pitlm.train.routed_kernels`, the router's
     and the shared expert gate's `pitlm.train.moe_kernels`; off: switched off). Returns the names of what was
     installed: [] on a model without these layers, the Triton kernels alone where fla does not import. Each
     installed path has a switch: `set_fast_path(model, name, on)`. rope: also the Triton partial rotary embedding
-    (`pitlm.train.rope_kernel`; opt-in until its bf16 GPU test has reported: tests/test_train_rope_kernel.py)."""
+    (`pitlm.train.rope_kernel`; a module-level function of the modeling module, so it reaches every model of the
+    process; CUDA tensors only)."""
     from pitlm.train.moe_kernels import install_moe_kernels
     from pitlm.train.routed_kernels import set_routed_kernels
 

@@ -8,8 +8,9 @@ Triton glue: memory-bound). `h100_projection(classes)` scales a step measured on
 split: both have the same SMs, clocks and bf16 peak, but 3.35 instead of 4.8 TB/s of HBM. So each GEMM slows by
 its roofline (`gemm_slowdown`: x1 when its FLOPs bind, x1.43 when its bytes do, as a LoRA's rank-16 products),
 attention keeps its time, the rest x 4.8 / 3.35 (an upper bound: latency-bound small kernels slow down less), and
-the delta rule a range (x1 .. x1.43). An estimate with stated assumptions (host copies still hidden), not a
-measurement.
+the delta rule a range (x1 .. x1.43). `h100_step_range` adds the time the device waited for the host, which a
+slower GPU does not lengthen. An estimate with stated assumptions (host copies still hidden; the same host CPU),
+not a measurement.
 
 `device_gaps(kernels, cpu_ops)` finds where the device sat idle inside a profiled call: the union of its kernels
 over all streams (copies to and from pinned host memory left out: they run on the copy engines), the gaps between
@@ -98,13 +99,29 @@ def time_classes(events) -> dict[str, float]:
 def h100_projection(classes: dict[str, float]) -> tuple[float, float]:
     """(low, high) factor by which an H200 step's device time grows on an H100 (module docstring)."""
     slow = H200_BW / H100_BW
-    busy = sum(v for k, v in classes.items() if k not in ("host_copies", "gemm_h100", "idle"))
+    busy = sum(v for k, v in classes.items() if k not in ("host_copies", "gemm_h100", "idle", "busy"))
     if busy <= 0:
         return 1.0, 1.0
     fixed = classes["gemm_h100"] + classes["attention"] + classes["other"] * slow
     low = (fixed + classes["delta_rule"]) / busy
     high = (fixed + classes["delta_rule"] * slow) / busy
     return round(low, 3), round(high, 3)
+
+
+def h100_step_range(classes: dict[str, float], step_seconds: float) -> tuple[float, float]:
+    """(shortest, longest) seconds an H100 would take for a step measured at `step_seconds` on an H200, from the
+    profiled step's classes with its device busy time (`busy`, ms: the union of its kernels, device_gaps).
+
+    The step is device work plus the time the device waits for the host (launch overhead, synchronisations):
+    idle = step_seconds - busy, measured unprofiled (the profiler's own host overhead inflates the profiled gaps).
+    The device work grows by h100_projection's factors; the host's part does not grow with a slower GPU, and a
+    slower GPU hides more of it behind queued work: at best all of it (busy x low), at worst none
+    (busy x high + idle). Without `busy` (a profile from before it was recorded) the whole step is scaled."""
+    low, high = h100_projection(classes)
+    busy = classes.get("busy", 0.0) / 1e3
+    if not 0 < busy <= step_seconds:
+        return step_seconds * low, step_seconds * high
+    return busy * low, busy * high + (step_seconds - busy)
 
 
 COPY_ENGINE = ("Memcpy DtoH (Device -> Pinned)", "Memcpy HtoD (Pinned -> Device)")
@@ -209,7 +226,7 @@ def profile_call(fn: Callable[[], object], path: str, on_gpu: bool, rows: int = 
     lines = "".join(f"{k}_ms: {v}\n" for k, v in classes.items())
     if on_gpu:
         gaps = _kineto_gaps(prof)
-        classes["idle"] = gaps["idle_ms"]
+        classes["idle"], classes["busy"] = gaps["idle_ms"], gaps["busy_ms"]
         lines += (f"\n# device idle inside the call (pitlm.profiling.device_gaps)\nspan_ms: {gaps['span_ms']}\n"
                   f"busy_ms: {gaps['busy_ms']}\nidle_ms: {gaps['idle_ms']}\ngaps_over_20us: {gaps['gaps']}\n"
                   + "".join(f"{ms:9.3f} ms {n:6d} gaps before a kernel launched by {cause}\n"

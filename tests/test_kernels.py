@@ -40,11 +40,12 @@ def test_install_patches_conv_and_norms_and_keeps_cpu_on_the_reference(monkeypat
     n_norm = 2 * n_layers + 2 * n_attn + 1  # input/post-attention per layer, q/k per attention layer, final
     routed = [f"{name} x{n_layers}" for name in (kernels.ROUTED, kernels.ROUTER, kernels.SHARED_GATE)] \
         if routed_kernels._has_triton() else []
-    assert installed == [*routed, "fla-causal-conv1d (qwen3_5_moe)", f"fla-rmsnorm x{n_norm}",
+    rope = [f"{kernels.ROPE} (qwen3_5_moe)"] if routed_kernels._has_triton() else []
+    assert installed == [*routed, *rope, "fla-causal-conv1d (qwen3_5_moe)", f"fla-rmsnorm x{n_norm}",
                          f"fla-gated-rmsnorm x{n_layers - n_attn}", f"{kernels.GDN} x{n_layers - n_attn}",
                          f"grouped-experts x{n_layers}"]
     # once only (the Triton kernels' switches are attributes: set again, to the same value)
-    assert kernels.install_fast_kernels(model, experts=True) == [*routed, "fla-causal-conv1d (qwen3_5_moe)"]
+    assert kernels.install_fast_kernels(model, experts=True) == [*routed, *rope, "fla-causal-conv1d (qwen3_5_moe)"]
     with torch.no_grad():
         after = model(input_ids=tokens).logits
     assert torch.equal(before, after)
@@ -103,8 +104,8 @@ def test_install_is_a_no_op_without_deltanet_layers_or_fla(monkeypatch):
     routed = [f"{name} x4" for name in (kernels.ROUTED, kernels.ROUTER, kernels.SHARED_GATE)] \
         if routed_kernels._has_triton() else []
     model = tiny_hybrid()
-    assert kernels.install_fast_kernels(model) == routed  # the rotary kernel only when asked (opt-in)
-    assert kernels.install_fast_kernels(model, routed=False, rope=True) == rope  # the MoE block's switched off
+    assert kernels.install_fast_kernels(model, rope=False) == routed  # the rotary kernel left out when asked
+    assert kernels.install_fast_kernels(model, routed=False) == rope  # the MoE block's switched off; rope by default
     flags = [a for name, a in kernels.fast_path_switches().items()  # lora-in-k: part of the routed experts'
              if name not in ("lora-in-k", "dense-one-node", "rope")]  # kernels; dense-one-node: the LoRA layers
     assert not any(getattr(m, f, False) for m in model.modules() for f in flags)

@@ -71,12 +71,15 @@ def test_bench_prints_the_classes_and_on_an_h200_the_projected_h100_range(monkey
                "other": 3.0}
     low, high = profiling.h100_projection(classes)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
-    out = bench._projection(classes, 1000.0, "cuda:0")
+    out = bench._projection(classes, 1000.0, 1.0, "cuda:0")  # no busy time recorded: the whole step scales
     assert out["gpu_ms_other"] == 3.0 and out["gpu_ms_host_copies"] == 3.0
     assert out["h100_projected_tokens_per_second"] == f"{1000 / high:.0f}-{1000 / low:.0f}"
+    # 0.8 s of the 1 s step busy on the device, 0.2 s waiting for the host: only the device's part grows
+    out = bench._projection({**classes, "busy": 800.0, "idle": 300.0}, 1000.0, 1.0, "cuda:0")
+    assert out["h100_projected_tokens_per_second"] == f"{1000 / (0.8 * high + 0.2):.0f}-{1000 / (0.8 * low):.0f}"
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    assert "h100_projected_tokens_per_second" not in bench._projection(classes, 1000.0, "cuda:0")
-    assert bench._projection({}, 1000.0, "cpu") == {}  # no profile, or a CPU one: nothing
+    assert "h100_projected_tokens_per_second" not in bench._projection(classes, 1000.0, 1.0, "cuda:0")
+    assert bench._projection({}, 1000.0, 1.0, "cpu") == {}  # no profile, or a CPU one: nothing
 
 
 def test_device_gaps_unions_streams_and_names_what_ended_each_gap():

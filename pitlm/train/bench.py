@@ -71,7 +71,7 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
                 uncheckpointed_layers: int | list[int] = 0, stochastic_round: str = "none",
                 offload_checkpoints: bool = False, compile: str = "none",
                 routed_kernels: bool | list[bool] = True, dense_path: str = "fused",
-                ablate: str | list[str] = "none", rope: bool = False,
+                ablate: str | list[str] = "none", rope: bool = True,
                 on_result: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]] | None:
     """Run warmup + steps training steps on random tokens for every (uncheckpointed layers, in_backward, batch size)
     combination, on one model built once; returns one measurement each on rank 0 (None elsewhere). One that runs out
@@ -82,7 +82,7 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
     Triton kernels on or off (the MoE block's: pitlm.train.routed_kernels and moe_kernels); a list sweeps both on
     one model. ablate: with the fast kernels, one installed fast path switched off (a `pitlm.kernels` switch name:
     gdn, router, shared-gate, routed-experts, lora-in-k, dense-one-node, rope) or none; a list measures each on one model.
-    rope: install the Triton partial rotary embedding too (opt-in, pitlm.kernels.install_fast_kernels).
+    rope: install the Triton partial rotary embedding too (pitlm.kernels.install_fast_kernels; default on).
     on_result: called on rank 0 with each measurement as soon as it exists, so a sweep cut short by a time limit
     (a new shape's kernel autotuning can take minutes) still reports what it measured."""
     if mode not in ("lora", "full"):
@@ -236,7 +236,7 @@ def _measure(model, cfg: TrainConfig, env, vocab: int, batch_size: int, in_backw
         out.update({"tokens_per_second": round(tokens / seconds, 1),
                     "tokens_per_second_per_gpu": round(tokens / seconds / env.world_size, 1),
                     "step_seconds": round(seconds / steps, 4), "loss_last": round(losses[-1], 4)})
-        out.update(_projection(classes, tokens / seconds / env.world_size, env.device))
+        out.update(_projection(classes, tokens / env.world_size / steps, seconds / steps, env.device))
     except torch.cuda.OutOfMemoryError as e:  # the sweep goes on: this pair does not fit
         out.update({"tokens_per_second": "oom", "oom": str(e).split(".")[0]})
         log.warning("batch %d in_backward=%s: out of memory", batch_size, in_backward)
@@ -255,15 +255,15 @@ def _measure(model, cfg: TrainConfig, env, vocab: int, batch_size: int, in_backw
     return out
 
 
-def _projection(classes: dict[str, float], tokens_per_second: float, device) -> dict[str, Any]:
+def _projection(classes: dict[str, float], tokens_per_step: float, step_seconds: float, device) -> dict[str, Any]:
     """The profiled step's device time by class (ms) and, measured on an H200, the tokens/s an H100 would run by
-    pitlm.profiling.h100_projection (a range: an estimate, not a measurement)."""
-    from pitlm.profiling import h100_projection
+    pitlm.profiling.h100_step_range (a range: an estimate, not a measurement)."""
+    from pitlm.profiling import h100_step_range
 
     out: dict[str, Any] = {f"gpu_ms_{k}": v for k, v in classes.items()}
     if classes and "H200" in torch.cuda.get_device_name(device):
-        low, high = h100_projection(classes)
-        out["h100_projected_tokens_per_second"] = f"{tokens_per_second / high:.0f}-{tokens_per_second / low:.0f}"
+        shortest, longest = h100_step_range(classes, step_seconds)
+        out["h100_projected_tokens_per_second"] = f"{tokens_per_step / longest:.0f}-{tokens_per_step / shortest:.0f}"
     return out
 
 

@@ -9,8 +9,8 @@ once and writes it once, in any layout (strides), and the backward applies the t
 
 `install_rope(modeling)` routes a modeling module's `apply_rotary_pos_emb` through it for CUDA tensors (and the
 tests' interpreter, `routed_kernels.available`) while `SWITCH["on"]`; anything else takes transformers' function.
-`pitlm.kernels.install_fast_kernels(..., rope=True)` installs it: opt-in, because its bf16 GPU test has not reported
-yet (session 9 measured it, +1.4% on the 35B-A3B's step, but the test's output of that call was lost).
+`pitlm.kernels.install_fast_kernels` installs it by default (rope=False leaves transformers' function): +1.4% on the
+35B-A3B's step (BENCHMARKS.md, session 9); its bf16 GPU test passed on an H200 in session 10.
 """
 
 from __future__ import annotations
