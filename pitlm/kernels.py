@@ -186,16 +186,23 @@ def _fast_device(t: torch.Tensor) -> bool:
 
 
 def gdn_forward(m: nn.Module, hidden_states: torch.Tensor, fla) -> torch.Tensor:
-    """transformers' Qwen3.5 Gated DeltaNet forward without a cache, with fla's conv on the (B, T, D) projection,
-    q / k / v split by one copy, and the delta rule taking the key heads grouped (no repeat to the value heads) and
+    """transformers' Qwen3.5 Gated DeltaNet forward without a cache, with the conv on the (B, T, D) projection
+    writing q / k / v directly (pitlm.train.conv_kernel, switch CONV_FLAG; else fla's conv and a split copy), and
+    the delta rule taking the key heads grouped (no repeat to the value heads) and
     the decay gate and beta computed inside its kernels from the raw projections."""
     batch, seq, _ = hidden_states.shape
     mixed = m.in_proj_qkv(hidden_states)
     z = m.in_proj_z(hidden_states)
     b = m.in_proj_b(hidden_states)
     a = m.in_proj_a(hidden_states)
-    mixed, _ = fla.conv(mixed, m.conv1d.weight.squeeze(1), m.conv1d.bias, activation=m.activation)
-    q, k, v = split_last(mixed, [m.key_dim, m.key_dim, m.value_dim])
+    sizes = [m.key_dim, m.key_dim, m.value_dim]
+    from pitlm.train import conv_kernel
+
+    if getattr(m, conv_kernel.CONV_FLAG, False) and conv_kernel.supported(mixed, m.activation):
+        q, k, v = conv_kernel.conv_split(mixed, m.conv1d.weight.squeeze(1), m.conv1d.bias, m.activation, sizes)
+    else:
+        mixed, _ = fla.conv(mixed, m.conv1d.weight.squeeze(1), m.conv1d.bias, activation=m.activation)
+        q, k, v = split_last(mixed, sizes)
     out, _ = fla.delta_rule(q.view(batch, seq, -1, m.head_k_dim), k.view(batch, seq, -1, m.head_k_dim),
                             v.view(batch, seq, -1, m.head_v_dim), g=a, beta=b, use_qk_l2norm_in_kernel=True,
                             use_gate_in_kernel=True, A_log=m.A_log, dt_bias=m.dt_bias,
@@ -219,7 +226,8 @@ ROUTED = "triton-routed-experts"  # install_fast_kernels' names: pitlm.train.rou
 ROUTER = "triton-router-topk"  # pitlm.train.moe_kernels' router,
 SHARED_GATE = "triton-shared-expert-gate"  # its shared-expert gate,
 GDN = "fla-gated-deltanet-gva"  # the Gated DeltaNet forward above,
-ROPE = "triton-partial-rope"  # and pitlm.train.rope_kernel
+ROPE = "triton-partial-rope"  # pitlm.train.rope_kernel
+CONV_SPLIT = "triton-conv-split"  # and the GDN's conv + SiLU + q/k/v split, pitlm.train.conv_kernel
 
 
 def install_fast_kernels(model: nn.Module, experts: bool = False, routed: bool = True, rope: bool = True) -> list[str]:
@@ -258,7 +266,9 @@ def install_fast_kernels(model: nn.Module, experts: bool = False, routed: bool =
             continue
         if _patch_conv(modeling, fla):
             installed.append(f"fla-causal-conv1d ({name})")
+    from pitlm.train.conv_kernel import CONV_FLAG
     from pitlm.train.experts import experts_unsupported
+    from pitlm.train.routed_kernels import _has_triton
 
     n_norm = n_gated = n_experts = n_gdn = 0
     for m in model.modules():
@@ -268,6 +278,7 @@ def install_fast_kernels(model: nn.Module, experts: bool = False, routed: bool =
         if kind in GDN_SPLIT:
             m.forward = types.MethodType(_gdn_forward(fla, m.forward, importlib.import_module(type(m).__module__)), m)
             setattr(m, GDN_FLAG, True)
+            setattr(m, CONV_FLAG, _has_triton())
             n_gdn += 1
         elif experts and kind.endswith("Experts") and experts_unsupported(m) is None:
             m.forward = types.MethodType(_experts_forward(m.forward), m)
@@ -287,6 +298,8 @@ def install_fast_kernels(model: nn.Module, experts: bool = False, routed: bool =
         installed.append(f"fla-gated-rmsnorm x{n_gated}")
     if n_gdn:
         installed.append(f"{GDN} x{n_gdn}")
+        if _has_triton():
+            installed.append(f"{CONV_SPLIT} x{n_gdn}")
     if n_experts:
         installed.append(f"grouped-experts x{n_experts}")
     return _log_installed(installed)
@@ -311,12 +324,13 @@ def _install_rope(kinds: set[str]) -> list[str]:
 
 def fast_path_switches() -> dict[str, str]:
     """{name: the module attribute that switches it}: the fast paths that can be turned off on a built model."""
+    from pitlm.train.conv_kernel import CONV_FLAG
     from pitlm.train.lora_dense import ONE_NODE
     from pitlm.train.moe_kernels import ROUTER_FLAG, SHARED_FLAG
     from pitlm.train.routed_kernels import FLAG, IN_K
 
     return {"routed-experts": FLAG, "lora-in-k": IN_K, "router": ROUTER_FLAG, "shared-gate": SHARED_FLAG,
-            "gdn": GDN_FLAG, "dense-one-node": ONE_NODE, "rope": ""}
+            "gdn": GDN_FLAG, "conv-split": CONV_FLAG, "dense-one-node": ONE_NODE, "rope": ""}
 
 
 def set_fast_path(model: nn.Module, name: str, on: bool) -> int:

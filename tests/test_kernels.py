@@ -41,8 +41,9 @@ def test_install_patches_conv_and_norms_and_keeps_cpu_on_the_reference(monkeypat
     routed = [f"{name} x{n_layers}" for name in (kernels.ROUTED, kernels.ROUTER, kernels.SHARED_GATE)] \
         if routed_kernels._has_triton() else []
     rope = [f"{kernels.ROPE} (qwen3_5_moe)"] if routed_kernels._has_triton() else []
+    conv = [f"{kernels.CONV_SPLIT} x{n_layers - n_attn}"] if routed_kernels._has_triton() else []
     assert installed == [*routed, *rope, "fla-causal-conv1d (qwen3_5_moe)", f"fla-rmsnorm x{n_norm}",
-                         f"fla-gated-rmsnorm x{n_layers - n_attn}", f"{kernels.GDN} x{n_layers - n_attn}",
+                         f"fla-gated-rmsnorm x{n_layers - n_attn}", f"{kernels.GDN} x{n_layers - n_attn}", *conv,
                          f"grouped-experts x{n_layers}"]
     # once only (the Triton kernels' switches are attributes: set again, to the same value)
     assert kernels.install_fast_kernels(model, experts=True) == [*routed, *rope, "fla-causal-conv1d (qwen3_5_moe)"]
@@ -143,11 +144,22 @@ def cpu_fla(calls: list):
                                  rms_norm_gated=never.rms_norm_gated)
 
 
-def test_gated_deltanet_forward_equals_transformers_with_lora_and_gradients(monkeypatch):
-    """pitlm's Gated DeltaNet forward (grouped key heads, gates inside the delta rule, one split copy) against
-    transformers' on the CPU in float32, with fla's functions in torch (cpu_fla): the same loss and every gradient,
-    with LoRA on its projections; off, and with a cache, transformers' forward runs."""
+@pytest.mark.parametrize("conv", ["fla", "triton"])
+def test_gated_deltanet_forward_equals_transformers_with_lora_and_gradients(monkeypatch, request, conv):
+    """pitlm's Gated DeltaNet forward (grouped key heads, gates inside the delta rule; the conv + split by fla's
+    conv and one split copy, or by pitlm.train.conv_kernel under Triton's interpreter) against transformers' on the
+    CPU in float32, with fla's functions in torch (cpu_fla): the same loss and every gradient, with LoRA on its
+    projections; off, and with a cache, transformers' forward runs."""
     from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as modeling
+
+    from pitlm.train import conv_kernel
+
+    if conv == "triton":
+        pytest.importorskip("triton")
+        request.getfixturevalue("interpret")
+    splits = []
+    real_split = conv_kernel.conv_split
+    monkeypatch.setattr(conv_kernel, "conv_split", lambda *a: splits.append(1) or real_split(*a))
 
     from pitlm.train.config import LoraConfig
     from pitlm.train.model import apply_lora
@@ -171,9 +183,11 @@ def test_gated_deltanet_forward_equals_transformers_with_lora_and_gradients(monk
     monkeypatch.setattr(kernels, "_fla", lambda: cpu_fla(calls))
     monkeypatch.setattr(kernels, "_fast_device", lambda t: True)
     n_gdn = sum(t == "linear_attention" for t in model.config.layer_types)
-    assert f"{kernels.GDN} x{n_gdn}" in kernels.install_fast_kernels(model)
+    # the MoE block's and the rotary kernels left out: the interpreter would run them too (tested elsewhere)
+    assert f"{kernels.GDN} x{n_gdn}" in kernels.install_fast_kernels(model, routed=False, rope=False)
     loss, grads = loss_and_grads()
     assert len(calls) == n_gdn and calls[0][2] == model.config.linear_num_key_heads  # key heads not repeated
+    assert len(splits) == (n_gdn if conv == "triton" else 0)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
     assert grads.keys() == ref_grads.keys() and any("in_proj_qkv.lora_A" in n for n in grads)
     for name, g in grads.items():

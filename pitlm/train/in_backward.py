@@ -36,7 +36,7 @@ class InBackwardOptimizer:
     def __init__(self, groups: list[dict[str, Any]], make: Callable[[list[dict[str, Any]]], torch.optim.Optimizer]):
         self.optimizers: list[torch.optim.Optimizer] = []
         self.param_groups: list[dict[str, Any]] = []
-        self._sq_norm: torch.Tensor | None = None
+        self._norms: list[torch.Tensor] = []
         self._handles = []
         for group in groups:
             for p in group["params"]:
@@ -48,9 +48,9 @@ class InBackwardOptimizer:
     def _hook(self, opt: torch.optim.Optimizer) -> Callable[[nn.Parameter], None]:
         def step_now(p: nn.Parameter) -> None:
             grad = p.grad
-            # squared norm in fp32 without a host sync: the step's gradient norm for the log and the watchdog
-            sq = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square()
-            self._sq_norm = sq if self._sq_norm is None else self._sq_norm + sq
+            # its norm in fp32 without a host sync (one kernel; combined in take_grad_norm): the step's gradient norm
+            # for the log and the watchdog
+            self._norms.append(torch.linalg.vector_norm(grad.detach(), dtype=torch.float32))
             opt.step()
             p.grad = None  # the point of stepping here: this gradient's memory is released now
 
@@ -58,8 +58,8 @@ class InBackwardOptimizer:
 
     def take_grad_norm(self) -> torch.Tensor:
         """The global L2 norm of the gradients applied since the last call (0 when none), and reset."""
-        norm = self._sq_norm.sqrt() if self._sq_norm is not None else torch.zeros(())
-        self._sq_norm = None
+        norm = torch.linalg.vector_norm(torch.stack(self._norms)) if self._norms else torch.zeros(())
+        self._norms = []
         return norm
 
     def step(self, closure=None) -> None:  # noqa: ARG002 - torch's signature; each update already happened
@@ -68,7 +68,7 @@ class InBackwardOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=set_to_none)
-        self._sq_norm = None
+        self._norms = []
 
     def remove_hooks(self) -> None:
         """Detach from the parameters (a bench that builds several optimizers on one model)."""
