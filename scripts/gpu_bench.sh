@@ -69,9 +69,12 @@
 #   phase 33 (carry .whl .kcache; session 10's first call): the rotary kernel's and the fast-kernel model's GPU tests,
 #           their whole output kept in $OUT/tests33.txt; the 74 GiB recipe with --rope, profiled with the device's
 #           idle gaps and the host operators that ended them (pitlm.profiling.device_gaps)
+#   phase 34 (carry .whl .kcache): GPU tests of the conv + SiLU + q/k/v split kernel (pitlm.train.conv_kernel), the
+#           fast-kernel model and the in-backward optimizer, whole output in $OUT/tests34.txt; the 74 GiB recipe with
+#           the conv kernel off, then on (profiled, with the idle gaps)
 #   A cold machine spends > 5 min in fla's Triton autotuning before the first 35B step: run the phases that train
 #   in consecutive calls on a warm machine, with TRITON_CACHE_AUTOTUNING=1.
-# Usage: bash scripts/gpu_bench.sh 0|1|...|33
+# Usage: bash scripts/gpu_bench.sh 0|1|...|34
 set -u
 export TRITON_CACHE_AUTOTUNING=1
 source scripts/gpu_env.sh
@@ -297,6 +300,16 @@ elif [ "$1" = 33 ]; then
   T=${T1:-300} run $B train $L $M --full-modules "" --batch 8 --in-backward on --memory-cap-gib 74.0 \
     --rope ${EXTRA:-} --profile "$OUT/profile_s10.txt"
   sed -n '/# own device time by class/,$p' "$OUT/profile_s10.txt"
+elif [ "$1" = 34 ]; then
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  timeout ${TT:-240} python3 -m pytest -v -p no:cacheprovider tests/test_train_conv_kernel.py tests/test_kernels.py \
+    tests/test_train_in_backward.py -k "gpu or cuda" > "$OUT/tests34.txt" 2>&1; echo "pytest rc: $?"
+  grep -E "PASSED|FAILED|ERROR|passed|failed|Error|assert" "$OUT/tests34.txt" | tail -14
+  M="--adapter-dtype base --optim adamw8bit --ce-chunk 512 --offload-checkpoints"
+  T=${T1:-330} run $B train $L $M --full-modules "" --batch 8 --in-backward on --memory-cap-gib 74.0 \
+    --ablate ${ABL:-conv-split,none} ${EXTRA:-} --profile "$OUT/profile_s10b.txt"
+  sed -n '/# own device time by class/,$p' "$OUT/profile_s10b.txt"
+  grep -E "conv|split_with|aten::cat" "$OUT/profile_s10b.txt" | cut -c1-60,100-200 | head -12
 elif [ "$1" = 1 ]; then
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|causal|liger|grouped|gpu0|triton" | tee "$OUT/doctor.txt"
   run $B train $L --batch 1
