@@ -198,7 +198,7 @@ def gdn_forward(m: nn.Module, hidden_states: torch.Tensor, fla) -> torch.Tensor:
     sizes = [m.key_dim, m.key_dim, m.value_dim]
     from pitlm.train import conv_kernel
 
-    if getattr(m, conv_kernel.CONV_FLAG, False) and conv_kernel.supported(mixed, m.activation):
+    if getattr(m, conv_kernel.CONV_FLAG, False) and conv_kernel.supported(mixed, m.conv1d.weight, m.activation):
         q, k, v = conv_kernel.conv_split(mixed, m.conv1d.weight.squeeze(1), m.conv1d.bias, m.activation, sizes)
     else:
         mixed, _ = fla.conv(mixed, m.conv1d.weight.squeeze(1), m.conv1d.bias, activation=m.activation)

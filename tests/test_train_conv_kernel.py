@@ -19,12 +19,13 @@ def reference(x, weight, bias, silu, sizes):
     return torch.split(F.silu(y) if silu else y, list(sizes), dim=-1)
 
 
-@pytest.mark.parametrize(("seq", "sizes", "width", "has_bias", "silu"), [
-    (37, (8, 8, 16), 4, False, True),  # Qwen3.5's shape in small: q, k, v; a sequence that is no tile multiple
-    (70, (12, 4), 3, True, True),  # two outputs, blocks of 4 channels, bias, another width
-    (5, (16,), 4, True, False),  # shorter than the window, no activation
+@pytest.mark.parametrize(("seq", "sizes", "has_bias", "silu"), [
+    (37, (8, 8, 16), False, True),  # Qwen3.5's shape in small: q, k, v; a sequence that is no tile multiple
+    (300, (12, 4), True, True),  # two outputs, blocks of 4 channels, bias, several backward programs per sequence
+    (3, (16,), True, False),  # shorter than the window, no activation
 ])
-def test_conv_split_equals_transformers_in_values_and_gradients(interpret, seq, sizes, width, has_bias, silu):
+def test_conv_split_equals_transformers_in_values_and_gradients(interpret, seq, sizes, has_bias, silu):
+    width = ck.WIDTH
     gen = torch.Generator().manual_seed(seq)
     dim = sum(sizes)
     x = torch.randn(2, seq, dim, generator=gen)
@@ -61,7 +62,10 @@ def test_bad_input_is_refused_with_one_line():
         ck.conv_split(torch.zeros(1, 4, 8), torch.zeros(8, 4), None, "silu", [4, 5])
     with pytest.raises(ValueError, match="activation 'gelu'"):
         ck.conv_split(torch.zeros(1, 4, 8), torch.zeros(8, 4), None, "gelu", [8])
-    assert ck.block_d((2048, 2048, 4096)) == 64 and ck.block_d((12, 4)) == 4 and ck.block_d((6, 9)) == 1
+    with pytest.raises(ValueError, match=r"weight \(D, 4\)"):  # the kernels' window is 4 wide
+        ck.conv_split(torch.zeros(1, 4, 8), torch.zeros(8, 3), None, "silu", [8])
+    assert not ck.supported(torch.zeros(1, 4, 8), torch.zeros(8, 3), "silu")
+    assert ck.block_d((2048, 2048, 4096)) == 128 and ck.block_d((12, 4)) == 4 and ck.block_d((6, 9)) == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the interpreter truncates to bf16)")
@@ -75,7 +79,7 @@ def test_conv_split_in_bf16_on_the_gpu_is_as_close_to_float32_as_transformers():
     grads = [torch.randn(2, 300, n, device="cuda", generator=gen) for n in sizes]
 
     def run(fn, dtype):
-        xs, ws = x.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_()
+        xs, ws = x.to(dtype, copy=True).requires_grad_(), weight.to(dtype, copy=True).requires_grad_()
         out = fn(xs, ws)
         torch.autograd.backward(out, [g.to(dtype) for g in grads])
         return [o.float() for o in out] + [xs.grad.float(), ws.grad.float()]

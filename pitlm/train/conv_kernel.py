@@ -9,12 +9,14 @@ session 10). Here:
 
 - forward: each (tokens x channels) tile reads its W shifted rows of x and writes SiLU(bias + sum_j w_j x[t-W+1+j])
   into the output its channels belong to (a launch per output): one read of x, one write of q, k, v;
-- backward: from dq, dk, dv and x, each tile recomputes the pre-activation of the W rows its own rows feed, forms
-  g = dy * SiLU'(pre) and writes dx[t] = sum_u w_{W-1-u} g[t+u]; its partial sums of dw (and d bias) over its rows go
-  to a float32 buffer summed after (no atomics: the same result on every run).
+- backward: from dq, dk, dv and x, each tile reads x at its rows shifted by -3 .. +3 once, recomputes the
+  pre-activations of the 4 rows each of its rows feeds, forms g = dy * SiLU'(pre) and writes
+  dx[t] = sum_u w_{3-u} g[t+u]; each program's sums of dw (and d bias) over its 128 rows go to a float32 buffer
+  summed after (no atomics: the same result on every run).
 
 Sequences are the rows of the batch (no packing): a row before the start of its sequence reads as zero, as
-transformers' left padding of the conv. Channels are taken in blocks that divide every output's width.
+transformers' left padding of the conv. The window is 4 wide (Qwen3.5's conv_kernel_size); channels are taken in
+blocks that divide every output's width.
 `conv_split(x, weight, bias, activation, sizes)` runs it where `routed_kernels.available(x)` (CUDA, or the tests'
 interpreter); pitlm.kernels' Gated DeltaNet forward calls it under the switch `CONV_FLAG` (fast path "conv-split").
 """
@@ -30,7 +32,8 @@ import torch
 from pitlm.train.routed_kernels import _interpreting, _on, available
 
 CONV_FLAG = "_pitlm_conv_split"  # on a Gated DeltaNet module: conv + SiLU + split in this module's kernels
-BLOCK_T = 64
+WIDTH = 4  # the window the kernels are written for (Qwen3.5 / Qwen3-Next: conv_kernel_size 4)
+BLOCK_T, ROWS = 16, 128  # tokens per tile; tokens per backward program (its dw partial sums)
 
 
 @functools.cache
@@ -40,72 +43,93 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:  # noqa: ARG001 - one bu
 
     @triton.jit
     def conv_fwd(x, w, bias, out, T, sxb, sxt, swd, swj, sob, sot, c0, HAS_BIAS: tl.constexpr,
-                 SILU: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+                 SILU: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
         b = tl.program_id(1).to(tl.int64)
         t = tl.program_id(0) * BT + tl.arange(0, BT)
         d = tl.program_id(2) * BD + tl.arange(0, BD)
-        ch = (c0 + d).to(tl.int64)
+        ch = c0 + d
+        px = x + b * sxb + t[:, None] * sxt + ch[None, :]
         acc = tl.zeros([BT, BD], dtype=tl.float32)
         if HAS_BIAS:
             acc += tl.load(bias + ch).to(tl.float32)[None, :]
-        xb = x + b * sxb + ch[None, :]
-        for j in tl.static_range(W):
-            r = t - (W - 1) + j
-            m = (r >= 0) & (r < T)
-            xv = tl.load(xb + r.to(tl.int64)[:, None] * sxt, mask=m[:, None], other=0.0).to(tl.float32)
+        for j in tl.static_range(4):  # y[t] = sum_j w_j x[t - 3 + j]; rows before the sequence read 0
+            m = ((t - 3 + j >= 0) & (t - 3 + j < T))[:, None]
+            xv = tl.load(px + (j - 3) * sxt, mask=m, other=0.0).to(tl.float32)
             acc += xv * tl.load(w + ch * swd + j * swj).to(tl.float32)[None, :]
         if SILU:
             acc = acc * tl.sigmoid(acc)
-        ob = out + b * sob + t.to(tl.int64)[:, None] * sot + d[None, :]
-        tl.store(ob, acc.to(out.dtype.element_ty), mask=(t < T)[:, None])
+        tl.store(out + b * sob + t[:, None] * sot + d[None, :], acc.to(out.dtype.element_ty), mask=(t < T)[:, None])
 
     @triton.jit
-    def conv_bwd(x, w, bias, dy, dx, part, T, NT, D, sxb, sxt, swd, swj, syb, syt, sdb, sdt, c0,
-                 HAS_BIAS: tl.constexpr, SILU: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-        pid_t = tl.program_id(0)
+    def conv_bwd(x, w, bias, dy, dx, part, T, NP, D, sxb, sxt, swd, swj, syb, syt, sdb, sdt, c0,
+                 HAS_BIAS: tl.constexpr, SILU: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr,
+                 BD: tl.constexpr):
+        pid = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
-        t = pid_t * BT + tl.arange(0, BT)
         d = tl.program_id(2) * BD + tl.arange(0, BD)
-        ch = (c0 + d).to(tl.int64)
-        xb = x + b * sxb + ch[None, :]
-        yb = dy + b * syb + d[None, :]
-        dxacc = tl.zeros([BT, BD], dtype=tl.float32)
-        g0 = tl.zeros([BT, BD], dtype=tl.float32)
-        for u in tl.static_range(W):  # the rows s = t + u that row t feeds through weight W - 1 - u
-            s = t + u
-            g = tl.load(yb + s.to(tl.int64)[:, None] * syt, mask=(s < T)[:, None], other=0.0).to(tl.float32)
-            if SILU:
-                pre = tl.zeros([BT, BD], dtype=tl.float32)
-                if HAS_BIAS:
-                    pre += tl.load(bias + ch).to(tl.float32)[None, :]
-                for j in tl.static_range(W):
-                    r = s - (W - 1) + j
-                    m = (r >= 0) & (r < T)
-                    xv = tl.load(xb + r.to(tl.int64)[:, None] * sxt, mask=m[:, None], other=0.0).to(tl.float32)
-                    pre += xv * tl.load(w + ch * swd + j * swj).to(tl.float32)[None, :]
-                sig = tl.sigmoid(pre)
-                g = g * sig * (1.0 + pre * (1.0 - sig))
-            dxacc += g * tl.load(w + ch * swd + (W - 1 - u) * swj).to(tl.float32)[None, :]
-            if u == 0:
-                g0 = g
-        db = dx + b * sdb + t.to(tl.int64)[:, None] * sdt + ch[None, :]
-        tl.store(db, dxacc.to(dx.dtype.element_ty), mask=(t < T)[:, None])
-        pb = part + ((b * NT + pid_t) * D + ch) * (W + 1)  # this tile's sums over its rows, per channel
-        for i in tl.static_range(W):
-            r = t - (W - 1) + i
-            m = (r >= 0) & (r < T)
-            xv = tl.load(xb + r.to(tl.int64)[:, None] * sxt, mask=m[:, None], other=0.0).to(tl.float32)
-            tl.store(pb + i, tl.sum(g0 * xv, axis=0))
+        ch = c0 + d
+        xb, yb = x + b * sxb, dy + b * syb
+        w0 = tl.load(w + ch * swd).to(tl.float32)[None, :]
+        w1 = tl.load(w + ch * swd + swj).to(tl.float32)[None, :]
+        w2 = tl.load(w + ch * swd + 2 * swj).to(tl.float32)[None, :]
+        w3 = tl.load(w + ch * swd + 3 * swj).to(tl.float32)[None, :]
+        bias_row = tl.zeros([1, BD], dtype=tl.float32)
         if HAS_BIAS:
-            tl.store(pb + W, tl.sum(g0, axis=0))
+            bias_row += tl.load(bias + ch).to(tl.float32)[None, :]
+        dw0 = tl.zeros([BD], dtype=tl.float32)
+        dw1 = tl.zeros([BD], dtype=tl.float32)
+        dw2 = tl.zeros([BD], dtype=tl.float32)
+        dw3 = tl.zeros([BD], dtype=tl.float32)
+        db = tl.zeros([BD], dtype=tl.float32)
+        for r0 in range(0, ROWS, BT):
+            t = pid * ROWS + r0 + tl.arange(0, BT)
+            # x at rows t - 3 .. t + 3, each read once (rows outside [0, T) read 0): row t feeds rows t .. t + 3
+            # through weights w3 .. w0
+            px = xb + t[:, None] * sxt + ch[None, :]
+            xm3 = tl.load(px - 3 * sxt, mask=((t >= 3) & (t < T + 3))[:, None], other=0.0).to(tl.float32)
+            xm2 = tl.load(px - 2 * sxt, mask=((t >= 2) & (t < T + 2))[:, None], other=0.0).to(tl.float32)
+            xm1 = tl.load(px - sxt, mask=((t >= 1) & (t < T + 1))[:, None], other=0.0).to(tl.float32)
+            x0 = tl.load(px, mask=(t < T)[:, None], other=0.0).to(tl.float32)
+            xp1 = tl.load(px + sxt, mask=(t + 1 < T)[:, None], other=0.0).to(tl.float32)
+            xp2 = tl.load(px + 2 * sxt, mask=(t + 2 < T)[:, None], other=0.0).to(tl.float32)
+            xp3 = tl.load(px + 3 * sxt, mask=(t + 3 < T)[:, None], other=0.0).to(tl.float32)
+            py = yb + t[:, None] * syt + d[None, :]  # rows at or past T read 0: no gradient flows from them
+            g0 = tl.load(py, mask=(t < T)[:, None], other=0.0).to(tl.float32)
+            g1 = tl.load(py + syt, mask=(t + 1 < T)[:, None], other=0.0).to(tl.float32)
+            g2 = tl.load(py + 2 * syt, mask=(t + 2 < T)[:, None], other=0.0).to(tl.float32)
+            g3 = tl.load(py + 3 * syt, mask=(t + 3 < T)[:, None], other=0.0).to(tl.float32)
+            if SILU:  # through SiLU at the pre-activations p of rows t .. t + 3: dy * s(p) (1 + p (1 - s(p)))
+                p0 = bias_row + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0
+                p1 = bias_row + w0 * xm2 + w1 * xm1 + w2 * x0 + w3 * xp1
+                p2 = bias_row + w0 * xm1 + w1 * x0 + w2 * xp1 + w3 * xp2
+                p3 = bias_row + w0 * x0 + w1 * xp1 + w2 * xp2 + w3 * xp3
+                s0, s1, s2, s3 = tl.sigmoid(p0), tl.sigmoid(p1), tl.sigmoid(p2), tl.sigmoid(p3)
+                g0 = g0 * s0 * (1.0 + p0 * (1.0 - s0))
+                g1 = g1 * s1 * (1.0 + p1 * (1.0 - s1))
+                g2 = g2 * s2 * (1.0 + p2 * (1.0 - s2))
+                g3 = g3 * s3 * (1.0 + p3 * (1.0 - s3))
+            dxt = w3 * g0 + w2 * g1 + w1 * g2 + w0 * g3
+            tl.store(dx + b * sdb + t[:, None] * sdt + ch[None, :], dxt.to(dx.dtype.element_ty),
+                     mask=(t < T)[:, None])
+            dw0 += tl.sum(g0 * xm3, axis=0)
+            dw1 += tl.sum(g0 * xm2, axis=0)
+            dw2 += tl.sum(g0 * xm1, axis=0)
+            dw3 += tl.sum(g0 * x0, axis=0)
+            db += tl.sum(g0, axis=0)
+        pb = part + ((b * NP + pid) * D + ch) * 5  # this program's sums over its rows, per channel
+        tl.store(pb, dw0)
+        tl.store(pb + 1, dw1)
+        tl.store(pb + 2, dw2)
+        tl.store(pb + 3, dw3)
+        tl.store(pb + 4, db)
 
     return types.SimpleNamespace(triton=triton, fwd=conv_fwd, bwd=conv_bwd)
 
 
 def block_d(sizes: tuple[int, ...]) -> int:
-    """Channels per tile: the largest power of 2 up to 64 dividing every output's width."""
+    """Channels per tile: the largest power of 2 up to 128 dividing every output's width."""
     g = functools.reduce(math.gcd, sizes)
-    return min(64, g & -g)
+    return min(128, g & -g)
 
 
 def _forward(x, weight, bias, silu: bool, sizes: tuple[int, ...]) -> list[torch.Tensor]:
@@ -119,7 +143,7 @@ def _forward(x, weight, bias, silu: bool, sizes: tuple[int, ...]) -> list[torch.
                 k.fwd[(k.triton.cdiv(seq, BLOCK_T), batch, n // bd)](
                     x, weight, bias if bias is not None else weight, out, seq, x.stride(0), x.stride(1),
                     weight.stride(0), weight.stride(1), out.stride(0), out.stride(1), c0, HAS_BIAS=bias is not None,
-                    SILU=silu, W=weight.shape[1], BT=BLOCK_T, BD=bd)
+                    SILU=silu, BT=BLOCK_T, BD=bd, num_warps=4)
             c0 += n
     return outs
 
@@ -127,24 +151,24 @@ def _forward(x, weight, bias, silu: bool, sizes: tuple[int, ...]) -> list[torch.
 def _backward(x, weight, bias, silu: bool, sizes: tuple[int, ...], grads) -> tuple[torch.Tensor, ...]:
     k = _kernels(_interpreting())
     batch, seq, dim = x.shape
-    width = weight.shape[1]
-    n_t = -(-seq // BLOCK_T)
+    n_p = -(-seq // ROWS)
     dx = torch.empty_like(x)
-    part = torch.zeros(batch * n_t, dim, width + 1, dtype=torch.float32, device=x.device)
+    part = torch.empty(batch * n_p, dim, WIDTH + 1, dtype=torch.float32, device=x.device)  # every entry written
     bd, c0 = block_d(sizes), 0
     with _on(x):
         for g, n in zip(grads, sizes, strict=True):
             if g is None:
                 g = x.new_zeros(batch, seq, n)
             if x.numel():
-                k.bwd[(n_t, batch, n // bd)](
-                    x, weight, bias if bias is not None else weight, g, dx, part, seq, n_t, dim, x.stride(0),
+                k.bwd[(n_p, batch, n // bd)](
+                    x, weight, bias if bias is not None else weight, g, dx, part, seq, n_p, dim, x.stride(0),
                     x.stride(1), weight.stride(0), weight.stride(1), g.stride(0), g.stride(1), dx.stride(0),
-                    dx.stride(1), c0, HAS_BIAS=bias is not None, SILU=silu, W=width, BT=BLOCK_T, BD=bd)
+                    dx.stride(1), c0, HAS_BIAS=bias is not None, SILU=silu, ROWS=ROWS, BT=BLOCK_T, BD=bd,
+                    num_warps=8)
             c0 += n
     sums = part.sum(0)
-    dbias = sums[:, width].to(bias.dtype) if bias is not None else None
-    return dx, sums[:, :width].to(weight.dtype), dbias
+    dbias = sums[:, WIDTH].to(bias.dtype) if bias is not None else None
+    return dx, sums[:, :WIDTH].to(weight.dtype), dbias
 
 
 class _ConvSplit(torch.autograd.Function):
@@ -168,15 +192,18 @@ def conv_split(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     contiguous (B, T, size) tensors; act: "silu" / "swish" or None. Values and gradients those of transformers'
     `F.conv1d(x.transpose(1, 2), weight[:, None], bias, padding=W - 1, groups=D)[..., :T]` + SiLU + split."""
     sizes = tuple(int(n) for n in sizes)
-    if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[-1] or sum(sizes) != x.shape[-1] \
-            or x.stride(-1) != 1 or (bias is not None and bias.shape != (x.shape[-1],)) or min(sizes) <= 0:
-        raise ValueError(f"conv_split wants x (batch, tokens, D) with unit last stride, weight (D, W), bias (D,) and "
-                         f"widths adding up to D; got {tuple(x.shape)}, {tuple(weight.shape)}, {sizes}")
+    if x.dim() != 3 or weight.shape != (x.shape[-1], WIDTH) or sum(sizes) != x.shape[-1] or x.stride(-1) != 1 \
+            or (bias is not None and bias.shape != (x.shape[-1],)) or min(sizes) <= 0:
+        raise ValueError(f"conv_split wants x (batch, tokens, D) with unit last stride, weight (D, {WIDTH}), bias (D,) "
+                         f"and widths adding up to D; got {tuple(x.shape)}, {tuple(weight.shape)}, {sizes}")
+    if x.shape[1] * max(x.stride(1), 1) >= 2**31:
+        raise ValueError("conv_split: a sequence over 2**31 elements (32-bit offsets within a sequence)")
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"conv_split: activation {activation!r} is not silu / swish / None")
     return _ConvSplit.apply(x, weight, bias, activation is not None, sizes)
 
 
-def supported(x: torch.Tensor, activation: str | None) -> bool:
-    """Whether conv_split runs on x here (else: fla's conv and a split)."""
-    return activation in (None, "silu", "swish") and x.dim() == 3 and x.stride(-1) == 1 and available(x)
+def supported(x: torch.Tensor, weight: torch.Tensor, activation: str | None) -> bool:
+    """Whether conv_split runs on x and this (D, W) weight here (else: fla's conv and a split)."""
+    return (activation in (None, "silu", "swish") and x.dim() == 3 and x.stride(-1) == 1
+            and weight.shape[-1] == WIDTH and x.shape[1] * max(x.stride(1), 1) < 2**31 and available(x))
