@@ -72,9 +72,11 @@
 #   phase 34 (carry .whl .kcache): GPU tests of the conv + SiLU + q/k/v split kernel (pitlm.train.conv_kernel), the
 #           fast-kernel model and the in-backward optimizer, whole output in $OUT/tests34.txt; the 74 GiB recipe with
 #           the conv kernel off, then on (profiled, with the idle gaps)
+#   phase 35 (carry .whl .kcache): the conv backward's tile shapes timed (scripts/conv_tiles.py), the fastest taken
+#           (PITLM_CONV_TILES) for the 74 GiB recipe with the conv kernel off, then on (profiled)
 #   A cold machine spends > 5 min in fla's Triton autotuning before the first 35B step: run the phases that train
 #   in consecutive calls on a warm machine, with TRITON_CACHE_AUTOTUNING=1.
-# Usage: bash scripts/gpu_bench.sh 0|1|...|34
+# Usage: bash scripts/gpu_bench.sh 0|1|...|35
 set -u
 export TRITON_CACHE_AUTOTUNING=1
 source scripts/gpu_env.sh
@@ -310,6 +312,16 @@ elif [ "$1" = 34 ]; then
     --ablate ${ABL:-conv-split,none} ${EXTRA:-} --profile "$OUT/profile_s10b.txt"
   sed -n '/# own device time by class/,$p' "$OUT/profile_s10b.txt"
   grep -E "conv|split_with|aten::cat" "$OUT/profile_s10b.txt" | cut -c1-60,100-200 | head -12
+elif [ "$1" = 35 ]; then
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  timeout ${TT:-150} python3 scripts/conv_tiles.py 2>&1 | grep -vE "^\s*$" | tee "$OUT/conv_tiles.txt" | tail -16
+  best=$(sed -n 's/^best_tiles: //p' "$OUT/conv_tiles.txt")
+  [ -n "$best" ] && [ "$best" != none ] && export PITLM_CONV_TILES=$best && echo "PITLM_CONV_TILES=$best"
+  M="--adapter-dtype base --optim adamw8bit --ce-chunk 512 --offload-checkpoints"
+  T=${T1:-330} run $B train $L $M --full-modules "" --batch 8 --in-backward on --memory-cap-gib 74.0 \
+    --ablate ${ABL:-conv-split,none} ${EXTRA:-} --profile "$OUT/profile_s10c.txt"
+  sed -n '/# own device time by class/,$p' "$OUT/profile_s10c.txt" | head -16
+  grep -E "conv_" "$OUT/profile_s10c.txt" | cut -c1-60,100-200 | sort -u | head -4
 elif [ "$1" = 1 ]; then
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|causal|liger|grouped|gpu0|triton" | tee "$OUT/doctor.txt"
   run $B train $L --batch 1

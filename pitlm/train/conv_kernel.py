@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import types
 
 import torch
@@ -33,7 +34,21 @@ from pitlm.train.routed_kernels import _interpreting, _on, available
 
 CONV_FLAG = "_pitlm_conv_split"  # on a Gated DeltaNet module: conv + SiLU + split in this module's kernels
 WIDTH = 4  # the window the kernels are written for (Qwen3.5 / Qwen3-Next: conv_kernel_size 4)
-BLOCK_T, ROWS = 16, 128  # tokens per tile; tokens per backward program (its dw partial sums)
+
+
+def _tiles(spec: str) -> types.SimpleNamespace:
+    """Tile shapes: "tokens per tile, max channels per tile, tokens per backward program, backward warps"."""
+    bt, bd, rows, warps = (int(v) for v in spec.split(","))
+    if rows % bt or bt & (bt - 1) or bd & (bd - 1) or warps & (warps - 1):
+        raise ValueError(f"{TILES_ENV}={spec!r}: powers of 2, and tokens per program a multiple of tokens per tile")
+    return types.SimpleNamespace(bt=bt, bd=bd, rows=rows, warps=warps)
+
+
+# The backward's tiles (the forward's: 16 tokens x up to 128 channels, 4 warps). The per-program dw sums take
+# tokens / rows x D x 5 floats: 42 MB at the 35B-A3B's (16,384 x 8,192) with 64 rows. PITLM_CONV_TILES overrides
+# them (scripts/conv_tiles.py times them on a GPU).
+TILES_ENV = "PITLM_CONV_TILES"
+TILES = _tiles(os.environ.get(TILES_ENV, "16,64,64,4"))
 
 
 @functools.cache
@@ -126,10 +141,10 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:  # noqa: ARG001 - one bu
     return types.SimpleNamespace(triton=triton, fwd=conv_fwd, bwd=conv_bwd)
 
 
-def block_d(sizes: tuple[int, ...]) -> int:
-    """Channels per tile: the largest power of 2 up to 128 dividing every output's width."""
+def block_d(sizes: tuple[int, ...], cap: int = 128) -> int:
+    """Channels per tile: the largest power of 2 up to `cap` dividing every output's width."""
     g = functools.reduce(math.gcd, sizes)
-    return min(128, g & -g)
+    return min(cap, g & -g)
 
 
 def _forward(x, weight, bias, silu: bool, sizes: tuple[int, ...]) -> list[torch.Tensor]:
@@ -140,10 +155,10 @@ def _forward(x, weight, bias, silu: bool, sizes: tuple[int, ...]) -> list[torch.
     with _on(x):
         for out, n in zip(outs, sizes, strict=True):
             if x.numel():
-                k.fwd[(k.triton.cdiv(seq, BLOCK_T), batch, n // bd)](
+                k.fwd[(k.triton.cdiv(seq, 16), batch, n // bd)](
                     x, weight, bias if bias is not None else weight, out, seq, x.stride(0), x.stride(1),
                     weight.stride(0), weight.stride(1), out.stride(0), out.stride(1), c0, HAS_BIAS=bias is not None,
-                    SILU=silu, BT=BLOCK_T, BD=bd, num_warps=4)
+                    SILU=silu, BT=16, BD=bd, num_warps=4)
             c0 += n
     return outs
 
@@ -151,10 +166,10 @@ def _forward(x, weight, bias, silu: bool, sizes: tuple[int, ...]) -> list[torch.
 def _backward(x, weight, bias, silu: bool, sizes: tuple[int, ...], grads) -> tuple[torch.Tensor, ...]:
     k = _kernels(_interpreting())
     batch, seq, dim = x.shape
-    n_p = -(-seq // ROWS)
+    n_p = -(-seq // TILES.rows)
     dx = torch.empty_like(x)
     part = torch.empty(batch * n_p, dim, WIDTH + 1, dtype=torch.float32, device=x.device)  # every entry written
-    bd, c0 = block_d(sizes), 0
+    bd, c0 = block_d(sizes, TILES.bd), 0
     with _on(x):
         for g, n in zip(grads, sizes, strict=True):
             if g is None:
@@ -163,8 +178,8 @@ def _backward(x, weight, bias, silu: bool, sizes: tuple[int, ...], grads) -> tup
                 k.bwd[(n_p, batch, n // bd)](
                     x, weight, bias if bias is not None else weight, g, dx, part, seq, n_p, dim, x.stride(0),
                     x.stride(1), weight.stride(0), weight.stride(1), g.stride(0), g.stride(1), dx.stride(0),
-                    dx.stride(1), c0, HAS_BIAS=bias is not None, SILU=silu, ROWS=ROWS, BT=BLOCK_T, BD=bd,
-                    num_warps=8)
+                    dx.stride(1), c0, HAS_BIAS=bias is not None, SILU=silu, ROWS=TILES.rows, BT=TILES.bt, BD=bd,
+                    num_warps=TILES.warps)
             c0 += n
     sums = part.sum(0)
     dbias = sums[:, WIDTH].to(bias.dtype) if bias is not None else None
