@@ -74,9 +74,10 @@
 #           the conv kernel off, then on (profiled, with the idle gaps)
 #   phase 35 (carry .whl .kcache): the conv backward's tile shapes timed (scripts/conv_tiles.py), the fastest taken
 #           (PITLM_CONV_TILES) for the 74 GiB recipe with the conv kernel off, then on (profiled)
+#   phase 36 (carry .whl .kcache): the 74 GiB recipe with every default path (profiled); the embedding bench
 #   A cold machine spends > 5 min in fla's Triton autotuning before the first 35B step: run the phases that train
 #   in consecutive calls on a warm machine, with TRITON_CACHE_AUTOTUNING=1.
-# Usage: bash scripts/gpu_bench.sh 0|1|...|35
+# Usage: bash scripts/gpu_bench.sh 0|1|...|36
 set -u
 export TRITON_CACHE_AUTOTUNING=1
 source scripts/gpu_env.sh
@@ -322,6 +323,12 @@ elif [ "$1" = 35 ]; then
     --ablate ${ABL:-conv-split,none} ${EXTRA:-} --profile "$OUT/profile_s10c.txt"
   sed -n '/# own device time by class/,$p' "$OUT/profile_s10c.txt" | head -16
   grep -E "conv_" "$OUT/profile_s10c.txt" | cut -c1-60,100-200 | sort -u | head -4
+elif [ "$1" = 36 ]; then
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  M="--adapter-dtype base --optim adamw8bit --ce-chunk 512 --offload-checkpoints"
+  T=${T1:-230} run $B train $L $M --full-modules "" --batch 8 --in-backward on --memory-cap-gib 74.0 \
+    --profile "$OUT/profile_s10d.txt"
+  T=${T2:-120} run $B embed --arch qwen3.5-35b-a3b --n-prompts 4096 --batch 1024 --prompt-tokens 64
 elif [ "$1" = 1 ]; then
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|causal|liger|grouped|gpu0|triton" | tee "$OUT/doctor.txt"
   run $B train $L --batch 1
