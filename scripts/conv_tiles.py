@@ -3,7 +3,7 @@
 and the forwards for comparison. Prints `tiles_ms: <spec> <ms>` lines and `best_tiles: <spec>` (for
 PITLM_CONV_TILES).
 
-Usage: python scripts/conv_tiles.py [spec ...]   (spec: "tokens per tile,channels,tokens per program,warps")
+Usage: python scripts/conv_tiles.py [spec ...]   (spec: "tokens per tile,channels,tokens per program,warps[,acc]")
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from pitlm.train import conv_kernel as ck
 
-SPECS = ["16,64,64,4", "16,128,16,4", "16,128,16,8", "32,64,32,4", "32,128,32,8", "16,64,16,2", "32,64,128,4",
-         "64,64,64,8", "16,128,128,8", "8,128,64,4"]
+SPECS = ["16,64,16,2", "16,64,16,1", "16,32,16,1", "16,32,16,2", "8,64,8,1", "32,32,32,2", "16,64,32,2",
+         "16,64,64,2,1", "16,64,128,2,1", "16,32,64,1,1", "32,64,32,4", "32,64,128,4,1", "16,128,16,4", "8,128,64,2,1"]
 SIZES = (2048, 2048, 4096)
 
 

@@ -73,7 +73,8 @@
 #           fast-kernel model and the in-backward optimizer, whole output in $OUT/tests34.txt; the 74 GiB recipe with
 #           the conv kernel off, then on (profiled, with the idle gaps)
 #   phase 35 (carry .whl .kcache): the conv backward's tile shapes timed (scripts/conv_tiles.py), the fastest taken
-#           (PITLM_CONV_TILES) for the 74 GiB recipe with the conv kernel off, then on (profiled)
+#           (PITLM_CONV_TILES) for the 74 GiB recipe with the conv kernel off, then on (profiled); EMBED=1: then the
+#           embedding bench
 #   phase 36 (carry .whl .kcache): the 74 GiB recipe with every default path (profiled); the embedding bench
 #   A cold machine spends > 5 min in fla's Triton autotuning before the first 35B step: run the phases that train
 #   in consecutive calls on a warm machine, with TRITON_CACHE_AUTOTUNING=1.
@@ -323,6 +324,7 @@ elif [ "$1" = 35 ]; then
     --ablate ${ABL:-conv-split,none} ${EXTRA:-} --profile "$OUT/profile_s10c.txt"
   sed -n '/# own device time by class/,$p' "$OUT/profile_s10c.txt" | head -16
   grep -E "conv_" "$OUT/profile_s10c.txt" | cut -c1-60,100-200 | sort -u | head -4
+  [ -n "${EMBED:-}" ] && T=${T2:-120} run $B embed --arch qwen3.5-35b-a3b --n-prompts 4096 --batch 1024 --prompt-tokens 64
 elif [ "$1" = 36 ]; then
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
   M="--adapter-dtype base --optim adamw8bit --ce-chunk 512 --offload-checkpoints"

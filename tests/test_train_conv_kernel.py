@@ -19,12 +19,16 @@ def reference(x, weight, bias, silu, sizes):
     return torch.split(F.silu(y) if silu else y, list(sizes), dim=-1)
 
 
-@pytest.mark.parametrize(("seq", "sizes", "has_bias", "silu"), [
-    (37, (8, 8, 16), False, True),  # Qwen3.5's shape in small: q, k, v; a sequence that is no tile multiple
-    (300, (12, 4), True, True),  # two outputs, blocks of 4 channels, bias, several backward programs per sequence
-    (3, (16,), True, False),  # shorter than the window, no activation
+@pytest.mark.parametrize(("seq", "sizes", "has_bias", "silu", "tiles"), [
+    (37, (8, 8, 16), False, True, None),  # Qwen3.5's shape in small: q, k, v; no multiple of the tiles
+    (300, (12, 4), True, True, "16,64,64,2,1"),  # two outputs, 4-channel blocks, bias, 4 tiles a program, kept sums
+    (300, (12, 4), True, True, "16,64,64,2,0"),  # the same with the sums reduced per tile
+    (3, (16,), True, False, None),  # shorter than the window, no activation
 ])
-def test_conv_split_equals_transformers_in_values_and_gradients(interpret, seq, sizes, has_bias, silu):
+def test_conv_split_equals_transformers_in_values_and_gradients(interpret, monkeypatch, seq, sizes, has_bias, silu,
+                                                                tiles):
+    if tiles:
+        monkeypatch.setattr(ck, "TILES", ck._tiles(tiles))
     width = ck.WIDTH
     gen = torch.Generator().manual_seed(seq)
     dim = sum(sizes)
@@ -65,6 +69,9 @@ def test_bad_input_is_refused_with_one_line():
     with pytest.raises(ValueError, match=r"weight \(D, 4\)"):  # the kernels' window is 4 wide
         ck.conv_split(torch.zeros(1, 4, 8), torch.zeros(8, 3), None, "silu", [8])
     assert not ck.supported(torch.zeros(1, 4, 8), torch.zeros(8, 3), "silu")
+    for spec in ("16,64,24,2", "16,48,16,2", "16,64,16", "a,b,c,d"):
+        with pytest.raises(ValueError, match=ck.TILES_ENV):
+            ck._tiles(spec)
     assert ck.block_d((2048, 2048, 4096)) == 128 and ck.block_d((12, 4)) == 4 and ck.block_d((6, 9)) == 1
 
 

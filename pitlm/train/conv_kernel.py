@@ -37,11 +37,16 @@ WIDTH = 4  # the window the kernels are written for (Qwen3.5 / Qwen3-Next: conv_
 
 
 def _tiles(spec: str) -> types.SimpleNamespace:
-    """Tile shapes: "tokens per tile, max channels per tile, tokens per backward program, backward warps"."""
-    bt, bd, rows, warps = (int(v) for v in spec.split(","))
-    if rows % bt or bt & (bt - 1) or bd & (bd - 1) or warps & (warps - 1):
+    """Tile shapes: "tokens per tile, max channels per tile, tokens per backward program, backward warps[, acc]";
+    acc 1: the dw sums kept as tiles over a program's rows and reduced once (0, the default: reduced per tile)."""
+    try:
+        bt, bd, rows, warps, *rest = (int(v) for v in spec.split(","))
+        acc = bool(rest[0]) if rest else False
+    except ValueError:
+        raise ValueError(f"{TILES_ENV}={spec!r}: four or five integers") from None
+    if rows % bt or bt & (bt - 1) or bd & (bd - 1) or warps & (warps - 1) or len(rest) > 1:
         raise ValueError(f"{TILES_ENV}={spec!r}: powers of 2, and tokens per program a multiple of tokens per tile")
-    return types.SimpleNamespace(bt=bt, bd=bd, rows=rows, warps=warps)
+    return types.SimpleNamespace(bt=bt, bd=bd, rows=rows, warps=warps, acc=acc)
 
 
 # The backward's tiles: 16 tokens x 64 channels, one tile a program, 2 warps: the fastest of ten shapes on an H200
@@ -79,7 +84,7 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:  # noqa: ARG001 - one bu
     @triton.jit
     def conv_bwd(x, w, bias, dy, dx, part, T, NP, D, sxb, sxt, swd, swj, syb, syt, sdb, sdt, c0,
                  HAS_BIAS: tl.constexpr, SILU: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr,
-                 BD: tl.constexpr):
+                 BD: tl.constexpr, ACC: tl.constexpr):
         pid = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         d = tl.program_id(2) * BD + tl.arange(0, BD)
@@ -97,41 +102,68 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:  # noqa: ARG001 - one bu
         dw2 = tl.zeros([BD], dtype=tl.float32)
         dw3 = tl.zeros([BD], dtype=tl.float32)
         db = tl.zeros([BD], dtype=tl.float32)
+        dt0 = tl.zeros([BT, BD], dtype=tl.float32)
+        dt1 = tl.zeros([BT, BD], dtype=tl.float32)
+        dt2 = tl.zeros([BT, BD], dtype=tl.float32)
+        dt3 = tl.zeros([BT, BD], dtype=tl.float32)
+        dtb = tl.zeros([BT, BD], dtype=tl.float32)
         for r0 in range(0, ROWS, BT):
             t = pid * ROWS + r0 + tl.arange(0, BT)
             # x at rows t - 3 .. t + 3, each read once (rows outside [0, T) read 0): row t feeds rows t .. t + 3
-            # through weights w3 .. w0
+            # through weights w3 .. w0. In the order the rows are last used, so few tiles are alive at once.
             px = xb + t[:, None] * sxt + ch[None, :]
+            py = yb + t[:, None] * syt + d[None, :]  # dy rows at or past T read 0: no gradient flows from them
             xm3 = tl.load(px - 3 * sxt, mask=((t >= 3) & (t < T + 3))[:, None], other=0.0).to(tl.float32)
             xm2 = tl.load(px - 2 * sxt, mask=((t >= 2) & (t < T + 2))[:, None], other=0.0).to(tl.float32)
             xm1 = tl.load(px - sxt, mask=((t >= 1) & (t < T + 1))[:, None], other=0.0).to(tl.float32)
             x0 = tl.load(px, mask=(t < T)[:, None], other=0.0).to(tl.float32)
+            g = tl.load(py, mask=(t < T)[:, None], other=0.0).to(tl.float32)
+            if SILU:  # through SiLU at the pre-activation p of row t + u: dy * s(p) (1 + p (1 - s(p)))
+                p = bias_row + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0
+                sg = tl.sigmoid(p)
+                g = g * sg * (1.0 + p * (1.0 - sg))
+            if ACC:  # elementwise sums, reduced over the rows once after the loop
+                dt0 += g * xm3
+                dt1 += g * xm2
+                dt2 += g * xm1
+                dt3 += g * x0
+                dtb += g
+            else:
+                dw0 += tl.sum(g * xm3, axis=0)
+                dw1 += tl.sum(g * xm2, axis=0)
+                dw2 += tl.sum(g * xm1, axis=0)
+                dw3 += tl.sum(g * x0, axis=0)
+                db += tl.sum(g, axis=0)
+            dxt = w3 * g
             xp1 = tl.load(px + sxt, mask=(t + 1 < T)[:, None], other=0.0).to(tl.float32)
+            g = tl.load(py + syt, mask=(t + 1 < T)[:, None], other=0.0).to(tl.float32)
+            if SILU:
+                p = bias_row + w0 * xm2 + w1 * xm1 + w2 * x0 + w3 * xp1
+                sg = tl.sigmoid(p)
+                g = g * sg * (1.0 + p * (1.0 - sg))
+            dxt += w2 * g
             xp2 = tl.load(px + 2 * sxt, mask=(t + 2 < T)[:, None], other=0.0).to(tl.float32)
+            g = tl.load(py + 2 * syt, mask=(t + 2 < T)[:, None], other=0.0).to(tl.float32)
+            if SILU:
+                p = bias_row + w0 * xm1 + w1 * x0 + w2 * xp1 + w3 * xp2
+                sg = tl.sigmoid(p)
+                g = g * sg * (1.0 + p * (1.0 - sg))
+            dxt += w1 * g
             xp3 = tl.load(px + 3 * sxt, mask=(t + 3 < T)[:, None], other=0.0).to(tl.float32)
-            py = yb + t[:, None] * syt + d[None, :]  # rows at or past T read 0: no gradient flows from them
-            g0 = tl.load(py, mask=(t < T)[:, None], other=0.0).to(tl.float32)
-            g1 = tl.load(py + syt, mask=(t + 1 < T)[:, None], other=0.0).to(tl.float32)
-            g2 = tl.load(py + 2 * syt, mask=(t + 2 < T)[:, None], other=0.0).to(tl.float32)
-            g3 = tl.load(py + 3 * syt, mask=(t + 3 < T)[:, None], other=0.0).to(tl.float32)
-            if SILU:  # through SiLU at the pre-activations p of rows t .. t + 3: dy * s(p) (1 + p (1 - s(p)))
-                p0 = bias_row + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0
-                p1 = bias_row + w0 * xm2 + w1 * xm1 + w2 * x0 + w3 * xp1
-                p2 = bias_row + w0 * xm1 + w1 * x0 + w2 * xp1 + w3 * xp2
-                p3 = bias_row + w0 * x0 + w1 * xp1 + w2 * xp2 + w3 * xp3
-                s0, s1, s2, s3 = tl.sigmoid(p0), tl.sigmoid(p1), tl.sigmoid(p2), tl.sigmoid(p3)
-                g0 = g0 * s0 * (1.0 + p0 * (1.0 - s0))
-                g1 = g1 * s1 * (1.0 + p1 * (1.0 - s1))
-                g2 = g2 * s2 * (1.0 + p2 * (1.0 - s2))
-                g3 = g3 * s3 * (1.0 + p3 * (1.0 - s3))
-            dxt = w3 * g0 + w2 * g1 + w1 * g2 + w0 * g3
+            g = tl.load(py + 3 * syt, mask=(t + 3 < T)[:, None], other=0.0).to(tl.float32)
+            if SILU:
+                p = bias_row + w0 * x0 + w1 * xp1 + w2 * xp2 + w3 * xp3
+                sg = tl.sigmoid(p)
+                g = g * sg * (1.0 + p * (1.0 - sg))
+            dxt += w0 * g
             tl.store(dx + b * sdb + t[:, None] * sdt + ch[None, :], dxt.to(dx.dtype.element_ty),
                      mask=(t < T)[:, None])
-            dw0 += tl.sum(g0 * xm3, axis=0)
-            dw1 += tl.sum(g0 * xm2, axis=0)
-            dw2 += tl.sum(g0 * xm1, axis=0)
-            dw3 += tl.sum(g0 * x0, axis=0)
-            db += tl.sum(g0, axis=0)
+        if ACC:
+            dw0 = tl.sum(dt0, axis=0)
+            dw1 = tl.sum(dt1, axis=0)
+            dw2 = tl.sum(dt2, axis=0)
+            dw3 = tl.sum(dt3, axis=0)
+            db = tl.sum(dtb, axis=0)
         pb = part + ((b * NP + pid) * D + ch) * 5  # this program's sums over its rows, per channel
         tl.store(pb, dw0)
         tl.store(pb + 1, dw1)
@@ -180,7 +212,7 @@ def _backward(x, weight, bias, silu: bool, sizes: tuple[int, ...], grads) -> tup
                     x, weight, bias if bias is not None else weight, g, dx, part, seq, n_p, dim, x.stride(0),
                     x.stride(1), weight.stride(0), weight.stride(1), g.stride(0), g.stride(1), dx.stride(0),
                     dx.stride(1), c0, HAS_BIAS=bias is not None, SILU=silu, ROWS=TILES.rows, BT=TILES.bt, BD=bd,
-                    num_warps=TILES.warps)
+                    ACC=TILES.acc, num_warps=TILES.warps)
             c0 += n
     sums = part.sum(0)
     dbias = sums[:, WIDTH].to(bias.dtype) if bias is not None else None
