@@ -75,7 +75,8 @@
 #   phase 35 (carry .whl .kcache): the conv backward's tile shapes timed (scripts/conv_tiles.py), the fastest taken
 #           (PITLM_CONV_TILES) for the 74 GiB recipe with the conv kernel off, then on (profiled); EMBED=1: then the
 #           embedding bench
-#   phase 36 (carry .whl .kcache): the 74 GiB recipe with every default path (profiled); the embedding bench
+#   phase 36 (carry .whl .kcache): the 74 GiB recipe with every default path (profiled); the seed's recipe under
+#           79 GiB
 #   A cold machine spends > 5 min in fla's Triton autotuning before the first 35B step: run the phases that train
 #   in consecutive calls on a warm machine, with TRITON_CACHE_AUTOTUNING=1.
 # Usage: bash scripts/gpu_bench.sh 0|1|...|36
@@ -330,7 +331,8 @@ elif [ "$1" = 36 ]; then
   M="--adapter-dtype base --optim adamw8bit --ce-chunk 512 --offload-checkpoints"
   T=${T1:-230} run $B train $L $M --full-modules "" --batch 8 --in-backward on --memory-cap-gib 74.0 \
     --profile "$OUT/profile_s10d.txt"
-  T=${T2:-120} run $B embed --arch qwen3.5-35b-a3b --n-prompts 4096 --batch 1024 --prompt-tokens 64
+  M="--adapter-dtype base --optim adamw8bit --ce-chunk 512"
+  T=${T2:-170} run $B train $L $M --batch 8 --memory-cap-gib 79.0 --stochastic-round full_modules
 elif [ "$1" = 1 ]; then
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|causal|liger|grouped|gpu0|triton" | tee "$OUT/doctor.txt"
   run $B train $L --batch 1

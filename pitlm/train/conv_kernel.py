@@ -49,12 +49,13 @@ def _tiles(spec: str) -> types.SimpleNamespace:
     return types.SimpleNamespace(bt=bt, bd=bd, rows=rows, warps=warps, acc=acc)
 
 
-# The backward's tiles: 16 tokens x 64 channels, one tile a program, 2 warps: the fastest of ten shapes on an H200
-# (scripts/conv_tiles.py, session 10: 0.95 ms for the 35B-A3B's (16,384 x 8,192) layer, 1.3-4.1 ms for the rest;
-# fla's backward 1.05 ms). The forward's: 16 tokens x up to 128 channels, 4 warps. The per-program dw sums take
-# tokens / rows x D x 5 floats, transient: 168 MB at that layer. PITLM_CONV_TILES overrides the backward's.
+# The backward's tiles: 8 tokens x 128 channels, 64 tokens a program, 2 warps, the dw sums kept as tiles: the
+# fastest of 14 shapes on an H200 (scripts/conv_tiles.py, session 10: 0.89 ms for the 35B-A3B's (16,384 x 8,192)
+# layer, 0.92-2.4 ms for the rest; fla's backward 1.05 ms). The forward's: 16 tokens x up to 128 channels, 4 warps.
+# The per-program dw sums take tokens / 64 x D x 5 floats, transient: 42 MB at that layer. PITLM_CONV_TILES
+# overrides the backward's.
 TILES_ENV = "PITLM_CONV_TILES"
-TILES = _tiles(os.environ.get(TILES_ENV, "16,64,16,2"))
+TILES = _tiles(os.environ.get(TILES_ENV, "8,128,64,2,1"))
 
 
 @functools.cache
