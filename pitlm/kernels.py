@@ -16,9 +16,11 @@ pieces of these models run slower than they need to on a GPU (BENCHMARKS.md, the
   5.17 repeats q and k to the value heads (`repeat_interleave`, strided copies ~4x slower than memory speed, and a
   sum backward), and computes the decay gate and beta in separate float32 kernels. fla 0.6's delta rule takes the
   value heads grouped over the key heads (GVA, value head h reads key head h // (HV / H), the repeat's order) and
-  fuses `-exp(A_log) * softplus(a + dt_bias)` and `sigmoid(b)` into its kernels; the conv output is split into
-  contiguous q, k, v by one copy kernel (`split_last`, torch's split_with_sizes_copy fast path);
+  fuses `-exp(A_log) * softplus(a + dt_bias)` and `sigmoid(b)` into its kernels; the conv + SiLU writes q, k, v
+  contiguous straight from the projection (`pitlm.train.conv_kernel`, fast path "conv-split"; without Triton, fla's
+  conv and one split copy, `split_last`, torch's split_with_sizes_copy fast path);
 - the router and the shared expert's gate of the MoE block: `pitlm.train.moe_kernels`' Triton kernels;
+- the attention layers' partial rotary embedding: `pitlm.train.rope_kernel` (a module-level function);
 - the routed experts: transformers' grouped-GEMM forward masks the routed-token tensors for expert parallelism
   (in 5.17 on every call: ~30% of an embedding forward of the 35B on an H100); pitlm's grouped forward
   (`pitlm.train.experts.lora_experts_forward` without adapters) is the same GEMMs without the masks.
