@@ -59,6 +59,10 @@ def test_an_unused_output_has_no_gradient_and_a_frozen_weight_gets_none(interpre
     xr = x.detach().clone().requires_grad_()
     (reference(xr, weight, None, True, (8, 8, 8))[2] * 2).sum().backward()
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
+    x.grad = xr.grad = None
+    ck.conv_split(x, weight, None, "silu", [8, 8, 8])[0].sum().backward()  # an expanded (stride 0) gradient
+    reference(xr, weight, None, True, (8, 8, 8))[0].sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_input_is_refused_with_one_line():

@@ -44,6 +44,16 @@ def test_rope_equals_transformers_in_values_and_gradients(interpret, dim, rot, k
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-6)
 
 
+def test_an_expanded_gradient_is_read_right(interpret):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 2, 5, 8, generator=gen, requires_grad=True)
+    cos, sin = cos_sin(1, 5, 4, gen)
+    rk.rope(x, cos, sin).sum().backward()  # the gradient arrives as ones expanded with stride 0
+    ref = x.detach().clone().requires_grad_()
+    modeling().apply_rotary_pos_emb(ref, ref, cos, sin)[0].sum().backward()
+    torch.testing.assert_close(x.grad, ref.grad, rtol=1e-6, atol=1e-6)
+
+
 def test_bad_shapes_are_refused_with_one_line():
     with pytest.raises(ValueError, match="even R <= dim"):
         rk.rope(torch.zeros(1, 2, 3, 4), torch.zeros(1, 3, 6), torch.zeros(1, 3, 6))

@@ -208,6 +208,8 @@ def _backward(x, weight, bias, silu: bool, sizes: tuple[int, ...], grads) -> tup
         for g, n in zip(grads, sizes, strict=True):
             if g is None:
                 g = x.new_zeros(batch, seq, n)
+            elif g.stride(-1) != 1:  # e.g. the expanded gradient of a sum: the kernel reads channels at unit stride
+                g = g.contiguous()
             if x.numel():
                 k.bwd[(n_p, batch, n // bd)](
                     x, weight, bias if bias is not None else weight, g, dx, part, seq, n_p, dim, x.stride(0),

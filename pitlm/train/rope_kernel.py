@@ -90,6 +90,8 @@ class _Rope(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
+        if grad.stride(-1) != 1:  # e.g. the expanded gradient of a sum: the kernel reads a head at unit stride
+            grad = grad.contiguous()
         return _launch(grad, cos, sin, backward=True), None, None
 
 
