@@ -272,6 +272,7 @@ def install_fast_kernels(model: nn.Module, experts: bool = False, routed: bool =
     from pitlm.train.experts import experts_unsupported
     from pitlm.train.routed_kernels import _has_triton
 
+    triton_ok = _has_triton()  # the conv + split kernel of the Gated DeltaNet forward
     n_norm = n_gated = n_experts = n_gdn = 0
     for m in model.modules():
         kind = type(m).__name__
@@ -280,7 +281,7 @@ def install_fast_kernels(model: nn.Module, experts: bool = False, routed: bool =
         if kind in GDN_SPLIT:
             m.forward = types.MethodType(_gdn_forward(fla, m.forward, importlib.import_module(type(m).__module__)), m)
             setattr(m, GDN_FLAG, True)
-            setattr(m, CONV_FLAG, _has_triton())
+            setattr(m, CONV_FLAG, triton_ok)
             n_gdn += 1
         elif experts and kind.endswith("Experts") and experts_unsupported(m) is None:
             m.forward = types.MethodType(_experts_forward(m.forward), m)
@@ -300,7 +301,7 @@ def install_fast_kernels(model: nn.Module, experts: bool = False, routed: bool =
         installed.append(f"fla-gated-rmsnorm x{n_gated}")
     if n_gdn:
         installed.append(f"{GDN} x{n_gdn}")
-        if _has_triton():
+        if triton_ok:
             installed.append(f"{CONV_SPLIT} x{n_gdn}")
     if n_experts:
         installed.append(f"grouped-experts x{n_experts}")

@@ -127,15 +127,15 @@ def h100_step_range(classes: dict[str, float], step_seconds: float) -> tuple[flo
 COPY_ENGINE = ("Memcpy DtoH (Device -> Pinned)", "Memcpy HtoD (Pinned -> Device)")
 
 
-def device_gaps(kernels: list[tuple[str, int, int, int]], launches: dict[int, str] | None = None,
+def device_gaps(kernels: list[tuple[str, int, int, int]], cause: Callable[[int, str], str] | None = None,
                 min_gap_us: float = 20.0, top: int = 12) -> dict:
     """Idle device time among `kernels` ((name, correlation id, start ns, end ns), any order, all streams).
 
     Busy time is the union of the kernel intervals (the device counts as busy while any kernel runs); idle time is
     the span from the first start to the last end less busy time. Gaps of at least `min_gap_us` are summed by what
-    ended them: the host operator that launched the next kernel (`launches`: correlation id -> operator name; the
-    kernel's own name when absent). Returns span_ms, busy_ms, idle_ms, gaps (count over the threshold) and `by_cause`:
-    [(cause, total ms, count)], largest first."""
+    ended them: `cause(correlation id, kernel name)` of the next kernel, called for those kernels only (e.g. the host
+    operator that launched it; by default the kernel's own name). Returns span_ms, busy_ms, idle_ms, gaps (count
+    over the threshold) and `by_cause`: [(cause, total ms, count)], largest first."""
     spans = sorted((s, e, name, corr) for name, corr, s, e in kernels
                    if e > s and not name.startswith(COPY_ENGINE))
     if not spans:
@@ -147,9 +147,9 @@ def device_gaps(kernels: list[tuple[str, int, int, int]], launches: dict[int, st
             busy += cur_e - cur_s
             gap = s - cur_e
             if gap >= min_gap_us * 1e3:
-                cause = (launches or {}).get(corr, name)
-                total, n = causes.get(cause, (0, 0))
-                causes[cause] = (total + gap, n + 1)
+                what = cause(corr, name) if cause else name
+                total, n = causes.get(what, (0, 0))
+                causes[what] = (total + gap, n + 1)
                 count += 1
             cur_s, cur_e = s, e
         else:
@@ -175,29 +175,23 @@ def _kineto_gaps(prof) -> dict:
             runtime[e.correlation_id()] = (e.start_ns(), e.start_thread_id())
         else:
             ops.append((e.start_ns(), e.start_ns() + e.duration_ns(), e.start_thread_id(), e.name()))
-    # resolve only what a gap needs: the kernels that end one
-    spans = sorted((s, e, corr) for name, corr, s, e in kernels if e > s and not name.startswith(COPY_ENGINE))
-    after_gap, cur_e = set(), spans[0][1] if spans else 0
-    for s, e, corr in spans[1:]:
-        if s - cur_e >= 20_000:
-            after_gap.add(corr)
-        cur_e = max(cur_e, e)
     by_thread: dict[int, list] = {}
     for op in sorted(ops):
         by_thread.setdefault(op[2], []).append(op)
     starts = {th: [op[0] for op in v] for th, v in by_thread.items()}
-    launches = {}
-    for corr in after_gap:
+
+    def launched_by(corr: int, name: str) -> str:
         if corr not in runtime:
-            continue
+            return name
         t, thread = runtime[corr]
         i = bisect.bisect_right(starts.get(thread, []), t) - 1
         while i >= 0:  # nested operators: the latest-starting one that still contains t is the innermost
             if by_thread[thread][i][1] >= t:
-                launches[corr] = by_thread[thread][i][3]
-                break
+                return by_thread[thread][i][3]
             i -= 1
-    return device_gaps(kernels, launches)
+        return name
+
+    return device_gaps(kernels, launched_by)
 
 
 def profile_call(fn: Callable[[], object], path: str, on_gpu: bool, rows: int = 30) -> dict[str, float]:

@@ -93,12 +93,13 @@ def test_device_gaps_unions_streams_and_names_what_ended_each_gap():
         ("conv", 6, 370 * us, 400 * us),  # gap of 100 us
         ("rope", 7, 430 * us, 440 * us),  # gap of 30 us
     ]
-    out = profiling.device_gaps(kernels, {4: "aten::item", 6: "aten::item"}, min_gap_us=20.0)
+    launches = {4: "aten::item", 6: "aten::item"}.get
+    out = profiling.device_gaps(kernels, launches, min_gap_us=20.0)
     assert out["span_ms"] == 0.44
     assert out["busy_ms"] == pytest.approx((150 + 60 + 5 + 30 + 10) / 1e3)
     assert out["idle_ms"] == pytest.approx((50 + 5 + 100 + 30) / 1e3)
     assert out["gaps"] == 3
     assert out["by_cause"] == [("aten::item", 0.15, 2), ("rope", 0.03, 1)]
-    shuffled = profiling.device_gaps(kernels[::-1], {4: "aten::item", 6: "aten::item"}, min_gap_us=20.0)
+    shuffled = profiling.device_gaps(kernels[::-1], launches, min_gap_us=20.0)
     assert shuffled == out  # order-free
     assert profiling.device_gaps([], None)["idle_ms"] == 0.0

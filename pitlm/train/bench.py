@@ -81,7 +81,8 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
     blocks (moe); the warm-up steps pay the compilation. routed_kernels: with the fast kernels, the experts' fused
     Triton kernels on or off (the MoE block's: pitlm.train.routed_kernels and moe_kernels); a list sweeps both on
     one model. ablate: with the fast kernels, one installed fast path switched off (a `pitlm.kernels` switch name:
-    gdn, router, shared-gate, routed-experts, lora-in-k, dense-one-node, rope) or none; a list measures each on one model.
+    gdn, conv-split, router, shared-gate, routed-experts, lora-in-k, dense-one-node, rope) or none; a list measures
+    each on one model.
     rope: install the Triton partial rotary embedding too (pitlm.kernels.install_fast_kernels; default on).
     on_result: called on rank 0 with each measurement as soon as it exists, so a sweep cut short by a time limit
     (a new shape's kernel autotuning can take minutes) still reports what it measured."""

@@ -146,7 +146,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             compile_: Annotated[str, typer.Option("--compile", help="lora: none | moe -- torch.compile each MoE block (the warm-up compiles).")] = "none",
             routed_kernels: Annotated[str, typer.Option("--routed-kernels", help="GPU, with the fast kernels: on | off | on,off -- the MoE block's fused Triton kernels (routed experts, router, shared-expert gate).")] = "on",
             rope: Annotated[bool, typer.Option("--rope/--no-rope", help="GPU, with the fast kernels: also the Triton partial rotary embedding (default on).")] = True,
-            ablate: Annotated[str, typer.Option("--ablate", help="GPU, with the fast kernels: none | gdn | router | shared-gate | routed-experts | lora-in-k | dense-one-node | rope -- that fast path off; a comma list measures each on one model.")] = "none",
+            ablate: Annotated[str, typer.Option("--ablate", help="GPU, with the fast kernels: none | gdn | conv-split | router | shared-gate | routed-experts | lora-in-k | dense-one-node | rope -- that fast path off; a comma list measures each on one model.")] = "none",
             set_: SetOpt = None) -> None:
         """Training throughput and peak memory of pitlm's own train_step on random weights and tokens."""
         from pitlm.errors import ConfigError
