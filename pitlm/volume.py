@@ -238,6 +238,32 @@ def check_persistence(path: str | Path, mounts: list[tuple[str, str]] | None = N
 
 # ----------------------------------------------------------------------------- the volume
 
+class LockedError(PitlmError):
+    """Another process holds the write lock of a volume entry."""
+
+
+@contextlib.contextmanager
+def write_lock(path: str | Path, what: str) -> Iterator[None]:
+    """One writer of a volume entry at a time. A POSIX record lock: released by the kernel when the holder dies
+    (a killed run never leaves a stale lock behind), and not inherited by forked workers. The second process
+    gets one line and exit 2 before it touches anything."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise LockedError(f"another pitlm process is writing {what} (lock {path}); wait for it to finish or "
+                              f"stop it") from None
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
 class Volume:
     """The cache root. `Volume.resolve(home)` honours --home, then PITLM_HOME, then ~/.cache/pitlm."""
 
@@ -259,6 +285,11 @@ class Volume:
     def path(self, kind: str, *parts: str) -> Path:
         assert kind in SUBDIRS, kind
         return self.root.joinpath(kind, *parts)
+
+    def lock(self, kind: str, name: str) -> contextlib.AbstractContextManager[None]:
+        """The write lock of `kind/name` (e.g. world/demo, market/jpx, models/run): `with vol.lock(...)` around
+        every stage that writes that entry, so two concurrent runs cannot both publish (the second one fails)."""
+        return write_lock(self.path(kind, f".{name}.lock"), f"{kind.rstrip('s') if kind != 'corpus' else kind} '{name}'")
 
     def persistence(self) -> Persistence:
         self.root.mkdir(parents=True, exist_ok=True)

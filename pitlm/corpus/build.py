@@ -62,7 +62,7 @@ def build_corpus(cfg: CorpusConfig, vol: Volume) -> dict:
     work = vol.path("corpus", f".{cfg.name}.build")
     for stale in final.parent.glob(f".{cfg.name}.old-*"):  # left by a build killed while publishing
         shutil.rmtree(stale, ignore_errors=True)
-    with _build_lock(final.parent / f".{cfg.name}.lock", cfg.name):
+    with vol.lock("corpus", cfg.name):
         _prepare_workdir(work, {"config": cfg.content(), "tokenizer": tinfo, "source": source.describe()})
         manifest = _build_in(work, final, cfg, tok, tinfo, source, t0)
     manifest["wall_seconds"] = round(time.time() - t0, 3)
@@ -98,25 +98,6 @@ def _build_in(work: Path, final: Path, cfg: CorpusConfig, tok, tinfo: dict, sour
         shutil.rmtree(work, ignore_errors=True)  # a user error leaves nothing half-written
         raise
     return manifest
-
-
-@contextlib.contextmanager
-def _build_lock(path: Path, name: str):
-    """One build of a corpus at a time. A POSIX record lock: released by the kernel when the build dies, and not
-    inherited by forked workers (which may outlive a killed parent for a moment)."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        try:
-            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise PitlmError(f"another build of corpus '{name}' is running (lock {path})") from None
-        try:
-            yield
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
 
 
 @contextlib.contextmanager
