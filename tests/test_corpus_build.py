@@ -1,5 +1,6 @@
 import datetime as dt
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -237,6 +238,10 @@ def test_hub_source_reads_only_dumps_before_cutoff(data, tmp_path, monkeypatch):
     assert m["docs"]["read"] < 1200  # each dump is read only up to its share of the budget
     with pytest.raises(PitlmError, match="required for the hub"):
         build_corpus(cfg_for(data, name="d", source="fineweb"), vol)
+    assert m["cutoffs_after_source_end"] == [] and m["source_end"]["basis"] == "dump"
+    late = build_corpus(cfg_for(data, name="late", source="fineweb", target_tokens="8k", cutoff="2030-01-01"), vol)
+    assert late["cutoffs_after_source_end"] == ["2030-01-01"] and late["source_end"]["last_dump"] == max(by_dump)
+    assert "the source's last dump, " + max(by_dump) in late["warnings"][0]
 
 
 def test_uint32_shards_for_large_vocabularies(data, tmp_path):
@@ -252,3 +257,34 @@ def test_uint32_shards_for_large_vocabularies(data, tmp_path):
     assert m["dtype"] == index.dtype == "uint32" and index.vocab_size > 65536 and index.splits["val"] == []
     stream = np.concatenate(index.arrays("train"))
     assert stream.dtype == np.uint32 and int(stream.max()) == len(big) - 1
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def warnings_logged():
+    handler = _Records()
+    logger = logging.getLogger("pitlm.corpus")
+    logger.addHandler(handler)
+    yield handler.messages
+    logger.removeHandler(handler)
+
+
+def test_cutoff_after_the_source_end_warns_and_is_recorded(data, tmp_path, warnings_logged):
+    vol = Volume(tmp_path / "home").ensure()
+    m = build_corpus(cfg_for(data, cutoff=CUTOFF), vol)
+    assert not warnings_logged and m["cutoffs_after_source_end"] == [] and m["warnings"] == []
+    last = max(r["date"] for r in data["records"])
+    m = build_corpus(cfg_for(data, name="late", cutoff="2030-01-01"), vol)
+    late = [w for w in warnings_logged if "2030-01-01" in w]
+    assert len(late) == 1 and "\n" not in late[0] and last in late[0] and "after" in late[0]
+    assert m["cutoffs_after_source_end"] == ["2030-01-01"] and m["warnings"] == late
+    assert m["source_end"] == {"max_date_seen": last, "last_dump": None, "basis": "documents"}  # files name no dump
+    assert m["docs"]["kept"] == 1200 and "dropped_after_cutoff" not in m["docs"]

@@ -169,3 +169,25 @@ def test_bench_corpus_prints_throughput(cli, home):
     s = lines(out)
     assert float(s["tokens_per_second_1"]) > 0 and float(s["tokens_per_second_N"]) > 0 and float(s["speedup"]) > 0
     assert s["workers_N"] == "2" and s["identical"] == "true" and float(s["control_speedup_before"]) > 0
+
+
+def _dump_files(records, root):
+    """The world's layout: one ROOT/<DUMP>.parquet per dump."""
+    for dump in sorted({r["dump"] for r in records}):
+        write_parquet([r for r in records if r["dump"] == dump], root / f"{dump}.parquet")
+    return str(root)
+
+
+@pytest.mark.parametrize("dumps", ["CC-MAIN-2023-06", "CC-MAIN-2017-22,CC-MAIN-2023-06"])
+def test_dump_not_in_source_gives_one_line(cli, home, data, tmp_path, dumps):
+    src = _dump_files(data["records"], tmp_path / "w")
+    have = sorted({r["dump"] for r in data["records"]})
+    assert "CC-MAIN-2017-22" in have and "CC-MAIN-2023-06" not in have
+    code, out, err = cli("corpus", "build", "c", "--source", src, "--cutoff", CUTOFF, "--tokenizer", data["tok"],
+                         "--dumps", dumps)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err
+    assert "dump CC-MAIN-2023-06 is not in source" in errors[0] and have[0] in errors[0] and have[-1] in errors[0]
+    assert "Traceback" not in err
+    corpus = home / "corpus"
+    assert not corpus.is_dir() or not list(corpus.iterdir())

@@ -31,7 +31,7 @@ import pandas as pd
 
 from pitlm import __version__
 from pitlm.corpus.config import CorpusConfig
-from pitlm.corpus.dates import format_utc
+from pitlm.corpus.dates import crawl_period, end_of_day, format_utc, parse_dump
 from pitlm.corpus.scan import KEPT, DocFilter, ScanJob, scan_unit
 from pitlm.corpus.shards import INDEX, ShardIndex, dtype_for_vocab
 from pitlm.corpus.sources import Source, Unit, resolve_source
@@ -78,6 +78,7 @@ def _build_in(work: Path, final: Path, cfg: CorpusConfig, tok, tinfo: dict, sour
             with _timed(phases, "select"):
                 df, units, counts = _candidates(stats, source, work)
                 _check_not_empty(cfg, stats, counts)
+                source_end, late, warnings = _source_end(source, stats, [cfg.cutoff])
             with _timed(phases, "tokenize"):
                 df, cut = _tokenize_rounds(pool, cfg, df, units, work / "tok")
             with _timed(phases, "pack"):
@@ -85,6 +86,7 @@ def _build_in(work: Path, final: Path, cfg: CorpusConfig, tok, tinfo: dict, sour
         counts["dropped_budget"] = len(df) - cut
         counts["kept"] = cut
         manifest = _manifest(cfg, source, tinfo, stats, counts, df.iloc[:cut], shards, t0)
+        manifest.update(source_end=source_end, cutoffs_after_source_end=late, warnings=warnings)
         manifest["build"]["phase_seconds"] = phases
         out = work / "out"
         atomic_write_json(out / MANIFEST, manifest)
@@ -187,6 +189,31 @@ def _check_not_empty(cfg: CorpusConfig, stats: list[dict], counts: dict) -> None
                          f"{min(seen)}")
     drops = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()) if k.startswith("dropped_") and v)
     raise PitlmError(f"nothing left after filtering: read {counts['read']} documents, {drops}")
+
+
+def _source_end(source: Source, stats: list[dict], cutoffs: list[dt.date]) -> tuple[dict, list[str], list[str]]:
+    """Where the source ends, the cutoffs after that end (they clip nothing: likely a typo), and a warning line
+    naming them. A hub dump is read only up to its share of the budget, so there the end is the last dump's crawl
+    end; a local source ends at the latest document date seen."""
+    dumps = sorted({*source.dumps_read, *source.dumps_skipped}, key=parse_dump)
+    last_dump = dumps[-1] if dumps else None
+    seen = [s["max_date_seen"] for s in stats if s["max_date_seen"]]
+    if source.kind == "hub":
+        basis, end = "dump", format_utc(crawl_period(last_dump).end) if last_dump else None
+        what = f"the end of the source's last dump, {last_dump} (crawled until {end})"
+    else:
+        basis, end = "documents", max(seen) if seen else None
+        what = f"the source's last document (crawled {end})"
+    info = {"max_date_seen": max(seen) if seen else None, "last_dump": last_dump, "basis": basis}
+    if end is None or source.dumps_skipped:  # a dump was skipped as after the cutoff: the source goes on
+        return info, [], []
+    late = [str(c) for c in cutoffs if format_utc(end_of_day(c)) > end]
+    if not late:
+        return info, [], []
+    line = (f"cutoff{'s' if len(late) > 1 else ''} {', '.join(late)} {'are' if len(late) > 1 else 'is'} after "
+            f"{what}: nothing is clipped there; check --cutoff{'s' if len(cutoffs) > 1 else ''}")
+    log.warning(line)
+    return info, late, [line]
 
 
 # ----------------------------------------------------------------------------- tokenize in rounds

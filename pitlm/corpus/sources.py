@@ -146,14 +146,25 @@ def resolve_source(spec: str, vol: Volume, cutoff: dt.date, dumps: list[str] | N
     else:
         units, kind = [_file_unit(f) for f in _local_files(spec)], "local"
     if dumps:
+        _check_dumps_present(spec, units, dumps)
         units = [u for u in units if u.dump is None or u.dump in dumps]
     known = sorted({u.dump for u in units if u.dump}, key=parse_dump)
     read, skipped = _select(known, cutoff, explicit=bool(dumps)) if known else ([], [])
     kept = [u for u in units if u.dump is None or u.dump in read]
-    if not kept:
-        raise PitlmError(f"cutoff {cutoff} is earlier than all data: every input dump ({known[0]} onwards) was "
-                         f"crawled after it")
+    assert kept, "_select raises when no named dump is read, and units without a dump name are always kept"
     return Source(spec, kind, kept, None, read, skipped)
+
+
+def _check_dumps_present(spec: str, units: list[Unit], dumps: list[str]) -> None:
+    """When every file of a local source names its dump, each --dumps entry must be one of them (files without a
+    dump in their name are filtered per document by the scan instead)."""
+    if not units or any(u.dump is None for u in units):
+        return
+    have = sorted({u.dump for u in units}, key=parse_dump)
+    missing = [d for d in dumps if d not in have]
+    if missing:
+        listed = ", ".join(have) if len(have) <= 10 else f"{len(have)} dumps, {have[0]} .. {have[-1]}"
+        raise PitlmError(f"dump {missing[0]} is not in source '{spec}' (it has {listed}); fix --dumps")
 
 
 def _select(names: list[str], cutoff: dt.date, explicit: bool) -> tuple[list[str], list[str]]:
