@@ -8,20 +8,29 @@ first runs once on a few stocks, so that one-time process set-up (imports, threa
 counted as per-draw work; the engine's own set-up for the data (per-stock statistics) is counted.
 
 Presets (stocks x dates per stock x features): demo-small 30x30x133 (the demo world: 128-d model + 5
-numeric), demo 100x30x256, seed 1000x30x2053 (the seed's 30k rows x 2053 features).
+numeric), demo 100x30x256, us-473 473x30x133 (a user's US daily panel, issue 22), seed 1000x30x2053 (the
+seed's 30k rows x 2053 features).
+
+`--protocol eval` times what `pitlm eval` runs: legacy + purged + walk_forward with the eval's defaults (alpha
+by inner CV for the calibrated protocols, the jackknife and rank IC on) for `--designs` designs (a control and
+N-1 models); scikit-learn has no counterpart there, so only the engine is timed, per protocol.
+`--save-values` / `--compare-values` write / check every statistic of every draw (an .npz), so that a change
+to the engine can be checked against the previous code's numbers at the bench's shape.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Annotated
 
 import numpy as np
 import pandas as pd
 import typer
 
-PRESETS = {"demo-small": (30, 30, 133), "demo": (100, 30, 256), "seed": (1000, 30, 2053)}
+PRESETS = {"demo-small": (30, 30, 133), "demo": (100, 30, 256), "us-473": (473, 30, 133), "seed": (1000, 30, 2053)}
+BENCH_PROTOCOLS = ("legacy", "purged", "walk_forward", "eval")
 
 
 def random_panel(n_stocks: int, dates_per_stock: int, n_features: int, seed: int = 0):
@@ -33,6 +42,41 @@ def random_panel(n_stocks: int, dates_per_stock: int, n_features: int, seed: int
     rows["Target"] = rng.normal(0, 0.02, len(rows))
     X = rng.normal(size=(len(rows), n_features)) * rng.uniform(0.2, 3.0, n_features)
     return rows, X
+
+
+def random_designs(X: np.ndarray, n_designs: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """{control: X, model1: ..., ...}: n_designs designs of X's shape, the others drawn like X."""
+    rng = np.random.default_rng([seed, 1])
+    out = {"control" if n_designs > 1 else "model": X}
+    for i in range(1, n_designs):
+        out[f"model{i}"] = rng.normal(size=X.shape) * rng.uniform(0.2, 3.0, X.shape[1])
+    return out
+
+
+def save_values(path: str, res) -> None:
+    """Every statistic of every count vector, and the point estimate's alphas, as one .npz."""
+    arrays = {f"{m}|{k}": v for m, vals in res.values.items() for k, v in vals.items()}
+    arrays.update({f"alpha|{m}|{lay}": np.asarray(a) for m, by in res.info["alphas"].items() for lay, a in by.items()})
+    np.savez(path, **arrays)
+
+
+def compare_values(path: str, res) -> dict:
+    """Largest absolute difference to a saved .npz over every statistic and draw (NaN must match NaN),
+    and whether the point estimate's alphas are identical."""
+    saved = np.load(path)
+    now = {f"{m}|{k}": v for m, vals in res.values.items() for k, v in vals.items()}
+    worst, nan_mismatch, alphas_equal = 0.0, 0, True
+    for key in saved.files:
+        if key.startswith("alpha|"):
+            _, m, lay = key.split("|")
+            alphas_equal &= np.array_equal(saved[key], np.asarray(res.info["alphas"][m][lay]))
+            continue
+        a, b = saved[key], now[key]
+        nan_mismatch += int((np.isnan(a) != np.isnan(b)).sum())
+        both = np.isfinite(a) & np.isfinite(b)
+        worst = max(worst, float(np.abs(a[both] - b[both]).max(initial=0.0)))
+    return {"compared_statistics": len([k for k in saved.files if not k.startswith("alpha|")]),
+            "max_abs_diff_saved": worst, "nan_mismatch_saved": nan_mismatch, "alphas_equal_saved": bool(alphas_equal)}
 
 
 def sklearn_protocol(X: np.ndarray, rows: pd.DataFrame, counts: np.ndarray, protocol: str, cfg) -> dict[str, float]:
@@ -65,73 +109,133 @@ def sklearn_protocol(X: np.ndarray, rows: pd.DataFrame, counts: np.ndarray, prot
     return {"r2_purged": r2_score(yb, pred)}
 
 
-def run_bench_stats(scale: str = "demo", stocks: int | None = None, dates_per_stock: int | None = None,
-                    features: int | None = None, draws: int = 200, sklearn_draws: int = 10,
-                    protocol: str = "legacy", device: str = "cpu", engine: str = "auto", seed: int = 0) -> dict:
-    """Time both implementations on the same draws; returns the summary (key -> value)."""
+@dataclass
+class StatsBench:
+    """What `pitlm bench stats` runs (see the module doc)."""
+
+    scale: str = "demo"
+    stocks: int | None = None
+    dates_per_stock: int | None = None
+    features: int | None = None
+    draws: int = 200
+    sklearn_draws: int = 10
+    protocol: str = "legacy"
+    designs: int = 1
+    device: str = "cpu"
+    engine: str = "auto"
+    seed: int = 0
+    save_values: str | None = None
+    compare_values: str | None = None
+
+    def shape(self) -> tuple[int, int, int]:
+        given = (self.stocks, self.dates_per_stock, self.features)
+        return tuple(v if v is not None else p for v, p in zip(given, PRESETS[self.scale], strict=True))
+
+    def protocol_config(self):
+        from pitlm.eval.pipeline import EVAL_PROTOCOL_DEFAULTS
+        from pitlm.eval.protocols import PROTOCOLS, ProtocolConfig
+
+        common = {"n_boot": self.draws, "seed": self.seed, "device": self.device, "engine": self.engine}
+        if self.protocol == "eval":  # the eval's defaults: jackknife and rank IC on, alpha by inner CV
+            return ProtocolConfig(protocols=list(PROTOCOLS), **EVAL_PROTOCOL_DEFAULTS, **common)
+        return ProtocolConfig(protocols=[self.protocol], jackknife_groups=0, rank_ic=False, **common)
+
+
+def _check(b: StatsBench) -> None:
     import torch
 
     from pitlm.errors import PitlmError
-    from pitlm.eval.bootstrap import draw_counts
-    from pitlm.eval.protocols import ProtocolConfig, evaluate
 
-    if scale not in PRESETS:
-        raise PitlmError(f"unknown scale '{scale}'; known: {', '.join(PRESETS)}")
-    if protocol not in ("legacy", "purged"):
-        raise PitlmError(f"bench stats protocol must be legacy or purged (got '{protocol}')")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if b.scale not in PRESETS:
+        raise PitlmError(f"unknown scale '{b.scale}'; known: {', '.join(PRESETS)}")
+    if b.protocol not in BENCH_PROTOCOLS:
+        raise PitlmError(f"bench stats protocol must be one of {', '.join(BENCH_PROTOCOLS)} (got '{b.protocol}')")
+    if b.designs < 1:
+        raise PitlmError(f"--designs must be >= 1 (got {b.designs})")
+    if b.device.startswith("cuda") and not torch.cuda.is_available():
         raise PitlmError("--device cuda but torch sees no CUDA GPU")
-    S, m, d = (v if v is not None else p for v, p in zip((stocks, dates_per_stock, features), PRESETS[scale], strict=True))
-    rows, X = random_panel(S, m, d, seed)
-    cfg = ProtocolConfig(protocols=[protocol], n_boot=draws, seed=seed, jackknife_groups=0, rank_ic=False,
-                         device=device, engine=engine)
+
+
+def run_bench_stats(bench: StatsBench | None = None, **options) -> dict:
+    """Time the engine (and scikit-learn, where it has the same protocol) on the same draws; returns the
+    summary (key -> value). `options` are StatsBench fields."""
+    import torch
+
+    from pitlm.eval.bootstrap import draw_counts
+    from pitlm.eval.protocols import evaluate
+
+    b = bench or StatsBench(**options)
+    _check(b)
+    S, m, d = b.shape()
+    rows, X = random_panel(S, m, d, b.seed)
+    features = random_designs(X, b.designs, b.seed)
+    control = "control" if b.designs > 1 else None
+    cfg = b.protocol_config()
+    with_sklearn = b.protocol in ("legacy", "purged") and b.designs == 1
     # one-time process set-up is not per-draw work: a tiny run of each side first (CUDA context and
     # cuBLAS/cuSOLVER handles; the thread pool, threadpoolctl's library scan, LAPACK symbols; sklearn's lazy
     # imports and first-call validation)
     small = (rows["SecuritiesCode"] < rows["SecuritiesCode"].min() + 2 * cfg.n_splits).to_numpy()
     rows_small = rows[small].reset_index(drop=True)
     evaluate({"model": X[small]}, rows_small, cfg.model_copy(update={"n_boot": 2}), control=None)
-    sklearn_protocol(X[small], rows_small, np.ones(2 * cfg.n_splits, dtype=np.int64), protocol, cfg)
-    if device.startswith("cuda"):
+    if with_sklearn:
+        sklearn_protocol(X[small], rows_small, np.ones(2 * cfg.n_splits, dtype=np.int64), b.protocol, cfg)
+    if b.device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    res = evaluate({"model": X}, rows, cfg, control=None)
-    if device.startswith("cuda"):
+    res = evaluate(features, rows, cfg, control=control)
+    if b.device.startswith("cuda"):
         torch.cuda.synchronize()
     engine_s = time.perf_counter() - t0
-    counts = draw_counts(S, draws, seed)
-    n_sk = min(sklearn_draws, draws)
-    t0 = time.perf_counter()
-    ref = [sklearn_protocol(X, rows, counts[i], protocol, cfg) for i in range(n_sk)]
-    sklearn_s = time.perf_counter() - t0
-    diffs = [abs(r[k] - res.values["model"][k][1 + i]) for i, r in enumerate(ref) for k in r]
-    engine_per_draw = engine_s / (draws + 1)  # the point estimate is one more count vector
-    sklearn_per_draw = sklearn_s / max(n_sk, 1)
-    return {
-        "bench": "stats", "protocol": protocol, "scale": scale, "rows": len(rows), "stocks": S, "features": d,
-        "device": device, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+    n_vectors = 1 + b.draws + (min(cfg.jackknife_groups, S) if cfg.jackknife_groups >= 2 else 0)
+    out = {
+        "bench": "stats", "protocol": b.protocol, "scale": b.scale, "rows": len(rows), "stocks": S, "features": d,
+        "designs": b.designs, "device": b.device, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
         "engine_modes": ",".join(f"{k}={v}" for k, v in res.info["engine_modes"].items()),
-        "engine_draws": draws, "engine_s_total": round(engine_s, 3), "engine_s_per_draw": engine_per_draw,
-        "sklearn_draws": n_sk, "sklearn_s_per_draw": sklearn_per_draw,
-        "sklearn_s_extrapolated": sklearn_per_draw * (draws + 1),
-        "speedup": sklearn_per_draw / engine_per_draw, "max_abs_diff": max(diffs) if diffs else float("nan"),
+        "engine_draws": b.draws, "count_vectors": n_vectors, "engine_s_total": round(engine_s, 3),
+        "engine_s_per_draw": engine_s / n_vectors,
+        **{f"engine_s_{p}": s for p, s in res.info["protocol_seconds"].items()},
     }
+    if with_sklearn:
+        out.update(_sklearn_side(b, X, rows, res, cfg, engine_s / n_vectors, draw_counts(S, b.draws, b.seed)))
+    if b.save_values:
+        save_values(b.save_values, res)
+    if b.compare_values:
+        out.update(compare_values(b.compare_values, res))
+    return out
+
+
+def _sklearn_side(b: StatsBench, X, rows, res, cfg, engine_per_draw: float, counts) -> dict:
+    n_sk = min(b.sklearn_draws, b.draws)
+    t0 = time.perf_counter()
+    ref = [sklearn_protocol(X, rows, counts[i], b.protocol, cfg) for i in range(n_sk)]
+    sklearn_per_draw = (time.perf_counter() - t0) / max(n_sk, 1)
+    diffs = [abs(r[k] - res.values["model"][k][1 + i]) for i, r in enumerate(ref) for k in r]
+    return {"sklearn_draws": n_sk, "sklearn_s_per_draw": sklearn_per_draw,
+            "sklearn_s_extrapolated": sklearn_per_draw * (b.draws + 1),
+            "speedup": sklearn_per_draw / engine_per_draw, "max_abs_diff": max(diffs) if diffs else float("nan")}
 
 
 def bench_stats(
-    scale: Annotated[str, typer.Option(help="Preset: demo-small (30x30x133), demo (100x30x256), seed (1000x30x2053).")] = "demo",
+    scale: Annotated[str, typer.Option(help="Preset: demo-small (30x30x133), demo (100x30x256), us-473 "
+                                            "(473x30x133), seed (1000x30x2053).")] = "demo",
     stocks: Annotated[int | None, typer.Option(help="Override the preset's number of stocks.")] = None,
     dates_per_stock: Annotated[int | None, typer.Option(help="Override the preset's dates per stock.")] = None,
     features: Annotated[int | None, typer.Option(help="Override the preset's number of features.")] = None,
     draws: Annotated[int, typer.Option(help="Bootstrap draws for the engine.")] = 200,
     sklearn_draws: Annotated[int, typer.Option(help="Draws for scikit-learn (its time per draw is extrapolated).")] = 10,
-    protocol: Annotated[str, typer.Option(help="legacy (chronological + GroupKFold) or purged.")] = "legacy",
+    protocol: Annotated[str, typer.Option(help="legacy (chronological + GroupKFold), purged, walk_forward, or eval "
+                                               "(all three with the eval's defaults: alpha by inner CV, jackknife, "
+                                               "rank IC; engine only).")] = "legacy",
+    designs: Annotated[int, typer.Option(help="Designs scored on the same draws (a control + N-1 models).")] = 1,
     device: Annotated[str, typer.Option(help="cpu or cuda (float64 torch).")] = "cpu",
     engine: Annotated[str, typer.Option(help="Engine mode: auto, stats (per-stock statistics) or rows.")] = "auto",
     seed: Annotated[int, typer.Option(help="Data and bootstrap seed.")] = 0,
+    save_values: Annotated[str | None, typer.Option(help="Write every statistic of every draw to this .npz.")] = None,
+    compare_values: Annotated[str | None, typer.Option(help="Compare every statistic with this saved .npz.")] = None,
 ) -> None:
-    """Time the exact statistics engine against scikit-learn on the same bootstrap draws; print the ratio."""
+    """Time the exact statistics engine (against scikit-learn where it has the protocol); print the figures."""
     from pitlm.log import emit_summary
 
-    emit_summary(run_bench_stats(scale, stocks, dates_per_stock, features, draws, sklearn_draws, protocol, device,
-                                 engine, seed))
+    emit_summary(run_bench_stats(StatsBench(scale, stocks, dates_per_stock, features, draws, sklearn_draws, protocol,
+                                            designs, device, engine, seed, save_values, compare_values)))

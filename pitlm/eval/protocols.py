@@ -310,7 +310,9 @@ def evaluate(features: dict[str, np.ndarray], rows: pd.DataFrame, cfg: ProtocolC
     values: dict[str, dict[str, np.ndarray]] = {m: {} for m in features}
     alphas: dict[str, dict[str, list]] = {m: {} for m in features}
     modes: dict[str, str] = {}
+    seconds: dict[str, float] = {}
     for protocol in cfg.protocols:
+        t_protocol = time.perf_counter()
         pcfg = cfg.model_copy(update={"alpha_cv": False}) if protocol == "legacy" else cfg
         layouts = build_layouts(protocol, panel.calendar, pcfg)
         for model, X in features.items():
@@ -329,9 +331,10 @@ def evaluate(features: dict[str, np.ndarray], rows: pd.DataFrame, cfg: ProtocolC
                 values[model].update(purged_metrics(raw["purged"], groups_ok))
             else:
                 values[model].update(walk_forward_metrics(raw["walk_forward"], layouts["walk_forward"], panel))
+        seconds[protocol] = round(time.perf_counter() - t_protocol, 3)
     info = {"n_rows": len(rows), "n_stocks": panel.n_stocks, "n_dates": panel.n_dates,
             "first_date": str(panel.calendar[0]), "last_date": str(panel.calendar[-1]),
             "n_features": {m: int(np.shape(X)[1]) for m, X in features.items()}, "engine_modes": modes,
-            "alphas": alphas, "wall_s": round(time.perf_counter() - t0, 3)}
+            "alphas": alphas, "protocol_seconds": seconds, "wall_s": round(time.perf_counter() - t0, 3)}
     return EvalResult(cfg.model_dump(mode="json"), info, values, n_boot=cfg.n_boot, control=control, base=base,
                       primary=primary)
