@@ -84,6 +84,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
 def format_validation_error(err: ValidationError, data: dict[str, Any]) -> str:
     e = err.errors()[0]
     key = ".".join(str(p) for p in e["loc"]) or "<root>"
+    missing = [".".join(str(p) for p in x["loc"]) for x in err.errors() if x["type"] == "missing"]
+    if missing:  # no recipe given, or a recipe without a required key: say which, not the whole input
+        keys = ", ".join(f"'{k}'" for k in missing)
+        return (f"missing config key{'s' if len(missing) > 1 else ''} {keys}: give a --recipe that sets "
+                f"{'them' if len(missing) > 1 else 'it'} (see `pitlm recipes`) or --set {missing[0]}=...")
     if e["type"] == "extra_forbidden":
         return f"config key '{key}' is not known (check the spelling; `--set` keys must exist in the stage config)"
     bad = e.get("input")

@@ -18,10 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import BaseModel
 
-from pitlm.config import dump_config
 from pitlm.log import emit_summary, is_rank_zero
+from pitlm.secrets import Redactor
 from pitlm.volume import Volume, atomic_write_json, atomic_write_text, package_versions
 
 
@@ -56,9 +57,20 @@ class Run:
             self._metrics.close()
         if not is_rank_zero():
             return
-        atomic_write_json(self.dir / "summary.json", {
+        atomic_write_json(self.dir / "summary.json", Redactor().obj({
             "run_id": self.id, "stage": self.stage, "status": status, "error": error,
-            "wall_seconds": round(time.time() - self.t0, 3), "versions": package_versions(), **self.summary})
+            "wall_seconds": round(time.time() - self.t0, 3), "versions": package_versions(), **self.summary}))
+
+
+class _RedactingFormatter(logging.Formatter):
+    """log.txt lines with secrets replaced (a stage may log its own arguments)."""
+
+    def __init__(self, fmt: str):
+        super().__init__(fmt)
+        self.redactor = Redactor()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.redactor.text(super().format(record))
 
 
 def new_run_id(stage: str) -> str:
@@ -74,11 +86,15 @@ def start_run(vol: Volume, stage: str, config: BaseModel | dict | None = None,
     directory = vol.path("runs", run_id or new_run_id(stage))
     directory.mkdir(parents=True, exist_ok=True)
     if config is not None and is_rank_zero():
-        text = dump_config(config) if isinstance(config, BaseModel) else json.dumps(config, indent=2, default=str)
+        # redacted as data, so that config.yaml stays valid YAML ('***', not an alias)
+        if isinstance(config, BaseModel):
+            text = yaml.safe_dump(Redactor().obj(config.model_dump(mode="json")), sort_keys=False)
+        else:
+            text = json.dumps(Redactor().obj(config), indent=2, default=str)
         atomic_write_text(directory / "config.yaml", text)
     logger = logging.getLogger("pitlm")
     handler = logging.FileHandler(directory / "log.txt")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)
     run = Run(directory, stage)
     logger.info("run directory: %s", directory)

@@ -238,6 +238,16 @@ def check_persistence(path: str | Path, mounts: list[tuple[str, str]] | None = N
 
 # ----------------------------------------------------------------------------- the volume
 
+_HELD: set[str] = set()  # lock paths this process holds
+HELD_LOCKS_ENV = "PITLM_HELD_LOCKS"  # lock paths a parent process holds on behalf of its children
+
+
+def held_locks_env(*paths: str | Path) -> dict[str, str]:
+    """Environment for child processes that write under locks this process holds."""
+    held = [p for p in os.environ.get(HELD_LOCKS_ENV, "").split(os.pathsep) if p]
+    return {HELD_LOCKS_ENV: os.pathsep.join([*held, *(str(p) for p in paths)])}
+
+
 class LockedError(PitlmError):
     """Another process holds the write lock of a volume entry."""
 
@@ -250,18 +260,36 @@ def write_lock(path: str | Path, what: str) -> Iterator[None]:
     import fcntl
 
     path = Path(path)
+    if str(path) in os.environ.get(HELD_LOCKS_ENV, "").split(os.pathsep):
+        yield  # a parent process (e.g. `pitlm train --nproc N` around its torchrun ranks) holds it for us
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
+    busy = LockedError(f"another pitlm process is writing {what} (lock {path}); wait for it to finish or stop it")
+    key = str(path.resolve())
+    if key in _HELD:  # POSIX record locks do not exclude their own process (a notebook, threads, in-process CLIs)
+        raise busy
     with open(path, "a") as f:
         try:
             fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise LockedError(f"another pitlm process is writing {what} (lock {path}); wait for it to finish or "
-                              f"stop it") from None
+            raise busy from None
+        _HELD.add(key)
         try:
             yield
         finally:
+            _HELD.discard(key)
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+
+ENTRY_LABELS = {"models": "run", "embeddings": "embedding"}
+
+
+def check_entry_name(kind: str, name: str) -> str:
+    """A volume entry's name must be a plain directory name (no '/', not hidden, not '..')."""
+    if not name or "/" in name or "\\" in name or name.startswith(".") or name != name.strip():
+        raise PitlmError(f"{kind} name '{name}' must be a plain directory name (no '/', not starting with '.')")
+    return name
 
 
 class Volume:
@@ -283,13 +311,30 @@ class Volume:
         return self
 
     def path(self, kind: str, *parts: str) -> Path:
+        """PITLM_HOME/kind/parts...; a part that climbs out of kind/ (`..`, an absolute path) is refused, so no
+        name given on the command line, input or output, reads or writes outside its place on the volume."""
         assert kind in SUBDIRS, kind
-        return self.root.joinpath(kind, *parts)
+        base = self.root / kind
+        out = base.joinpath(*parts)
+        norm = Path(os.path.normpath(out))
+        if parts and (norm == base or not norm.is_relative_to(base)):
+            raise PitlmError(f"name '{'/'.join(parts)}' points outside PITLM_HOME/{kind}/; use a plain name "
+                             "(letters, digits, '.', '_', '-')")
+        return out
+
+    def entry(self, kind: str, name: str, *rest: str) -> Path:
+        """The volume entry `kind/name` for a name a user gave (`world:NAME`, `pit:NAME`, `--world NAME`, ...):
+        a plain directory name, checked the same way as the names of outputs."""
+        check_entry_name(ENTRY_LABELS.get(kind, kind), name)
+        return self.path(kind, name, *rest)
 
     def lock(self, kind: str, name: str) -> contextlib.AbstractContextManager[None]:
         """The write lock of `kind/name` (e.g. world/demo, market/jpx, models/run): `with vol.lock(...)` around
         every stage that writes that entry, so two concurrent runs cannot both publish (the second one fails)."""
-        return write_lock(self.path(kind, f".{name}.lock"), f"{kind.rstrip('s') if kind != 'corpus' else kind} '{name}'")
+        return write_lock(self.lock_path(kind, name), f"{kind.rstrip('s') if kind != 'corpus' else kind} '{name}'")
+
+    def lock_path(self, kind: str, name: str) -> Path:
+        return self.path(kind, f".{name}.lock")
 
     def persistence(self) -> Persistence:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,14 @@
 """Batch jobs: the shared pieces (metrics capture, redaction, launch lines) and the local backend end-to-end."""
 
+import json
+
 import pytest
+import yaml
 from test_jobs_fakes import job_record, summary
 
 from pitlm.errors import PitlmError
-from pitlm.jobs.core import Redactor, begin_marker, command_stage, exit_marker, launch_line, parse_metrics
+from pitlm.jobs.core import begin_marker, command_stage, exit_marker, launch_line, parse_metrics
+from pitlm.secrets import Redactor
 
 
 def test_parse_metrics_reads_only_the_command_summary():
@@ -62,6 +66,27 @@ def test_local_runs_a_real_command_end_to_end(cli, home):
     assert "pitlm doctor" in log and "pitlm_exit_code: 0" in log and f"pitlm_home: {home}" in log
     code, out, _ = cli("runs")
     assert s["job_id"] in out and "backend=local state=succeeded exit_code=0" in out and "doctor_failed=0" in out
+
+
+def test_a_secret_in_the_command_stays_out_of_the_child_stages_run_directory(cli, home):
+    """The submitted stage (here a train that fails on its missing corpus after its run directory exists) writes
+    config.yaml, summary.json and log.txt in its own process: a secret from the job's --env is redacted there
+    too, not only in job.json / job.log."""
+    secret = "hf_sEcReT_0123456789"
+    code, out, err = cli("submit", "-b", "local", "--env", f"HF_TOKEN={secret}", "--", "train", "--recipe",
+                         "demo-scratch-pit", "--name", "leaky", "--set", f"tokenizer={secret}",
+                         "--set", "corpus=no-such-corpus")
+    assert code == 2, err
+    child = [d for d in (home / "runs").iterdir() if d.name.startswith("train-")]
+    assert len(child) == 1
+    files = {f.name: f.read_text() for f in child[0].iterdir() if f.is_file()}
+    assert {"config.yaml", "summary.json", "log.txt"} <= set(files)
+    assert yaml.safe_load(files["config.yaml"])["tokenizer"] == "***"
+    assert json.loads(files["summary.json"])["status"] == "failed"
+    for name, text in files.items():
+        assert secret not in text, name
+    for f in (home / "runs").rglob("*"):
+        assert not f.is_file() or secret not in f.read_text(errors="replace"), f
 
 
 def test_local_failure_mirrors_exit_status(cli, home):

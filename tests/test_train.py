@@ -330,14 +330,64 @@ def test_kill_and_resume_ends_with_exactly_the_uninterrupted_loss(run, world, tm
     assert not (md / "final").exists()
     code, out, err = run("train", "--recipe", recipe, "--name", "killed")  # refuses to mix without --resume
     assert code == 2 and "--resume" in err
+    # the newest checkpoint is truncated afterwards (a copy cut short): resume names the bad file and falls back
+    # to the newest intact one, step 4, from which the run is still exact
+    shard = max((md / "checkpoints" / "step_000008" / "dcp").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[:100])
     code, out, err = run("train", "--recipe", recipe, "--name", "killed", "--resume")
     assert code == 0, err
+    assert "Traceback" not in err
     resumed = summary_of(out)
     run_id = json.loads((md / "manifest.json").read_text())["run_id"]
-    assert f"resumed from {md / 'checkpoints' / 'step_000008'}" in (world["home"] / "runs" / run_id / "log.txt").read_text()
+    log = (world["home"] / "runs" / run_id / "log.txt").read_text()
+    assert f"checkpoint step_000008 is damaged: {shard} has 100 bytes" in log
+    assert f"resumed from {md / 'checkpoints' / 'step_000004'}" in log
     assert resumed["train_loss_final"] == straight["train_loss_final"]
     assert resumed["val_loss_final"] == straight["val_loss_final"]
     assert resumed["tokens_seen"] == straight["tokens_seen"]
+
+
+def test_resume_with_no_intact_checkpoint_is_one_line_and_corruption_is_caught(run, world, tmp_path):
+    from pitlm.train.checkpoint import checkpoint_damage
+
+    recipe = write_recipe(tmp_path / "bad.yaml", steps=8, checkpoint={"every": 4, "keep_last": 2})
+    env = {**os.environ, "PITLM_HOME": str(world["home"])}
+    proc = subprocess.run([sys.executable, "-m", "pitlm.cli", "train", "--recipe", recipe, "--name", "bad",
+                           "--set", "debug.kill_at_step=6"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 137, proc.stderr
+    ckpt = world["home"] / "models" / "bad" / "checkpoints" / "step_000004"
+    assert checkpoint_damage(ckpt) is None
+    shard = next((ckpt / "dcp").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one flipped byte: only the sha256 check sees it
+    shard.write_bytes(bytes(data))
+    assert checkpoint_damage(ckpt, "size") is None
+    assert checkpoint_damage(ckpt) == f"{shard} does not match the sha256 recorded when it was written (corrupt)"
+    code, out, err = run("train", "--recipe", recipe, "--name", "bad", "--resume")
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: --resume: no intact checkpoint in ")
+
+
+def test_second_writer_of_a_run_gets_one_line_and_touches_nothing(run, world, tmp_path):
+    """While another process holds models/<run>'s lock (a run in progress), `pitlm train --name run` -- one process
+    or a torchrun relaunch -- exits 2 with one line before writing anything."""
+    from pitlm.volume import Volume
+
+    recipe = write_recipe(tmp_path / "busy.yaml", steps=4)
+    with Volume(world["home"]).lock("models", "busy"):
+        for extra in ([], ["--nproc", "2"]):
+            code, out, err = run("train", "--recipe", recipe, "--name", "busy", *extra)
+            assert code == 2 and "Traceback" not in err, err
+            assert err.strip().splitlines()[-1].startswith("error: another pitlm process is writing model 'busy'")
+            assert not (world["home"] / "models" / "busy").exists()
+    code, out, err = run("train", "--recipe", recipe, "--name", "busy")  # the lock is gone with its holder
+    assert code == 0, err
+
+
+def test_train_without_a_recipe_names_the_missing_key(run):
+    code, out, err = run("train")
+    assert code == 2 and err.strip().splitlines() == [
+        "error: missing config key 'corpus': give a --recipe that sets it (see `pitlm recipes`) or --set corpus=..."]
 
 
 # ----------------------------------------------------------------------------- bench

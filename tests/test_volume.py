@@ -139,3 +139,56 @@ def test_atomic_outputs_get_umask_permissions(tmp_path):
         os.umask(old)
     assert f.stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+
+
+@pytest.mark.parametrize("args", [
+    ["market", "world", "m1", "--world", "../.."],
+    ["corpus", "tokenizer", "t1", "--source", "world:../x", "--cutoff", "2017-06-30"],
+    ["corpus", "build", "c1", "--source", "world:demo", "--cutoff", "2017-06-30", "--tokenizer", "pit:../x"],
+    ["eval", "--market", "m", "--model", "a=model:../x"],
+    ["eval", "--market", "../m", "--model", "a=control:random-features"],
+    ["train", "--recipe", "demo-scratch-pit", "--set", "corpus=../x"],
+])
+def test_input_names_cannot_read_outside_the_volume(cli, home, args):
+    """Names of inputs (a world, a PIT tokenizer, a trained run, a market, a corpus) are checked like the
+    names of outputs: one line, exit 2, before anything outside PITLM_HOME/<kind>/ is read."""
+    (home / "x").mkdir(parents=True)
+    (home / "x" / "index.json").write_text("{}")  # bait one level up: a corpus-looking directory
+    code, out, err = cli(*args)
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err, err
+    assert ("must be a plain directory name" in line or "points outside PITLM_HOME" in line), line
+
+
+def test_volume_path_refuses_to_climb_out_of_its_kind(tmp_path):
+    vol = Volume(tmp_path).ensure()
+    assert vol.path("world", "w", "corpus") == vol.root / "world" / "w" / "corpus"
+    for parts in (("..",), ("..", "models", "x"), ("w", "..", ".."), ("/etc",)):
+        with pytest.raises(PitlmError, match="points outside PITLM_HOME/world/"):
+            vol.path("world", *parts)
+
+
+def test_write_lock_excludes_other_processes_and_this_one(tmp_path):
+    from pitlm.volume import LockedError
+
+    vol = Volume(tmp_path).ensure()
+    holder = textwrap.dedent(f"""
+        import sys, time
+        from pitlm.volume import Volume
+        with Volume({str(tmp_path)!r}).lock("world", "w"):
+            print("held", flush=True)
+            time.sleep(30)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(LockedError, match="another pitlm process is writing world 'w'"):
+            with vol.lock("world", "w"):
+                pass
+    finally:
+        proc.kill()
+        proc.wait()
+    with vol.lock("world", "w"):  # released by the kernel when its holder died
+        with pytest.raises(LockedError):
+            with vol.lock("world", "w"):  # and exclusive within one process too
+                pass

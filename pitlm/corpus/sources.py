@@ -138,7 +138,7 @@ def resolve_source(spec: str, vol: Volume, cutoff: dt.date, dumps: list[str] | N
         return Source(spec, "hub", [Unit("hub", repo, d) for d in read], repo, read, skipped)
     if spec.startswith("world:"):
         name = spec[6:]
-        root = vol.path("world", name, "corpus")
+        root = vol.entry("world", name, "corpus")
         files = sorted(str(p) for p in root.glob("*.parquet")) if root.is_dir() else []
         if not files:
             raise PitlmError(f"world '{name}' has no corpus at {root}; build the world first (pitlm world)")

@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 
 from pitlm.errors import PitlmError
-from pitlm.volume import Volume
+from pitlm.volume import Volume, check_entry_name
 
 log = logging.getLogger("pitlm.corpus")
 
@@ -27,7 +27,7 @@ PAD_TOKEN = "<|pad|>"
 
 
 def pit_tokenizer_dir(vol: Volume, name: str) -> Path:
-    return vol.path("corpus", TOKENIZERS_DIR, name)
+    return vol.path("corpus", TOKENIZERS_DIR, check_entry_name("tokenizer", name))
 
 
 def resolve_tokenizer_path(spec: str, vol: Volume) -> str:

@@ -112,8 +112,8 @@ def parse_spec(spec: str, vol: Volume | None = None, seed: int = 0) -> ModelSpec
 
 def _parse_run(spec: str, run: str, vol: Volume | None) -> ModelSpec:
     vol = vol or Volume.resolve()
-    final = vol.path("models", run, "final")
-    if not run or not final.is_dir():
+    final = vol.entry("models", run, "final")
+    if not final.is_dir():
         raise PitlmError(f"'{spec}': no trained model at {final}; see PITLM_HOME/models/ for run names")
     if not _adapter_dir(final):
         return ModelSpec(spec, "hf", path=str(final))

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from pitlm.errors import PitlmError
 from pitlm.runs import new_run_id
+from pitlm.secrets import Redactor
 from pitlm.volume import Volume, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("pitlm.jobs")
@@ -84,40 +85,7 @@ def command_lines(run_id: str, args: list[str], python: str = "python", gpus: in
                       f'echo "{EXIT_KEY}: $rc"', 'exit "$rc"', ""])
 
 
-# ----------------------------------------------------------------------------- secrets
-
-SECRET_NAME = r"[A-Z][A-Z0-9_]*(?:KEY|TOKEN|SECRET|PASSWORD|PASSWD)"
-_SECRET_NAME_RE = re.compile(rf"^{SECRET_NAME}$")
-_SECRET_ASSIGN_RE = re.compile(rf"\b({SECRET_NAME})=(\"[^\"]*\"|'[^']*'|\S+)")
-REDACTED = "***"
-
-
-def is_secret_name(name: str) -> bool:
-    return bool(_SECRET_NAME_RE.match(name.upper()))
-
-
-class Redactor:
-    """Replaces secret values (those of secret-named environment variables, plus any given) with ***, and any
-    `SECRET_NAME=value` assignment, so a key a job prints still never reaches a file pitlm writes."""
-
-    def __init__(self, secrets: list[str] | tuple[str, ...] = ()):
-        env = [v for k, v in os.environ.items() if is_secret_name(k)]
-        self.secrets = sorted({s for s in [*env, *secrets] if len(s) >= 6}, key=len, reverse=True)
-
-    def text(self, s: str) -> str:
-        for secret in self.secrets:
-            s = s.replace(secret, REDACTED)
-        return _SECRET_ASSIGN_RE.sub(lambda m: f"{m.group(1)}={REDACTED}", s)
-
-    def obj(self, o: Any) -> Any:
-        if isinstance(o, str):
-            return self.text(o)
-        if isinstance(o, dict):
-            return {k: self.obj(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [self.obj(v) for v in o]
-        return o
-
+# ----------------------------------------------------------------------------- secrets (pitlm/secrets.py)
 
 def forward_env(names: list[str]) -> dict[str, str]:
     """`--env NAME` (taken from this shell when set) or `--env NAME=VALUE`, plus KAGGLE_* when set."""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pitlm.errors import PitlmError
 from pitlm.jobs.core import Job, SubmitOptions, command_lines, exit_marker
+from pitlm.secrets import is_secret_name
 
 
 def _pid_alive(pid: int) -> bool:
@@ -48,6 +49,7 @@ class LocalBackend:
         env = {**os.environ, "PITLM_HOME": str(job.dir.parents[1]), "PYTHONUNBUFFERED": "1",
                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         env.update(_explicit_env(opts))
+        job.secrets = [v for k, v in _explicit_env(opts).items() if is_secret_name(k)]  # --env HF_TOKEN=...
         script = command_lines(job.run_id, job.command, python=python, gpus=opts.gpus)
         job.write_file("job.sh", script)
         with open(job.log_path, "ab") as logf:

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from pitlm.errors import PitlmError
-from pitlm.jobs.core import Job, SubmitOptions, command_lines, exit_marker, forward_env, is_secret_name, run_tool
+from pitlm.jobs.core import Job, SubmitOptions, command_lines, exit_marker, forward_env, run_tool
+from pitlm.secrets import is_secret_name
 
 SBATCH_SCRIPT = """\
 #!/bin/bash

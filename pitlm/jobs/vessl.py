@@ -27,9 +27,9 @@ from pitlm.jobs.core import (
     command_lines,
     command_stage,
     forward_env,
-    is_secret_name,
     run_tool,
 )
+from pitlm.secrets import is_secret_name
 
 log = logging.getLogger("pitlm.jobs")
 

@@ -114,7 +114,7 @@ def world_command(
     t0 = time.time()
     world = world or name
     vol = _volume(ctx, name, overwrite)
-    wdir = vol.path("world", world)
+    wdir = vol.entry("world", world)
     if not wdir.is_dir():
         raise PitlmError(f"no world '{world}' at {wdir}; build it with `pitlm world build {world}`")
     panel, report, inputs = load_jpx_dir(wdir)

@@ -8,9 +8,12 @@ NCCL watchdog). `pitlm merge` turns a checkpoint into an HF directory in a separ
         rng_rank<r>.pt       each rank's RNG states (torch, CUDA, numpy, python)
         trainer_state.json   step, tokens seen, last losses
         train_config.yaml    the resolved config
+        files.json           every other file's size and sha256, written last (what `--resume` verifies)
 
 A checkpoint is written under a temporary name and renamed into place by rank 0 after every rank finished, so a
-visible step_XXXXXX is complete; the oldest beyond keep_last are then removed.
+visible step_XXXXXX is complete; the oldest beyond keep_last are then removed. A visible checkpoint can still be
+damaged later (a truncated copy, a full disk on an object-storage mount, a bad sector): `--resume` verifies the
+newest one against its files.json and falls back to the newest intact one, saying which file was bad.
 """
 
 from __future__ import annotations
@@ -31,9 +34,10 @@ from torch import nn
 from pitlm.train.in_backward import optimizers_of
 from pitlm.train.parallel import DistEnv, barrier, broadcast_object
 from pitlm.train.paths import ModelDir
-from pitlm.volume import atomic_write_json, atomic_write_text
+from pitlm.volume import atomic_write_json, atomic_write_text, sha256_file
 
 log = logging.getLogger("pitlm.train")
+FILES = "files.json"
 
 
 @contextlib.contextmanager
@@ -85,6 +89,7 @@ def save_checkpoint(md: ModelDir, step: int, model: nn.Module, optimizer: torch.
     if env.is_main:
         atomic_write_json(tmp / "trainer_state.json", {**trainer_state, "step": step, "world_size": env.world_size})
         atomic_write_text(tmp / "train_config.yaml", config_yaml)
+        atomic_write_json(tmp / FILES, _file_records(tmp))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -137,7 +142,46 @@ def _check_loaded(model: nn.Module, result, path: Path) -> None:
     assert not missing and not result.unexpected_keys, (path, missing[:5], result.unexpected_keys[:5])
 
 
-def latest_checkpoint(md: ModelDir, env: DistEnv) -> Path | None:
-    """Rank 0 decides (a listing may race with a rename on a shared filesystem) and tells the others."""
-    found = md.latest_checkpoint() if env.is_main else None
+def _file_records(root: Path) -> dict[str, dict[str, Any]]:
+    return {str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != FILES}
+
+
+def checkpoint_damage(path: Path, verify: str = "sha256") -> str | None:
+    """Why the checkpoint at `path` cannot be trusted (naming the bad file), or None when it is intact.
+    Checkpoints written before files.json existed get the structural checks only."""
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return f"{path / 'trainer_state.json'} is unreadable ({type(e).__name__})"
+    if not (path / "dcp" / ".metadata").is_file():
+        return f"{path / 'dcp' / '.metadata'} is missing"
+    try:
+        records = json.loads((path / FILES).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as e:
+        return f"{path / FILES} is unreadable ({type(e).__name__})"
+    for rel, rec in records.items():
+        f = path / rel
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size != rec["bytes"]:
+            return f"{f} has {f.stat().st_size} bytes, {rec['bytes']} were written (truncated?)"
+        if verify == "sha256" and sha256_file(f) != rec["sha256"]:
+            return f"{f} does not match the sha256 recorded when it was written (corrupt)"
+    return None
+
+
+def latest_checkpoint(md: ModelDir, env: DistEnv, verify: str | None = None) -> Path | None:
+    """The newest checkpoint (with `verify`: the newest intact one, logging each damaged one skipped and why).
+    Rank 0 decides (a listing may race with a rename on a shared filesystem) and tells the others."""
+    found = None
+    if env.is_main:
+        for path in reversed(md.list_checkpoints()):
+            damage = checkpoint_damage(path, verify) if verify else None
+            if damage is None:
+                found = path
+                break
+            log.warning("checkpoint %s is damaged: %s; trying the one before it", path.name, damage)
     return broadcast_object(found, env)

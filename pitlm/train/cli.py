@@ -13,6 +13,7 @@ import typer
 
 from pitlm.cliutil import RecipeOpt, SetOpt, guarded_volume, state, volume
 from pitlm.errors import PitlmError
+from pitlm.volume import held_locks_env
 
 
 def _run_name(name: str | None, cfg_name: str | None, recipe: str | None) -> str:
@@ -23,9 +24,10 @@ def _run_name(name: str | None, cfg_name: str | None, recipe: str | None) -> str
     raise PitlmError("no run name: pass --name RUN_NAME (or a --recipe, whose name is the default)")
 
 
-def _relaunch(nproc: int, root_args: list[str], args: list[str], home: Path, run_dir: Path) -> None:
+def _relaunch(nproc: int, root_args: list[str], args: list[str], home: Path, run_dir: Path, lock: Path) -> None:
     """Re-run this command under torchrun with `nproc` ranks; rank 0's stdout is passed through. A watchdog abort
-    (exit 42 on the ranks, which torchrun reports as 1) is recovered from the run's failed.json."""
+    (exit 42 on the ranks, which torchrun reports as 1) is recovered from the run's failed.json. This process holds
+    the run's write lock (`lock`) for the ranks."""
     from pitlm.train.loop import FAILED_MARKER
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
@@ -33,7 +35,7 @@ def _relaunch(nproc: int, root_args: list[str], args: list[str], home: Path, run
     # One intra-op thread pool per rank sized to this process's share of the CPUs: more threads than cores makes
     # every small op wait for a descheduled thread (a 20x slowdown for the demo's model on 2 cores).
     threads = max(1, len(os.sched_getaffinity(0)) // nproc)
-    env = {**os.environ, "PITLM_HOME": str(home), "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "PITLM_HOME": str(home), "OMP_NUM_THREADS": str(threads), **held_locks_env(lock)}
     marker = run_dir / FAILED_MARKER
     marker.unlink(missing_ok=True)
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) as proc:
@@ -71,7 +73,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                     "--name", run_name, *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else [])]
             st = state(ctx)
             root_args = [*(["-v"] if st.verbose else []), *(["--require-persistent"] if st.require_persistent else [])]
-            _relaunch(ranks, root_args, args, vol.root, model_dir(vol, run_name).root)
+            md = model_dir(vol, run_name)
+            with vol.lock("models", run_name):
+                _relaunch(ranks, root_args, args, vol.root, md.root, vol.lock_path("models", run_name))
             return
         summary = run_train(cfg, vol, run_name, resume=resume, overwrite=overwrite)
         if summary is not None and summary.get("skipped"):

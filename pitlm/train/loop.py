@@ -239,18 +239,20 @@ def train(cfg: TrainConfig, vol, run_name: str, resume: bool = False, overwrite:
     try:
         check_config(cfg, env.world_size)
         md = model_dir(vol, run_name)
-        done = _finished_summary(cfg, md, overwrite, resume, env)
-        if done is not None:
-            return done if env.is_main else None
-        with (start_run(vol, "train", cfg) if env.is_main else contextlib.nullcontext()) as run:
-            summary, merge_after = _train(cfg, vol, md, env, run, resume)
-            shutdown_distributed()
-            if env.is_main:
-                if merge_after is not None:
-                    # FSDP2: rank 0 writes final/ from the sharded checkpoint after the process group is gone
-                    # (one process, no collectives, no NCCL watchdog): exactly what `pitlm merge` does as a job.
-                    merge_checkpoint(merge_after)
-                _finish(cfg, md, run, summary)
+        # one writer of models/<run> at a time: a second `train --name X` fails before it touches the first's files
+        with vol.lock("models", run_name) if env.is_main else contextlib.nullcontext():
+            done = _finished_summary(cfg, md, overwrite, resume, env)
+            if done is not None:
+                return done if env.is_main else None
+            with (start_run(vol, "train", cfg) if env.is_main else contextlib.nullcontext()) as run:
+                summary, merge_after = _train(cfg, vol, md, env, run, resume)
+                shutdown_distributed()
+                if env.is_main:
+                    if merge_after is not None:
+                        # FSDP2: rank 0 writes final/ from the sharded checkpoint after the process group is gone
+                        # (one process, no collectives, no NCCL watchdog): exactly what `pitlm merge` does as a job.
+                        merge_checkpoint(merge_after)
+                    _finish(cfg, md, run, summary)
     finally:
         shutdown_distributed(wait=False)
     return summary if env.is_main else None
@@ -297,11 +299,14 @@ def _train(cfg: TrainConfig, vol, md: ModelDir, env: DistEnv, run: Run | None,
 
     # ---- resume
     start_step, tokens_seen = 0, 0
-    ckpt = latest_checkpoint(md, env) if resume else None
+    ckpt = latest_checkpoint(md, env, verify=cfg.checkpoint.verify) if resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, s.model, s.optimizer, env)
         start_step, tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
         log.info("resumed from %s (step %d)", ckpt, start_step)
+    elif resume and md.list_checkpoints():
+        raise PitlmError(f"--resume: no intact checkpoint in {md.checkpoints} (each one is damaged, see the warnings "
+                         "above); restore one, or start over with --overwrite")
     elif resume:
         log.info("--resume: no checkpoint in %s, starting from step 0", md.checkpoints)
 

@@ -74,7 +74,7 @@ class ModelDir:
 def model_dir(vol: Volume, run_name: str) -> ModelDir:
     if not run_name or "/" in run_name or run_name.startswith("."):
         raise PitlmError(f"bad run name '{run_name}': use letters, digits, '-', '_' (it names models/<run>/)")
-    return ModelDir(vol.path("models", run_name))
+    return ModelDir(vol.entry("models", run_name))
 
 
 def resolve_corpus_dir(spec: str, vol: Volume) -> Path:
