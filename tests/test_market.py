@@ -65,11 +65,15 @@ def test_panel_recomputes_target_and_reports_disagreements():
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda d: d.drop(columns=["Close"]), "lacks column(s) Close"),
-    (lambda d: d.assign(Close=["1", "x", "3", "4", "5"]), "column Close has 1 non-numeric value(s), first 'x' at data row 2"),
-    (lambda d: d.assign(Date=["2021-01-04", "Jan 5", *DATES[2:]]), "not dates"),
-    (lambda d: d.assign(Date=DATES[:4] + DATES[3:4]), "1 duplicate (Date, SecuritiesCode) row(s), first (2021-01-07, 1301)"),
-    (lambda d: d.assign(Close=[1.0, 0.0, 3.0, 4.0, 5.0]), "1 non-positive Close price(s)"),
-    (lambda d: d.assign(SecuritiesCode=1301.5), "must hold integers"),
+    (lambda d: d.assign(Close=["1", "x", "3", "4", "5"]), "row 2: non_numeric: Close 'x' (SecuritiesCode 1301, "
+     "Date 2021-01-05); 1 row of this kind"),
+    (lambda d: d.assign(Date=["2021-01-04", "Jan 5", *DATES[2:]]), "row 2: unparseable_date: Date 'Jan 5' is not a "
+     "date in the format %Y-%m-%d"),
+    (lambda d: d.assign(Date=DATES[:4] + DATES[3:4]), "row 4: conflicting_duplicate: Date+SecuritiesCode "
+     "2021-01-07 1301 (2 copies, the first at row 4); 2 rows of this kind"),
+    (lambda d: d.assign(Close=[1.0, 0.0, 3.0, 4.0, 5.0]), "row 2: non_positive_price: Close 0.0"),
+    (lambda d: d.assign(Close=[1.0, 2.0, np.inf, 4.0, 5.0]), "row 3: non_finite: Close inf"),
+    (lambda d: d.assign(SecuritiesCode=1301.5), "bad_code: SecuritiesCode 1301.5"),
     (lambda d: d.iloc[:0], "has no rows"),
 ])
 def test_validation_errors_are_one_clear_line(mutate, message):
@@ -166,7 +170,7 @@ def test_cli_csv_directory_of_one_file_per_security(cli, home, tmp_path):
     bad = tmp_path / "neg.csv"
     pd.DataFrame({"date": DATES, "code": 1, "close": [1, 2, -3, 4, 5]}).to_csv(bad, index=False)
     code, _, err = cli("market", "csv", "neg", "--from", str(bad))
-    assert code == 2 and "1 non-positive close price(s), first -3" in err
+    assert code == 2 and f"{bad} line 4: non_positive_price: close -3 (code 1, date 2021-01-06); 1 row of" in err
 
 
 def test_load_panel_absent_raises(home):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -20,17 +22,26 @@ AdjustOpt = Annotated[str, typer.Option("--adjustment", help="AdjustmentFactor p
                       "(see pitlm/market/jpx.py).")]
 TolOpt = Annotated[float, typer.Option("--target-tolerance", help="Absolute difference above which a recomputed "
                    "Target disagrees with the file's.")]
+OnInvalidOpt = Annotated[str, typer.Option("--on-invalid", help="Invalid rows (non-positive or non-finite price, "
+                         "unparseable date, missing code, negative volume, duplicate (date, code), ...): error = refuse "
+                         "the input naming the first one; drop = drop them, print dropped_<kind>: N and record each "
+                         "kind's count and first rows in the manifest (see pitlm/market/rows.py).")]
 
 
-def _volume(ctx: typer.Context, name: str, overwrite: bool):
-    """The guarded volume, refusing up front (before any slow loading) to replace an existing panel."""
+@contextlib.contextmanager
+def _writing(ctx: typer.Context, name: str, overwrite: bool) -> Iterator:
+    """The guarded volume, holding the panel's write lock for the whole stage (a concurrent run of the same NAME
+    fails with one line and touches nothing), refusing up front (before any slow loading) to replace an existing
+    panel without --overwrite."""
     from pitlm.errors import PitlmError
     from pitlm.market.panel import panel_dir
 
     vol = guarded_volume(ctx, "market")
-    if panel_dir(vol, name).exists() and not overwrite:
-        raise PitlmError(f"market panel '{name}' already exists at {panel_dir(vol, name)}; pass --overwrite to rebuild it")
-    return vol
+    final = panel_dir(vol, name)
+    with vol.lock("market", name):
+        if final.exists() and not overwrite:
+            raise PitlmError(f"market panel '{name}' already exists at {final}; pass --overwrite to rebuild it")
+        yield vol
 
 
 def _save(vol, name: str, stage: str, panel, report: dict, inputs: dict, config: dict, overwrite: bool,
@@ -56,22 +67,26 @@ def jpx_command(
     sector: SectorOpt = "17SectorName",
     adjustment: AdjustOpt = "auto",
     target_tolerance: TolOpt = 1e-6,
+    on_invalid: OnInvalidOpt = "error",
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Kaggle JPX (jpx-tokyo-stock-exchange-prediction): validate, split-adjust, recompute Target, join names."""
     from pitlm.errors import PitlmError
     from pitlm.market.jpx import download_jpx, load_jpx_dir
+    from pitlm.market.rows import check_policy
 
     t0 = time.time()
     if download == (from_dir is not None):
         raise PitlmError("give exactly one of --download or --from DIR")
-    vol = _volume(ctx, name, overwrite)
-    if download:
-        from_dir = download_jpx(vol.path("market", "_downloads", "jpx"))
-    panel, report, inputs = load_jpx_dir(from_dir, sector=sector, adjustment=adjustment,
-                                         target_tolerance=target_tolerance)
-    _save(vol, name, "jpx", panel, report, inputs, {"sector": sector, "adjustment": adjustment,
-          "target_tolerance": target_tolerance}, overwrite, t0)
+    check_policy(on_invalid)
+    with _writing(ctx, name, overwrite) as vol:
+        if download:
+            with vol.lock("market", "_downloads"):  # one download into the shared staging directory at a time
+                from_dir = download_jpx(vol.path("market", "_downloads", "jpx"))
+        panel, report, inputs = load_jpx_dir(from_dir, sector=sector, adjustment=adjustment,
+                                             target_tolerance=target_tolerance, on_invalid=on_invalid)
+        _save(vol, name, "jpx", panel, report, inputs, {"sector": sector, "adjustment": adjustment,
+              "target_tolerance": target_tolerance, "on_invalid": on_invalid}, overwrite, t0)
 
 
 @market_app.command("csv")
@@ -85,19 +100,24 @@ def csv_command(
     volume_col: Annotated[str | None, typer.Option("--volume-col", help="Volume column (optional).")] = None,
     name_col: Annotated[str | None, typer.Option("--name-col", help="Company name column (optional).")] = None,
     adj_close_col: Annotated[str | None, typer.Option("--adj-close-col", help="Adjusted close column; used instead of close.")] = None,
+    date_format: Annotated[str | None, typer.Option("--date-format", help="strftime format of every file's dates, "
+                           "e.g. %m/%d/%Y (default: guessed per file from its own dates).")] = None,
+    on_invalid: OnInvalidOpt = "error",
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Generic daily prices of any market; Target with the JPX definition (close t+1 -> t+2)."""
     from pitlm.market.generic import generic_panel, read_long_prices
+    from pitlm.market.rows import check_policy
 
     t0 = time.time()
-    vol = _volume(ctx, name, overwrite)
+    check_policy(on_invalid)
     given = {"date": date_col, "code": code_col, "close": close_col, "volume": volume_col, "name": name_col,
              "adj_close": adj_close_col}
-    raw, report = read_long_prices(source, given)
-    panel, more = generic_panel(raw, str(source))
-    _save(vol, name, "csv", panel, {**report, **more}, {"source": str(source)},
-          {k: v for k, v in given.items() if v}, overwrite, t0)
+    with _writing(ctx, name, overwrite) as vol:
+        raw, report = read_long_prices(source, given)
+        panel, more = generic_panel(raw, str(source), on_invalid=on_invalid, date_format=date_format)
+        config = {**{k: v for k, v in given.items() if v}, "date_format": date_format, "on_invalid": on_invalid}
+        _save(vol, name, "csv", panel, {**report, **more}, {"source": str(source)}, config, overwrite, t0)
 
 
 @market_app.command("world")
@@ -113,12 +133,12 @@ def world_command(
 
     t0 = time.time()
     world = world or name
-    vol = _volume(ctx, name, overwrite)
-    wdir = vol.entry("world", world)
-    if not wdir.is_dir():
-        raise PitlmError(f"no world '{world}' at {wdir}; build it with `pitlm world build {world}`")
-    panel, report, inputs = load_jpx_dir(wdir)
-    _save(vol, name, "world", panel, report, {**inputs, "world": world}, {"world": world}, overwrite, t0)
+    with _writing(ctx, name, overwrite) as vol:
+        wdir = vol.entry("world", world)
+        if not wdir.is_dir():
+            raise PitlmError(f"no world '{world}' at {wdir}; build it with `pitlm world build {world}`")
+        panel, report, inputs = load_jpx_dir(wdir)
+        _save(vol, name, "world", panel, report, {**inputs, "world": world}, {"world": world}, overwrite, t0)
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:

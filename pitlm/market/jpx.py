@@ -28,6 +28,7 @@ import pandas as pd
 
 from pitlm.errors import PitlmError
 from pitlm.market.features import jpx_target
+from pitlm.market.rows import RowCheck, dates, numbers, origin
 
 COMPETITION = "jpx-tokyo-stock-exchange-prediction"
 PRICE_COLUMNS = ["RowId", "Date", "SecuritiesCode", "Open", "High", "Low", "Close", "Volume", "AdjustmentFactor",
@@ -59,13 +60,20 @@ def find_jpx_files(directory: str | Path) -> tuple[Path, Path]:
     return prices, d / "stock_list.csv"
 
 
-def read_csv(path: str | Path) -> pd.DataFrame:
+def read_csv(path: str | Path, **kwargs) -> pd.DataFrame:
     try:
-        return pd.read_csv(path, low_memory=False)
+        return pd.read_csv(path, low_memory=False, **kwargs)
     except FileNotFoundError as e:
         raise PitlmError(f"{path} does not exist") from e
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise PitlmError(f"{path} is not a readable CSV: {str(e).splitlines()[0]}") from e
+
+
+def read_csv_lines(path: str | Path) -> tuple[pd.DataFrame, np.ndarray, int]:
+    """(rows, the file line of each row (header = line 1), number of blank lines skipped)."""
+    df = read_csv(path, skip_blank_lines=False)
+    blank = df.isna().all(axis=1).to_numpy() if len(df.columns) else np.zeros(len(df), dtype=bool)
+    return df[~blank].reset_index(drop=True), np.flatnonzero(~blank) + 2, int(blank.sum())
 
 
 def _first_bad(values: pd.Series, ok: pd.Series) -> str:
@@ -74,13 +82,13 @@ def _first_bad(values: pd.Series, ok: pd.Series) -> str:
 
 
 def to_numeric(df: pd.DataFrame, col: str, source: str, *, integer: bool = False) -> pd.Series:
-    """Column as numbers; empty cells stay NaN, anything else that is not a number is an error."""
+    """Column as numbers; empty cells stay NaN, anything else that is not a number is an error (stock_list.csv)."""
     raw = df[col]
     if pd.api.types.is_bool_dtype(raw):
         raise PitlmError(f"{source}: column {col} must hold numbers, found booleans")
     num = pd.to_numeric(raw, errors="coerce")
     bad = num.isna() & raw.notna()
-    if raw.dtype == object:
+    if not pd.api.types.is_numeric_dtype(raw):
         bad &= raw.astype(str).str.strip() != ""
     if bad.any():
         raise PitlmError(f"{source}: column {col} has {int(bad.sum())} non-numeric value(s), first "
@@ -91,15 +99,6 @@ def to_numeric(df: pd.DataFrame, col: str, source: str, *, integer: bool = False
     return num
 
 
-def to_dates(raw: pd.Series, source: str, col: str, fmt: str | None = "%Y-%m-%d") -> pd.Series:
-    dates = pd.to_datetime(raw, format=fmt, errors="coerce") if fmt else pd.to_datetime(raw, errors="coerce")
-    bad = dates.isna()
-    if bad.any():
-        raise PitlmError(f"{source}: column {col} has {int(bad.sum())} value(s) that are not dates"
-                         f"{' (YYYY-MM-DD)' if fmt else ''}, first {_first_bad(raw, ~bad)}")
-    return dates.astype("datetime64[ns]")
-
-
 def require_columns(df: pd.DataFrame, required: list[str], source: str, hint: str = "") -> None:
     missing = [c for c in required if c not in df.columns]
     if missing:
@@ -107,43 +106,52 @@ def require_columns(df: pd.DataFrame, required: list[str], source: str, hint: st
                          f"{'; ' + hint if hint else ''}")
 
 
-def check_unique(df: pd.DataFrame, keys: list[str], source: str) -> None:
-    dup = df.duplicated(keys, keep=False)
-    if dup.any():
-        first = df.loc[dup, keys].iloc[0]
-        raise PitlmError(f"{source}: {int(df.duplicated(keys).sum())} duplicate ({', '.join(keys)}) row(s), first "
-                         f"({', '.join(str(v.date()) if hasattr(v, 'date') else str(v) for v in first)})")
+def _codes(check: RowCheck, raw: pd.Series) -> pd.Series:
+    """SecuritiesCode as int64 (0 where flagged): empty is missing_code, anything but an integer bad_code."""
+    text = raw.astype("string").str.strip()
+    empty = (text.isna() | (text == "")).to_numpy()
+    num = pd.to_numeric(text.mask(text == ""), errors="coerce").astype("float64").to_numpy()
+    check.flag("missing_code", empty, "SecuritiesCode", raw)
+    check.flag("bad_code", ~empty & ~(np.isfinite(num) & (num == np.round(num))), "SecuritiesCode", raw)
+    return pd.Series(np.where(np.isfinite(num), num, 0), dtype="float64").round().astype("int64")
 
 
-def validate_jpx_prices(df: pd.DataFrame, source: str = "stock_prices.csv") -> pd.DataFrame:
-    """Typed copy of a JPX stock_prices table; one-line PitlmError for missing columns, wrong types,
-    duplicate (Date, SecuritiesCode), non-positive prices or factors, or no rows."""
+def clean_jpx_prices(df: pd.DataFrame, source: str = "stock_prices.csv", on_invalid: str = "error",
+                     lines: np.ndarray | None = None) -> tuple[pd.DataFrame, dict]:
+    """Typed copy of a JPX stock_prices table, sorted by (code, date), and the row report (pitlm.market.rows).
+
+    Missing columns or no rows are one-line PitlmErrors whatever the policy; invalid rows (see the kinds in
+    pitlm.market.rows) refuse the table under `error` and are dropped under `drop`, except that a row carrying
+    a split (a non-empty AdjustmentFactor other than 1) is never dropped. Empty Open/High/Low/Close, Volume and
+    Target are allowed (days without trades); an empty AdjustmentFactor is 1."""
     require_columns(df, REQUIRED_PRICE_COLUMNS, source)
     if df.empty:
         raise PitlmError(f"{source} has no rows")
-    out = pd.DataFrame({"Date": to_dates(df["Date"], source, "Date"),
-                        "SecuritiesCode": to_numeric(df, "SecuritiesCode", source, integer=True)})
-    if out["SecuritiesCode"].isna().any():
-        raise PitlmError(f"{source}: column SecuritiesCode has {int(out['SecuritiesCode'].isna().sum())} empty value(s)")
-    out["SecuritiesCode"] = out["SecuritiesCode"].astype("int64")
-    for col in ("Open", "High", "Low", "Close"):
-        if col in df.columns:
-            out[col] = to_numeric(df, col, source)
-            bad = out[col] <= 0
-            if bad.any():
-                raise PitlmError(f"{source}: {int(bad.sum())} non-positive {col} price(s), first "
-                                 f"{out.loc[bad, col].iloc[0]} for code {out.loc[bad, 'SecuritiesCode'].iloc[0]} on "
-                                 f"{out.loc[bad, 'Date'].iloc[0].date()}")
-    out["Volume"] = to_numeric(df, "Volume", source)
-    if (out["Volume"] < 0).any():
-        raise PitlmError(f"{source}: column Volume has {int((out['Volume'] < 0).sum())} negative value(s)")
-    af = to_numeric(df, "AdjustmentFactor", source).fillna(1.0)
-    if (af <= 0).any():
-        raise PitlmError(f"{source}: column AdjustmentFactor has {int((af <= 0).sum())} non-positive value(s)")
-    out["AdjustmentFactor"] = af
-    out["Target"] = to_numeric(df, "Target", source) if "Target" in df.columns else np.nan
-    check_unique(out, ["Date", "SecuritiesCode"], source)
-    return out.sort_values(["SecuritiesCode", "Date"], kind="mergesort").reset_index(drop=True)
+    df = df.reset_index(drop=True)
+    check = RowCheck(origin(len(df), source, lines), {"SecuritiesCode": df["SecuritiesCode"], "Date": df["Date"]},
+                     on_invalid)
+    out = pd.DataFrame({"Date": dates(check, df["Date"], "Date", fmt="%Y-%m-%d")[0],
+                        "SecuritiesCode": _codes(check, df["SecuritiesCode"])})
+    prices = [c for c in ("Open", "High", "Low", "Close") if c in df.columns]
+    for col in prices:
+        out[col] = numbers(check, df[col], col)
+    for col in prices:
+        check.flag("non_positive_price", (out[col] <= 0).to_numpy(), col, df[col])
+    out["Volume"] = numbers(check, df["Volume"], "Volume")
+    check.flag("negative_volume", (out["Volume"] < 0).to_numpy(), "Volume", df["Volume"])
+    af = numbers(check, df["AdjustmentFactor"], "AdjustmentFactor")
+    check.flag("non_positive_adjustment_factor", (af <= 0).to_numpy(), "AdjustmentFactor", df["AdjustmentFactor"])
+    splits = (df["AdjustmentFactor"].notna() & (af != 1.0)).to_numpy()
+    out["AdjustmentFactor"] = af.fillna(1.0)
+    out["Target"] = numbers(check, df["Target"], "Target") if "Target" in df.columns else np.nan
+    check.flag_duplicates(out, ["Date", "SecuritiesCode"], [c for c in out.columns if c not in ("Date", "SecuritiesCode")])
+    out, report = check.finish(out, source, keep=splits)
+    return out.sort_values(["SecuritiesCode", "Date"], kind="mergesort").reset_index(drop=True), report
+
+
+def validate_jpx_prices(df: pd.DataFrame, source: str = "stock_prices.csv") -> pd.DataFrame:
+    """`clean_jpx_prices` under the `error` policy, without the report: any invalid row is a one-line PitlmError."""
+    return clean_jpx_prices(df, source)[0]
 
 
 def read_stock_list(path: str | Path, sector: str = "17SectorName") -> pd.DataFrame:
@@ -225,11 +233,15 @@ def compare_targets(recomputed: pd.Series, provided: pd.Series, tolerance: float
 
 
 def jpx_panel(prices: pd.DataFrame, stock_list: pd.DataFrame, *, adjustment: str = "auto",
-              target_tolerance: float = 1e-6, source: str = "stock_prices.csv") -> tuple[pd.DataFrame, dict]:
+              target_tolerance: float = 1e-6, source: str = "stock_prices.csv", on_invalid: str = "error",
+              lines: np.ndarray | None = None) -> tuple[pd.DataFrame, dict]:
     """The normalised panel (pitlm.market.features schema) from raw JPX prices and a stock list
     (SecuritiesCode, Name, Sector). Target is recomputed from adjusted closes; where it cannot be (a stock's last
-    two rows) the file's Target is used. Returns (panel, report of key: value facts)."""
-    df, report = adjust(validate_jpx_prices(prices, source), adjustment)
+    two rows) the file's Target is used. Invalid rows: see `clean_jpx_prices` (`lines`: each row's file line).
+    Returns (panel, report of key: value facts, with the row report of pitlm.market.rows)."""
+    clean, rows = clean_jpx_prices(prices, source, on_invalid, lines)
+    df, report = adjust(clean, adjustment)
+    report = {**rows, **report}
     df["TargetRecomputed"] = recompute_target(df)
     report.update(compare_targets(df["TargetRecomputed"], df["Target"], target_tolerance))
     fill = df["TargetRecomputed"].isna() & df["Target"].notna()
@@ -250,12 +262,15 @@ def jpx_panel(prices: pd.DataFrame, stock_list: pd.DataFrame, *, adjustment: str
 
 
 def load_jpx_dir(directory: str | Path, *, sector: str = "17SectorName", adjustment: str = "auto",
-                 target_tolerance: float = 1e-6) -> tuple[pd.DataFrame, dict, dict]:
+                 target_tolerance: float = 1e-6, on_invalid: str = "error") -> tuple[pd.DataFrame, dict, dict]:
     """Read and normalise a directory of JPX CSVs: (panel, report, inputs {file: path})."""
     prices_path, list_path = find_jpx_files(directory)
     stock_list = read_stock_list(list_path, sector)
-    panel, report = jpx_panel(read_csv(prices_path), stock_list, adjustment=adjustment,
-                              target_tolerance=target_tolerance, source=str(prices_path))
+    prices, lines, blank = read_csv_lines(prices_path)
+    panel, report = jpx_panel(prices, stock_list, adjustment=adjustment, target_tolerance=target_tolerance,
+                              source=str(prices_path), on_invalid=on_invalid, lines=lines)
+    if blank:
+        report["blank_lines_skipped"] = blank
     return panel, report, {"stock_prices": str(prices_path), "stock_list": str(list_path), "sector": sector}
 
 

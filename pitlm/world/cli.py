@@ -34,11 +34,13 @@ def build_command(
     cfg = load_config(WorldConfig, recipe, overrides, seed=seed, leak_strength=leak_strength).check()
     vol = guarded_volume(ctx, "world")
     out = vol.path("world", check_name("world", name))
-    if out.exists() and not overwrite:
-        raise PitlmError(f"world '{name}' already exists at {out}; pass --overwrite to rebuild it")
-    with start_run(vol, "world", cfg) as run:
-        summary = build_world(cfg, out, overwrite=overwrite)
-        run.finish({"world": name, "path": str(out), **summary})
+    # the lock spans check, generation and publish: a concurrent build of NAME fails in one line, touching nothing
+    with vol.lock("world", name):
+        if out.exists() and not overwrite:
+            raise PitlmError(f"world '{name}' already exists at {out}; pass --overwrite to rebuild it")
+        with start_run(vol, "world", cfg) as run:
+            summary = build_world(cfg, out, overwrite=overwrite)
+            run.finish({"world": name, "path": str(out), **summary})
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:

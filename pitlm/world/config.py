@@ -16,14 +16,20 @@ from __future__ import annotations
 from datetime import date
 from typing import Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from pitlm.config import StageConfig
 from pitlm.errors import ConfigError
 
+MIN_TRADING_DAYS = 40  # 30-day returns and 20-day volatility need 31 rows before a stock's first usable row
+MAX_LOG_MOVE = 600.0  # exp(600) x the dearest start price is still a finite float, and so is every Target
+
 
 class WorldConfig(StageConfig):
-    seed: int = Field(0, description="Seeds everything: companies, prices, planted moves, corpus.")
+    model_config = ConfigDict(allow_inf_nan=False)  # merged with StageConfig's; inf/nan knobs are one-line errors
+
+    seed: int = Field(0, ge=0, description="Seeds everything: companies, prices, planted moves, corpus "
+                      "(numpy SeedSequence: a non-negative integer).")
     leak_strength: float = Field(1.0, ge=0.0, description="Scale of the planted per-(company, period) component "
                                  "in prices; 0 gives a null world. The corpus does not depend on it.")
 
@@ -40,7 +46,8 @@ class WorldConfig(StageConfig):
     idio_vol: float = Field(0.008, ge=0.0, description="Per-stock idiosyncratic vol is this times U(0.75, 1.25).")
     planted_daily: float = Field(0.005, ge=0.0, description="Mean |daily planted drift| at strength 1; a period's "
                                  "move is drift x trading days x U(0.5, 1.5), signed at random.")
-    n_splits: int = Field(4, ge=0, description="Stock splits / reverse splits with an AdjustmentFactor row.")
+    n_splits: int = Field(4, ge=0, le=40, description="Stock splits / reverse splits with an AdjustmentFactor row "
+                          "(at most 40: a stock that took every split would see its volumes overflow int64).")
 
     # Corpus.
     cutoff: date = Field(date(2017, 6, 30), description="The point-in-time cutoff the world is checked against: "
@@ -67,4 +74,18 @@ class WorldConfig(StageConfig):
             raise ConfigError(f"cutoff {self.cutoff} must lie between start_date and corpus_end")
         if self.n_sectors > self.n_companies:
             raise ConfigError(f"n_sectors ({self.n_sectors}) must not exceed n_companies ({self.n_companies})")
+        from pitlm.world.timeline import trading_days
+
+        n_days = len(trading_days(self.start_date, self.end_date))
+        if n_days < MIN_TRADING_DAYS:
+            raise ConfigError(f"start_date {self.start_date} .. end_date {self.end_date} holds {n_days} trading days; a "
+                              f"world needs at least {MIN_TRADING_DAYS} (the 30-day features come before any usable row)")
+        # the largest log move a price could make: every planted period the same sign, plus an 8-sigma noise path
+        drift = self.leak_strength * self.planted_daily * 1.5 * n_days
+        noise = 8.0 * n_days**0.5 * (1.3 * self.market_vol + self.sector_vol + 1.25 * self.idio_vol)
+        if drift + noise > MAX_LOG_MOVE:
+            raise ConfigError(f"leak_strength x planted_daily ({self.leak_strength * self.planted_daily:g}) and the "
+                              f"vols (market {self.market_vol:g}, sector {self.sector_vol:g}, idio {self.idio_vol:g}) "
+                              f"could move a log price by {drift + noise:.0f} over {n_days} days, beyond "
+                              f"{MAX_LOG_MOVE:.0f} where prices overflow; lower them (they are daily log returns)")
         return self
