@@ -165,3 +165,33 @@ def test_bad_config_is_one_line():
         WorldConfig(n_companies=2, n_sectors=3).check()
     with pytest.raises(ConfigError, match="end_date"):
         WorldConfig(end_date=date(2016, 1, 1)).check()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed", "-1"], "config key 'seed': bad value -1: Input should be greater than or equal to 0"),
+    (["--leak-strength", "inf"], "config key 'leak_strength': bad value inf: Input should be a finite number"),
+    (["--leak-strength", "nan"], "config key 'leak_strength'"),
+    (["--set", "idio_vol=50"], "where prices overflow"),
+    (["--set", "planted_daily=10"], "where prices overflow"),
+    (["--set", "n_splits=500"], "config key 'n_splits': bad value 500"),
+    (["--set", "end_date=2017-01-05"], "holds 2 trading days; a world needs at least 40"),
+])
+def test_cli_bad_world_parameter_is_one_line_exit_2_and_writes_nothing(cli, home, args, message):
+    # before: a negative seed was a numpy traceback; the others built a world of overflowed prices or failed after
+    # leaving a run directory
+    code, out, err = cli("world", "build", "w", "--set", "n_companies=2", "--set", "n_sectors=1", *args)
+    assert code == 2 and out == ""
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert not (home / "world" / "w").exists() and not (home / "runs").exists()
+
+
+def test_world_config_bounds():
+    with pytest.raises(ValueError, match="seed"):
+        WorldConfig(seed=-1)
+    with pytest.raises(ValueError, match="finite"):
+        WorldConfig(market_vol=float("inf"))
+    prices = generate_market(small(n_splits=40, n_companies=1, n_sectors=1)).prices   # all 40 on one stock
+    assert (prices["Volume"] > 0).all() and np.isfinite(prices["Close"]).all()
+    with pytest.raises(ConfigError, match="overflow"):
+        small(leak_strength=1e6).check()

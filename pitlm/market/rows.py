@@ -69,6 +69,13 @@ def _plain(value) -> str:
     return str(value).strip() if shown != "empty" else shown
 
 
+def _key(value) -> str:
+    """A code or date for context: 1301.0 (an integer column that pandas read as float) shows as 1301."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return _plain(value)
+
+
 class RowCheck:
     """Invalid rows of one table, flagged kind by kind (`flag`), then refused or dropped (`finish`).
 
@@ -103,13 +110,14 @@ class RowCheck:
         picks = sorted((int(i), j) for j, (idx, *_) in enumerate(self._found[kind]) for i in idx[:limit])[:limit]
         return [self._example(kind, j, i) for i, j in picks]
 
-    def _example(self, kind: str, j: int, i: int) -> dict:
+    def _example(self, kind: str, j: int, i: int, quoted: bool = False) -> dict:
+        """One row's record; `quoted`: text values in repr quotes (for messages), else as they are (manifest)."""
         idx, column, raw, why, extra = self._found[kind][j]
         o = self.origin.iloc[i]
         ex = {"file": str(o["file"]), str(o["unit"]): int(o["at"]), "column": column}
         if raw is not None:
-            ex["value"] = _plain(raw.iloc[i]) if "+" in column else _show(raw.iloc[i])
-        ex.update({k: _plain(v.iloc[i]) for k, v in self.context.items() if k not in column.split("+")})
+            ex["value"] = _show(raw.iloc[i]) if quoted and "+" not in column else _plain(raw.iloc[i])
+        ex.update({k: _key(v.iloc[i]) for k, v in self.context.items() if k not in column.split("+")})
         pos = int(np.searchsorted(idx, i))
         ex.update({k: v[pos].item() for k, v in extra.items()})
         if why:
@@ -170,7 +178,7 @@ class RowCheck:
         first = int(np.flatnonzero(self.bad)[0])
         kind = KINDS[self.kind_of[first]]
         j = next(j for j, (idx, *_) in enumerate(self._found[kind]) if first in idx)
-        ex = self._example(kind, j, first)
+        ex = self._example(kind, j, first, quoted=True)
         o = self.origin.iloc[first]
         value = f" {ex['value']}" if "value" in ex else ""
         ctx = [f"{k} {ex[k]}" for k in self.context if k in ex]
