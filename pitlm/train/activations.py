@@ -8,6 +8,7 @@
 - `compile_blocks(model, "moe")`: torch.compile each decoder block's MoE block, so inductor fuses the memory-bound
   elementwise chains around the GEMMs (routing, LoRA scale-and-add, gating); the grouped GEMMs stay eager calls
   (`pitlm.train.experts.grouped_linear`, excluded from the graph). Measured: no gain on the 35B model (session 7).
+  `compile_blocks(model, "blocks")`: every dense decoder block and the LM-head loss (pitlm.train.scratch; scratch).
 """
 
 from __future__ import annotations
@@ -188,8 +189,12 @@ def compile_blocks(model: nn.Module, what: str) -> int:
     the class's uncompiled forward inside the checkpoint.)"""
     if what == "none":
         return 0
+    if what == "blocks":  # dense decoder blocks + the LM-head loss (pitlm.train.scratch)
+        from pitlm.train.scratch import compile_dense_blocks
+
+        return compile_dense_blocks(model)
     if what != "moe":
-        raise ConfigError(f"compile={what!r}: use none or moe")
+        raise ConfigError(f"compile={what!r}: use none, moe or blocks")
     from pitlm.train import experts
 
     layers = decoder_layers(model)

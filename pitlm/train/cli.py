@@ -125,7 +125,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     @bench_app.command("train")
     def bench_train_cmd(
             arch: Annotated[str, typer.Option("--arch", help="Arch preset: tiny-qwen3, tiny-qwen3_5_moe (= tiny-qwen3.5-moe), demo-qwen3, qwen3.5-35b-a3b.")] = "tiny-qwen3.5-moe",
-            mode: Annotated[str, typer.Option("--mode", help="lora (one process) or full (FSDP2; torchrun for several GPUs).")] = "lora",
+            mode: Annotated[str, typer.Option("--mode", help="lora (one process), full (FSDP2; torchrun for several GPUs) or scratch (one process: tokens/s, MFU, memory of --path).")] = "lora",
             seq: Annotated[int, typer.Option("--seq")] = 2048,
             batch: Annotated[str, typer.Option("--batch", help="Sequences per micro-batch per rank; a comma list sweeps them on one model (4,6,8).")] = "1",
             steps: Annotated[int, typer.Option("--steps", help="Timed steps (after --warmup).")] = 5,
@@ -171,6 +171,14 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         if any(ib) and grad_accum > 1:
             raise ConfigError("--in-backward on steps once per micro-batch: use --grad-accum 1")
         first: dict = {}
+        if mode == "scratch":
+            from pitlm.train.bench_scratch import bench_scratch
+
+            bench_scratch(arch, seq_len=seq, batch_size=batches, steps=steps, warmup=warmup, device=device,
+                          model_overrides=set_, paths=[p.strip() for p in path.split(",") if p.strip()],
+                          sdpa=[b.strip() for b in sdpa.split(",") if b.strip()], peak_tflops=peak_tflops,
+                          on_result=emit_summary)
+            return
 
         def emit(result: dict) -> None:  # as each one is measured: the first in full, then what changes
             if not first:

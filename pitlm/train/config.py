@@ -27,6 +27,8 @@ class OptimConfig(StageConfig):
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping (the norm is still computed for the watchdog)
+    # torch AdamW's fused kernel (one launch for all parameters, fp32 math) instead of its foreach default
+    fused: bool = False
     # Update each parameter inside backward as soon as its gradient exists, then free that gradient
     # (pitlm.train.in_backward): the trainable parameters' gradients are never all alive (-3.65 GiB on the seed's
     # LoRA recipe). Needs grad_clip=0 and grad_accum_steps=1; one process (lora or scratch, not full).
@@ -135,8 +137,9 @@ class TrainConfig(StageConfig):
     # of GPU memory (64 MiB per block at 8 x 2048 tokens of hidden size 2048; copied back one block ahead)
     gradient_checkpointing_offload: bool = False
     # one process: torch.compile each decoder block's MoE block (moe: inductor fuses the routing, gating and LoRA
-    # elementwise chains; the grouped GEMMs stay eager); the first step compiles. none: eager
-    compile: Literal["none", "moe"] = "none"
+    # elementwise chains; the grouped GEMMs stay eager); blocks: every dense decoder block and the LM-head loss
+    # (mode scratch, pitlm.train.scratch); the first step compiles. none: eager
+    compile: Literal["none", "moe", "blocks"] = "none"
     # one GPU (lora, single-process scratch): fla's fused causal conv1d and RMSNorms for DeltaNet hybrids
     # (pitlm.kernels); FSDP2 runs keep transformers' path until that combination is verified on GPUs
     fast_kernels: bool = True
@@ -172,6 +175,11 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> None:
     if cfg.mode == "full" and cfg.ce_chunk:
         raise ConfigError("ce_chunk with mode full: the chunked loss calls the backbone and lm_head directly, "
                           "bypassing the FSDP2 root's gather of lm_head; remove ce_chunk")
+    if cfg.compile == "blocks" and cfg.mode != "scratch":
+        raise ConfigError(f"compile=blocks compiles a fresh dense model's blocks (mode scratch), not mode "
+                          f"{cfg.mode}; use compile=moe or none")
+    if cfg.optim.fused and cfg.optim.name != "adamw":
+        raise ConfigError("optim.fused is torch AdamW's fused kernel: set optim.name=adamw or optim.fused=false")
     if cfg.mode == "lora" and world_size > 1:
         raise ConfigError(f"mode lora runs on one process (got world size {world_size}); the multi-GPU arm is "
                           "mode full (FSDP2)")

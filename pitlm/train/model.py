@@ -24,6 +24,18 @@ ARCH_PRESETS: dict[str, dict[str, Any]] = {
     "demo-qwen3": dict(model_type="qwen3", vocab_size=1536, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
                        tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    # From-scratch PIT pretraining (recipes scratch-pit-1b / scratch-pit-150m): Qwen3-style dense decoders (GQA,
+    # QK-norm, SwiGLU, RMSNorm) over a 65,536-token PIT-trained tokenizer: a tokenizer trained only on text up to the
+    # cutoff carries no later vocabulary, and its ids fit the uint16 shards. pit-1b: 1,074 M parameters (939 M in
+    # the blocks and the LM head, untied); pit-150m: 149 M (tied embeddings).
+    "pit-1b": dict(model_type="qwen3", vocab_size=65536, hidden_size=2048, intermediate_size=6144,
+                   num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                   max_position_embeddings=4096, tie_word_embeddings=False,
+                   rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "pit-150m": dict(model_type="qwen3", vocab_size=65536, hidden_size=768, intermediate_size=2816,
+                     num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=6, head_dim=64,
+                     max_position_embeddings=4096, tie_word_embeddings=True,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
 }
 ARCH_ALIASES = {"tiny-qwen3.5-moe": "tiny-qwen3_5_moe", "qwen3.5-35b": "qwen3.5-35b-a3b"}
 

@@ -50,7 +50,8 @@ def build_optimizer(model: nn.Module, cfg):
                              "internals it calls); upgrade it or set optim.stochastic_round=none")
         make = lambda gs: adamw8bit(gs, **kwargs)  # noqa: E731
     else:
-        make = lambda gs: torch.optim.AdamW(gs, **kwargs)  # noqa: E731
+        fused = {"fused": True} if cfg.optim.fused else {}
+        make = lambda gs: torch.optim.AdamW(gs, **kwargs, **fused)  # noqa: E731
     if cfg.optim.in_backward:
         from pitlm.train.in_backward import InBackwardOptimizer
 

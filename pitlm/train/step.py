@@ -44,6 +44,8 @@ def forward_loss(model: nn.Module, tokens: torch.Tensor, autocast_dtype: torch.d
     (tokens x vocab) logits never exist at once. With Qwen3.5's 248k vocabulary the fp32 logits of one batch of
     4 x 2048 tokens are 8 GB, plus as much again for their gradient. Not for FSDP2 models (their root parameters,
     lm_head included, are gathered by the root module's forward, which this path bypasses)."""
+    from pitlm.train.scratch import compiled_head_loss
+
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     ctx = (torch.autocast(device_type=inputs.device.type, dtype=autocast_dtype) if autocast_dtype
            else contextlib.nullcontext())
@@ -52,6 +54,10 @@ def forward_loss(model: nn.Module, tokens: torch.Tensor, autocast_dtype: torch.d
             backbone, head = backbone_and_head(model)
             hidden = backbone(input_ids=inputs, use_cache=False).last_hidden_state
             return chunked_cross_entropy(hidden, head, targets, ce_chunk)
+        compiled_loss = compiled_head_loss(model)  # compile: blocks (pitlm.train.scratch)
+        if compiled_loss is not None:
+            backbone, head = backbone_and_head(model)
+            return compiled_loss(head, backbone(input_ids=inputs, use_cache=False).last_hidden_state, targets)
         logits = model(input_ids=inputs, use_cache=False).logits
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
