@@ -1,13 +1,17 @@
 """`pitlm audit corpus` and `pitlm audit tokenizer`.
 
 A corpus audit re-derives what the manifest claims: shard and ids-file hashes, document and token counts, and that
-no kept document is dated after the cutoff. `--deep` re-reads the source and checks every kept id: present, dated
-on or before the cutoff by the source itself, passing the build's filters, with the same text.
+no kept document is dated after the cutoff. Every cutoff's slice (one for a plain corpus, one per period of a nested
+one) is checked as a reader of that slice sees it, through index.json: no document dated after its cutoff, every
+period's documents inside its crawl interval, token counts, and the sha256 of the slice's token stream. `--deep`
+re-reads the source and checks every kept id: present, dated on or before the cutoff by the source itself (the
+same date the corpus records), passing the build's filters, with the same text.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import itertools
 import json
 from collections import Counter
@@ -45,6 +49,8 @@ def audit_corpus(vol: Volume, name: str, deep: bool = False) -> list[Check]:
     checks = [_check_complete(root), _check_hashes(root, manifest, index)]
     ids = _read_ids(root, manifest["shards"])
     checks += [_check_counts(manifest, ids), _check_dates(manifest, ids)]
+    if manifest.get("slices") is not None:  # corpora built before slices were recorded have none to compare
+        checks += _check_slices(root, manifest, index)
     if deep:
         checks.append(_check_source(vol, manifest, ids))
     return checks
@@ -59,8 +65,8 @@ def _check_complete(root: Path) -> Check:
 
 
 def _check_hashes(root: Path, manifest: dict, index: dict) -> Check:
-    listed = [{k: e[k] for k in ("file", "sha256", "bytes", "tokens")} for e in manifest["shards"]]
-    indexed = [{k: e[k] for k in ("file", "sha256", "bytes", "tokens")} for s in ("train", "val")
+    listed = [{k: e.get(k) for k in ("file", "sha256", "bytes", "tokens", "period")} for e in manifest["shards"]]
+    indexed = [{k: e.get(k) for k in ("file", "sha256", "bytes", "tokens", "period")} for s in ("train", "val")
                for e in index["splits"].get(s, [])]
     if listed != indexed:
         return Check("shard_hashes", False, "index.json and manifest.json list different shards")
@@ -132,6 +138,7 @@ def _check_source(vol: Volume, manifest: dict, ids: pd.DataFrame) -> Check:
     except PitlmError as e:
         return Check("source", False, f"cannot re-read the source: {e}")
     want = dict(zip(ids["id"], ids["text_hash"], strict=True))
+    dated = dict(zip(ids["id"], ids["date"], strict=True))
     remaining_by_dump = Counter(ids["dump"])
     seen, problems = set(), Counter()
     example = {}
@@ -141,8 +148,10 @@ def _check_source(vol: Volume, manifest: dict, ids: pd.DataFrame) -> Check:
             if doc_id not in want or doc_id in seen:
                 continue
             seen.add(doc_id)
-            reason, _date = filt.check(rec)
+            reason, date = filt.check(rec)
             problem = reason or ("text_changed" if text_hash(rec["text"]) != want[doc_id] else None)
+            if problem is None and format_utc(date) != dated[doc_id]:  # its date decides its period
+                problem = "date_changed"
             if problem:
                 problems[problem] += 1
                 example.setdefault(problem, doc_id)
@@ -156,6 +165,103 @@ def _check_source(vol: Volume, manifest: dict, ids: pd.DataFrame) -> Check:
     if problems:
         return Check("source", False, "; ".join(f"{k}={v} (e.g. {example[k]})" for k, v in sorted(problems.items())))
     return Check("source", True, f"all {len(want)} kept ids re-read from the source and eligible")
+
+
+def _slice_table(manifest: dict, index: dict) -> list[dict]:
+    if "periods" in index:
+        return index["periods"]
+    return [{"period": 1, "start": manifest.get("after"), "cutoff": manifest["cutoff"]}]
+
+
+def _check_slices(root: Path, manifest: dict, index: dict) -> list[Check]:
+    """One check per cutoff, `slice@CUTOFF`, over what a reader of that slice reads (index.json's entries of
+    periods <= k, in index order): every document dated on or before the cutoff and inside its own period, counts
+    and the stream hash as the manifest records them. The streams are hashed in one pass, slice after slice."""
+    table = _slice_table(manifest, index)
+    ends = {int(p["period"]): format_utc(end_of_day(parse_cutoff(p["cutoff"]))) for p in table}
+    starts = {int(p["period"]): None if p["start"] is None else format_utc(end_of_day(parse_cutoff(p["start"])))
+              for p in table}
+    recorded = {s["cutoff"]: s for s in manifest["slices"]}
+    hashes = {s: hashlib.sha256() for s in ("train", "val")}
+    tokens, id_tokens, docs, checks, frames = {"train": 0, "val": 0}, {"train": 0, "val": 0}, 0, [], []
+    order = [p for s in ("train", "val") for p in _order_problems(index, s)]
+    for p in table:
+        k, cutoff = int(p["period"]), str(p["cutoff"])
+        problems = list(order)
+        for split in ("train", "val"):
+            for e in index["splits"].get(split, []):
+                if int(e.get("period", 1)) != k:
+                    continue
+                tokens[split] += int(e["tokens"])
+                _hash_file(root / e["file"], hashes[split])
+                frame = _ids_of(root, e)
+                if frame is None:
+                    problems.append(f"{e['file']}: its ids file {e.get('ids')} cannot be read")
+                    continue
+                docs += len(frame)
+                frames.append(frame.assign(file=e["file"]))
+                problems += _period_problems(e, frame, k, starts[k], ends[k])
+                id_tokens[split] += int((frame["n_tokens"] + 1).sum())  # documents may run on into the next shard
+        seen = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["id", "date", "file"])
+        late = seen[seen["date"] > ends[k]]
+        if len(late):  # the leak this audit exists for: a reader of this slice would train on a later document
+            problems.insert(0, f"{len(late)} document(s) of the slice dated after {ends[k]}, e.g. {late['id'].iloc[0]} "
+                               f"at {late['date'].iloc[0]} in {late['file'].iloc[0]}")
+        if id_tokens != tokens:
+            problems.append(f"the slice's ids account for {id_tokens} tokens, its shards hold {tokens}")
+        want = recorded.get(cutoff)
+        if want is None:
+            problems.append(f"the manifest records no slice {cutoff}")
+        else:
+            if want["tokens"] != tokens:
+                problems.append(f"index.json gives {tokens} tokens, the manifest {want['tokens']}")
+            if want.get("max_doc_date") and want["max_doc_date"] > ends[k]:
+                problems.append(f"recorded max document date {want['max_doc_date']} is after {ends[k]}")
+            got = {s: h.copy().hexdigest() for s, h in hashes.items()}
+            bad = [s for s in ("train", "val") if got[s] != want["stream_sha256"][s]]
+            if bad:
+                problems.append(f"the {'/'.join(bad)} token stream differs from the manifest's sha256")
+        name = f"slice@{cutoff}"
+        if problems:
+            checks.append(Check(name, False, "; ".join(problems[:4]) + (f" (+{len(problems) - 4} more)"
+                                                                        if len(problems) > 4 else "")))
+        else:
+            checks.append(Check(name, True, f"periods 1..{k}: {docs} documents <= {ends[k]}, {tokens['train']} "
+                                            f"train + {tokens['val']} val tokens, stream hashes match"))
+    return checks
+
+
+def _order_problems(index: dict, split: str) -> list[str]:
+    periods = [int(e.get("period", 1)) for e in index["splits"].get(split, [])]
+    if periods != sorted(periods):
+        return [f"index.json lists the {split} shards out of period order ({periods})"]
+    return []
+
+
+def _hash_file(path: Path, h) -> None:
+    if path.is_file():
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+
+
+def _ids_of(root: Path, entry: dict) -> pd.DataFrame | None:
+    try:
+        return pd.read_parquet(root / entry["ids"], columns=["id", "date", "n_tokens"])
+    except Exception:  # noqa: BLE001 - a missing or corrupt ids file is reported by the caller
+        return None
+
+
+def _period_problems(entry: dict, frame: pd.DataFrame, k: int, start: str | None, end: str) -> list[str]:
+    """A shard of period k: none of its documents crawled on or before the period's start (one after its end is
+    reported by the slice's own date check), and its recorded max_date not after the end."""
+    out = []
+    if start is not None and len(early := frame[frame["date"] <= start]):
+        out.append(f"{len(early)} document(s) of period {k} ({entry['file']}) crawled on or before its start "
+                   f"{start}, e.g. {early['id'].iloc[0]}")
+    if entry.get("max_date") and entry["max_date"] > end:
+        out.append(f"index.json says {entry['file']} holds documents up to {entry['max_date']}, after {end}")
+    return out
 
 
 # ----------------------------------------------------------------------------- tokenizer audit

@@ -7,6 +7,10 @@
     cut (main process)                     the shortest priority prefix whose train tokens reach --target-tokens
     pack (parallel over shards)            lay documents end to end (EOS after each) into fixed-size shards
 
+A nested build (--cutoffs c_1,...,c_n) scans once and then selects, tokenizes, cuts and packs every crawl period
+(c_{k-1}, c_k] on its own, as a build of that period alone would (pitlm.corpus.periods); the rounds of all periods
+run together on one pool.
+
 The output depends only on the documents and the config, never on the worker count or on where a killed build
 stopped: every job's output is named after its inputs and written atomically, a completion marker last. The build
 lives in `corpus/.NAME.build/` (kept when killed, so a rerun resumes; removed on a user error) and its finished
@@ -32,6 +36,16 @@ import pandas as pd
 from pitlm import __version__
 from pitlm.corpus.config import CorpusConfig
 from pitlm.corpus.dates import crawl_period, end_of_day, format_utc, parse_dump
+from pitlm.corpus.periods import (
+    Periods,
+    describe_periods,
+    empty_period_warnings,
+    hub_caps,
+    period_dir,
+    period_ends,
+    period_label,
+    trim_hub_units,
+)
 from pitlm.corpus.scan import KEPT, DocFilter, ScanJob, scan_unit
 from pitlm.corpus.shards import INDEX, ShardIndex, dtype_for_vocab
 from pitlm.corpus.sources import Source, Unit, resolve_source
@@ -59,6 +73,8 @@ def build_corpus(cfg: CorpusConfig, vol: Volume) -> dict:
     source = resolve_source(cfg.source, vol, cfg.cutoff, cfg.dumps)
     if source.kind == "hub" and cfg.target_tokens is None:
         raise PitlmError(f"--target-tokens is required for the hub source '{cfg.source}' (e.g. --target-tokens 1B)")
+    if source.kind == "hub":
+        source = trim_hub_units(source, cfg.periods())
     work = vol.path("corpus", f".{cfg.name}.build")
     for stale in final.parent.glob(f".{cfg.name}.old-*"):  # left by a build killed while publishing
         shutil.rmtree(stale, ignore_errors=True)
@@ -70,28 +86,37 @@ def build_corpus(cfg: CorpusConfig, vol: Volume) -> dict:
 
 
 def _build_in(work: Path, final: Path, cfg: CorpusConfig, tok, tinfo: dict, source: Source, t0: float) -> dict:
+    periods = cfg.periods()
     try:
         phases = {}
         with WorkerPool(cfg.workers, backend_json(tok)) as pool:
             with _timed(phases, "scan"):
-                stats = _scan(pool, cfg, source, work)
+                stats = _scan(pool, cfg, source, work, periods)
             with _timed(phases, "select"):
-                df, units, counts = _candidates(stats, source, work)
+                df, units, counts = _candidates(stats, source, work, periods)
                 _check_not_empty(cfg, stats, counts)
-                source_end, late, warnings = _source_end(source, stats, [cfg.cutoff])
+                source_end, late, warnings = _source_end(source, stats, [c for _, c in periods])
             with _timed(phases, "tokenize"):
-                df, cut = _tokenize_rounds(pool, cfg, df, units, work / "tok")
+                budgets = _tokenize_rounds(pool, cfg, [df[df["period"] == k].reset_index(drop=True)
+                                                       for k in range(1, len(periods) + 1)], units, work / "tok")
+            parts = [{"candidates": len(b.df), "kept": b.chosen(), "dropped_budget": len(b.df) - b.cut}
+                     for b in budgets]
             with _timed(phases, "pack"):
-                shards = _pack(pool, df.iloc[:cut], work, tinfo, cfg.shard_tokens)
-        counts["dropped_budget"] = len(df) - cut
-        counts["kept"] = cut
-        manifest = _manifest(cfg, source, tinfo, stats, counts, df.iloc[:cut], shards, t0)
+                shards = _pack(pool, [p["kept"] for p in parts], periods, cfg.nested, work, tinfo, cfg.shard_tokens)
+        counts["dropped_budget"] = sum(p["dropped_budget"] for p in parts)
+        counts["kept"] = sum(len(p["kept"]) for p in parts)
+        out = work / "out"
+        chosen = pd.concat([p["kept"] for p in parts], ignore_index=True)
+        manifest = _manifest(cfg, source, tinfo, stats, counts, chosen, shards, t0)
+        manifest["periods"], manifest["slices"] = describe_periods(out, periods, cfg.nested, parts, shards)
+        warnings += empty_period_warnings(periods, parts)
         manifest.update(source_end=source_end, cutoffs_after_source_end=late, warnings=warnings)
         manifest["build"]["phase_seconds"] = phases
-        out = work / "out"
         atomic_write_json(out / MANIFEST, manifest)
+        table = [{k: e[k] for k in ("period", "start", "cutoff", "dir")} for e in manifest["periods"]]
         index = ShardIndex(out, str(dtype_for_vocab(tinfo["vocab_size"])), tinfo["vocab_size"], tinfo["eos_id"],
-                           {s: [e for e in shards if e["split"] == s] for s in ("train", "val")})
+                           {s: [e for e in shards if e["split"] == s] for s in ("train", "val")},
+                           table if cfg.nested else None, nested=cfg.nested)
         atomic_write_json(out / INDEX, index.to_json())  # last: the corpus tree is complete
         shutil.rmtree(out / ".done", ignore_errors=True)
         _publish(out, final)
@@ -138,20 +163,22 @@ def _publish(out: Path, final: Path) -> None:
 
 # ----------------------------------------------------------------------------- scan and select
 
-def _scan(pool: WorkerPool, cfg: CorpusConfig, source: Source, work: Path) -> list[dict]:
+def _scan(pool: WorkerPool, cfg: CorpusConfig, source: Source, work: Path, periods: Periods) -> list[dict]:
     hub = source.kind == "hub"
-    cap = None
-    if hub:
-        share = cfg.target_tokens * (1 + cfg.val_fraction) * cfg.hub_oversample / max(1, len(source.units))
-        cap = int(math.ceil(share))
-    jobs = [ScanJob(i, u, str(work / "scan"), DocFilter.from_config(cfg), cfg.seed, cfg.val_fraction, hub, cap)
-            for i, u in enumerate(source.units)]
+    caps = (hub_caps(source.units, periods, cfg.target_tokens, cfg.val_fraction, cfg.hub_oversample) if hub
+            else [None] * len(source.units))
+    filt, ends = DocFilter.from_config(cfg), period_ends(periods)
+    jobs = [ScanJob(i, u, str(work / "scan"), filt, cfg.seed, cfg.val_fraction, hub, cap, ends if hub else ())
+            for i, (u, cap) in enumerate(zip(source.units, caps, strict=True))]
     list(progress(pool.run(scan_unit, jobs), "scan", total=len(jobs), unit="unit"))
     return [json.loads(j.stats_path.read_text()) for j in jobs]
 
 
-def _candidates(stats: list[dict], source: Source, work: Path) -> tuple[pd.DataFrame, list[Unit], dict]:
-    """Eligible documents of every unit in sampling order (seeded priority, then id); repeated ids dropped."""
+def _candidates(stats: list[dict], source: Source, work: Path,
+                periods: Periods) -> tuple[pd.DataFrame, list[Unit], dict]:
+    """Eligible documents of every unit in sampling order (seeded priority, then id), with their period (1-based);
+    repeated ids dropped, the copy in the earliest period kept (a later crawl cannot take a document out of an
+    earlier slice)."""
     frames, units = [], []
     for i, unit in enumerate(source.units):
         path = work / "scan" / f"u{i:05d}.parquet"
@@ -165,12 +192,15 @@ def _candidates(stats: list[dict], source: Source, work: Path) -> tuple[pd.DataF
             df["text_row"] = df["row"]
         frames.append(df)
     df = pd.concat(frames, ignore_index=True).astype({"is_val": bool, "priority": np.uint64})
+    df["period"] = np.searchsorted(np.array(period_ends(periods)), df["date"].to_numpy(str), side="left") + 1
+    assert (df["period"] <= len(periods)).all(), "the scan keeps no document after the last cutoff"
     counts: dict[str, int] = {}
     for s in stats:
         for k, v in s["counts"].items():
             counts[k] = counts.get(k, 0) + v
     if len(df):
-        df = df.sort_values(["priority", "id"], kind="mergesort")  # stable: repeated ids keep unit/row order
+        # stable: repeated ids keep the earliest period, then unit/row order
+        df = df.sort_values(["priority", "id", "period"], kind="mergesort")
         dup = df.duplicated("id", keep="first")
         counts["dropped_duplicate_id"] = int(dup.sum())
         df = df[~dup].reset_index(drop=True)
@@ -218,42 +248,75 @@ def _source_end(source: Source, stats: list[dict], cutoffs: list[dt.date]) -> tu
 
 # ----------------------------------------------------------------------------- tokenize in rounds
 
-def _tokenize_rounds(pool: WorkerPool, cfg: CorpusConfig, df: pd.DataFrame, units: list[Unit],
-                     tok_dir: Path) -> tuple[pd.DataFrame, int]:
-    """Tokenize priority prefixes until the budget is met; returns the candidates with token locations and the
-    number of them (from the front) that make the corpus."""
-    n, target = len(df), cfg.target_tokens
-    n_tokens, offset = np.full(n, -1, np.int64), np.zeros(n, np.int64)
-    job_of, hashes = np.full(n, "", object), np.full(n, "", object)
-    train, n_chars = ~df["is_val"].to_numpy(), df["n_chars"].to_numpy()
-    done, ratio, rnd = 0, None, 0
-    while True:
-        upto = n if target is None else _round_end(n_chars, n_tokens, train, done, target, ratio)
-        jobs = _make_jobs(df, done, upto, units, rnd, tok_dir)
-        list(progress(pool.run(tokenize_job, [j for j, _ in jobs]), f"tokenize (round {rnd})", total=len(jobs),
-                      unit="job"))
-        for job, positions in jobs:
-            meta = pd.read_parquet(job.meta_path)
-            assert list(meta["id"]) == list(job.ids), job.job_id
-            lengths = meta["n_tokens"].to_numpy()
-            n_tokens[positions], offset[positions] = lengths, np.cumsum(lengths) - lengths
-            job_of[positions], hashes[positions] = job.job_id, meta["text_hash"].to_numpy()
-        done = upto
-        cum = np.cumsum(np.where(train[:done], n_tokens[:done] + 1, 0))
+class _Budget:
+    """One period's candidates (in sampling order), what of them is tokenized, and, once known, the cut: the
+    number of them (from the front) that make the period's share of the corpus."""
+
+    def __init__(self, df: pd.DataFrame, target: int | None, label: str | None):
+        self.df, self.target, self.label = df, target, label
+        n = len(df)
+        self.n_tokens, self.offset = np.full(n, -1, np.int64), np.zeros(n, np.int64)
+        self.job_of, self.hashes = np.full(n, "", object), np.full(n, "", object)
+        self.train, self.n_chars = ~df["is_val"].to_numpy(), df["n_chars"].to_numpy()
+        self.done, self.ratio, self.cut = 0, None, None
+
+    def round_end(self) -> int:
+        n = len(self.df)
+        if self.target is None:
+            return n
+        return _round_end(self.n_chars, self.n_tokens, self.train, self.done, self.target, self.ratio)
+
+    def absorb(self, job: TokenizeJob, positions: np.ndarray) -> None:
+        meta = pd.read_parquet(job.meta_path)
+        assert list(meta["id"]) == list(job.ids), job.job_id
+        lengths = meta["n_tokens"].to_numpy()
+        self.n_tokens[positions], self.offset[positions] = lengths, np.cumsum(lengths) - lengths
+        self.job_of[positions], self.hashes[positions] = job.job_id, meta["text_hash"].to_numpy()
+
+    def settle(self, upto: int) -> None:
+        """After tokenizing up to `upto`: set the cut when the budget is met (or there is none)."""
+        n, target, done = len(self.df), self.target, upto
+        self.done = done
+        cum = np.cumsum(np.where(self.train[:done], self.n_tokens[:done] + 1, 0))
         if target is None:
-            cut = n
+            self.cut = n
         elif (hit := int(np.searchsorted(cum, target, side="left"))) < done:
-            cut = hit + 1
+            self.cut = hit + 1
         elif done == n:
-            raise PitlmError(f"the source has only {int(cum[-1]) if done else 0:,} train tokens after filtering, "
-                             f"less than --target-tokens {target:,}; lower it or pass --target-tokens all")
+            have = int(cum[-1]) if done else 0
+            what = "the source has" if self.label is None else f"{self.label} has"
+            per = "" if self.label is None else " (a budget per period)"
+            raise PitlmError(f"{what} only {have:,} train tokens after filtering, less than --target-tokens "
+                             f"{target:,}{per}; lower it or pass --target-tokens all")
         else:
-            ratio = float(n_tokens[:done].sum()) / max(1, int(n_chars[:done].sum()))
-            rnd += 1
-            log.info("round %d: %d documents tokenized, %d of %d train tokens; measured %.3f tokens/char", rnd,
-                     done, int(cum[-1]), target, ratio)
-            continue
-        return df.assign(n_tokens=n_tokens, offset=offset, job=job_of, text_hash=hashes), cut
+            self.ratio = float(self.n_tokens[:done].sum()) / max(1, int(self.n_chars[:done].sum()))
+            log.info("%s%d documents tokenized, %d of %d train tokens; measured %.3f tokens/char",
+                     f"{self.label}: " if self.label else "", done, int(cum[-1]), target, self.ratio)
+
+    def chosen(self) -> pd.DataFrame:
+        return self.df.assign(n_tokens=self.n_tokens, offset=self.offset, job=self.job_of,
+                              text_hash=self.hashes).iloc[:self.cut]
+
+
+def _tokenize_rounds(pool: WorkerPool, cfg: CorpusConfig, parts: list[pd.DataFrame], units: list[Unit],
+                     tok_dir: Path) -> list[_Budget]:
+    """Tokenize every period's priority prefix until its budget is met; all periods' jobs of a round run on the
+    pool together."""
+    labels = [period_label(k, s, c) if cfg.nested else None for k, (s, c) in enumerate(cfg.periods(), 1)]
+    budgets = [_Budget(df, cfg.target_tokens, label) for df, label in zip(parts, labels, strict=True)]
+    rnd = 0
+    while pending := [(k, b) for k, b in enumerate(budgets, 1) if b.cut is None]:
+        plan = [(k, b, b.round_end()) for k, b in pending]
+        jobs = [(b, job, positions) for k, b, upto in plan
+                for job, positions in _make_jobs(b.df, b.done, upto, units, f"p{k}_r{rnd}", tok_dir)]
+        list(progress(pool.run(tokenize_job, [j for _, j, _ in jobs]), f"tokenize (round {rnd})", total=len(jobs),
+                      unit="job"))
+        for b, job, positions in jobs:
+            b.absorb(job, positions)
+        for _, b, upto in plan:
+            b.settle(upto)
+        rnd += 1
+    return budgets
 
 
 def _round_end(n_chars: np.ndarray, n_tokens: np.ndarray, train: np.ndarray, done: int, target: int,
@@ -267,7 +330,7 @@ def _round_end(n_chars: np.ndarray, n_tokens: np.ndarray, train: np.ndarray, don
     return min(len(n_chars), done + k + 1)
 
 
-def _make_jobs(df: pd.DataFrame, start: int, stop: int, units: list[Unit], rnd: int,
+def _make_jobs(df: pd.DataFrame, start: int, stop: int, units: list[Unit], prefix: str,
                tok_dir: Path) -> list[tuple[TokenizeJob, np.ndarray]]:
     part = df.iloc[start:stop]
     chars = int(part["n_chars"].sum())
@@ -278,7 +341,7 @@ def _make_jobs(df: pd.DataFrame, start: int, stop: int, units: list[Unit], rnd: 
         positions, rows, ids = group.index.to_numpy(), group["text_row"].to_numpy(), group["id"].to_numpy()
         bounds = np.cumsum(group["n_chars"].to_numpy()) // job_chars
         for k, sel in enumerate(np.split(np.arange(len(group)), np.flatnonzero(np.diff(bounds)) + 1)):
-            job = TokenizeJob(f"r{rnd}_s{int(src):05d}_{k:04d}", units[int(src)], tuple(int(r) for r in rows[sel]),
+            job = TokenizeJob(f"{prefix}_s{int(src):05d}_{k:04d}", units[int(src)], tuple(int(r) for r in rows[sel]),
                               tuple(str(i) for i in ids[sel]), str(tok_dir))
             jobs.append((job, positions[sel]))
     return jobs
@@ -286,28 +349,41 @@ def _make_jobs(df: pd.DataFrame, start: int, stop: int, units: list[Unit], rnd: 
 
 # ----------------------------------------------------------------------------- pack
 
-def _pack(pool: WorkerPool, chosen: pd.DataFrame, work: Path, tinfo: dict, shard_tokens: int) -> list[dict]:
+def _pack(pool: WorkerPool, kept: list[pd.DataFrame], periods: Periods, nested: bool, work: Path, tinfo: dict,
+          shard_tokens: int) -> list[dict]:
+    """Every period's documents into its own shards (train shards of all periods, then val), each period laid out
+    as a build of that period alone; returns the index entries in that order."""
     dtype = str(dtype_for_vocab(tinfo["vocab_size"]))
     jobs = []
     for split in ("train", "val"):
-        docs = chosen[chosen["is_val"] == (split == "val")]
-        n = docs["n_tokens"].to_numpy()
-        ends = np.cumsum(n + 1)
-        starts = ends - n - 1
-        total = int(ends[-1]) if len(n) else 0
-        for k in range(math.ceil(total / shard_tokens)):
-            s, e = k * shard_tokens, min(total, (k + 1) * shard_tokens)
-            a, b = int(np.searchsorted(ends, s, side="right")), int(np.searchsorted(starts, e, side="left"))
-            sub = docs.iloc[a:b]
-            pieces = tuple((str(j), int(o), int(m), int(max(s, st) - st), int(min(e, en) - st))
-                           for j, o, m, st, en in zip(sub["job"], sub["offset"], n[a:b], starts[a:b], ends[a:b], strict=True))
-            first = sub[starts[a:b] >= s]
-            ids = {"id": list(first["id"]), "date": list(first["date"]), "dump": list(first["dump"]),
-                   "n_tokens": [int(x) for x in first["n_tokens"]], "text_hash": list(first["text_hash"]),
-                   "start": [int(x) - s for x in starts[a:b][starts[a:b] >= s]]}
-            jobs.append(PackJob(split, k, str(work / "out"), str(work / "tok"), dtype, tinfo["eos_id"], pieces, ids))
-    entries = {(e["file"]): e for e in progress(pool.run(pack_shard, jobs), "pack", total=len(jobs), unit="shard")}
-    return [{"split": j.split, **entries[j.file]} for j in jobs]
+        for k, (chosen, (_, cutoff)) in enumerate(zip(kept, periods, strict=True), 1):
+            prefix = f"{period_dir(k, cutoff)}/" if nested else ""
+            jobs += [(k, job) for job in _pack_jobs(chosen, split, prefix, work, dtype, tinfo["eos_id"], shard_tokens)]
+    entries = {e["file"]: e for e in progress(pool.run(pack_shard, [j for _, j in jobs]), "pack", total=len(jobs),
+                                               unit="shard")}
+    return [{"split": j.split, **({"period": k} if nested else {}), **entries[j.file]} for k, j in jobs]
+
+
+def _pack_jobs(chosen: pd.DataFrame, split: str, prefix: str, work: Path, dtype: str, eos_id: int,
+               shard_tokens: int) -> list[PackJob]:
+    docs = chosen[chosen["is_val"] == (split == "val")]
+    n = docs["n_tokens"].to_numpy()
+    ends = np.cumsum(n + 1)
+    starts = ends - n - 1
+    total = int(ends[-1]) if len(n) else 0
+    jobs = []
+    for k in range(math.ceil(total / shard_tokens)):
+        s, e = k * shard_tokens, min(total, (k + 1) * shard_tokens)
+        a, b = int(np.searchsorted(ends, s, side="right")), int(np.searchsorted(starts, e, side="left"))
+        sub = docs.iloc[a:b]
+        pieces = tuple((str(j), int(o), int(m), int(max(s, st) - st), int(min(e, en) - st))
+                       for j, o, m, st, en in zip(sub["job"], sub["offset"], n[a:b], starts[a:b], ends[a:b], strict=True))
+        first = sub[starts[a:b] >= s]
+        ids = {"id": list(first["id"]), "date": list(first["date"]), "dump": list(first["dump"]),
+               "n_tokens": [int(x) for x in first["n_tokens"]], "text_hash": list(first["text_hash"]),
+               "start": [int(x) - s for x in starts[a:b][starts[a:b] >= s]]}
+        jobs.append(PackJob(split, k, str(work / "out"), str(work / "tok"), dtype, eos_id, pieces, ids, prefix))
+    return jobs
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -320,9 +396,12 @@ def _manifest(cfg: CorpusConfig, source: Source, tinfo: dict, stats: list[dict],
     dumps_kept = sorted(chosen["dump"].unique().tolist()) if len(chosen) else []
     manifest = build_manifest(
         "corpus", inputs={"source": cfg.source, "tokenizer": cfg.tokenizer}, config=cfg.content(), wall_seconds=round(time.time() - t0, 3),
-        name=cfg.name, pitlm_version=__version__, source=source.describe(), cutoff=str(cfg.cutoff), filters=DocFilter.from_config(cfg).describe(),
+        name=cfg.name, pitlm_version=__version__, source=source.describe(), cutoff=str(cfg.cutoff),
+        cutoffs=[str(c) for _, c in cfg.periods()], after=None if cfg.after is None else str(cfg.after),
+        filters=DocFilter.from_config(cfg).describe(),
         sampling={"seed": cfg.seed, "target_tokens": cfg.target_tokens, "val_fraction": cfg.val_fraction,
-                  "order": "blake2b(seed:sample:id)", "val": "blake2b(seed:val:id) < val_fraction"},
+                  "order": "blake2b(seed:sample:id)", "val": "blake2b(seed:val:id) < val_fraction",
+                  "budget": "per period"},
         dumps_used=dumps_kept, dumps_read=source.dumps_read, dumps_skipped=source.dumps_skipped,
         tokenizer=tinfo, dtype=str(dtype_for_vocab(tinfo["vocab_size"])), shard_tokens=cfg.shard_tokens,
         docs=docs, docs_by_split={s: int((chosen["is_val"] == (s == "val")).sum()) for s in ("train", "val")},

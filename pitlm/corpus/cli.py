@@ -44,6 +44,11 @@ def _source_fields(source, cutoff, lang, min_chars, dumps, seed) -> dict:
 def build_cmd(ctx: typer.Context,
               name: Annotated[str, typer.Argument(help="Corpus name: written to PITLM_HOME/corpus/NAME/.")],
               source: SourceOpt = None, cutoff: CutoffOpt = None,
+              cutoffs: Annotated[str | None, typer.Option("--cutoffs", help="A nested corpus: D1,D2,... (increasing) "
+                                                          "or yearly:Y0..Y1 (each Dec 31). Period k holds documents "
+                                                          "crawled in (D(k-1), Dk]; read slice Dk as NAME@Dk.")] = None,
+              after: Annotated[str | None, typer.Option("--after", help="Keep only documents crawled after this day "
+                                                        "(YYYY-MM-DD, end of day UTC): one period (after, cutoff].")] = None,
               tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="HF tokenizer name or path, or "
                                                                                "pit:NAME (see `pitlm corpus tokenizer`).")] = None,
               target_tokens: Annotated[str | None, typer.Option("--target-tokens", help="Train tokens to sample: "
@@ -61,12 +66,15 @@ def build_cmd(ctx: typer.Context,
     from pitlm.config import load_config
     from pitlm.corpus.build import build_corpus
     from pitlm.corpus.config import CorpusConfig
+    from pitlm.errors import PitlmError
     from pitlm.runs import start_run
 
-    _require(recipe, set_, source=source, cutoff=cutoff, tokenizer=tokenizer)
+    if cutoff is not None and cutoffs is not None:
+        raise PitlmError("give --cutoff D (one period) or --cutoffs D1,D2,... (nested periods), not both")
+    _require(recipe, set_, source=source, cutoff=cutoff if cutoffs is None else cutoffs, tokenizer=tokenizer)
     cfg = load_config(CorpusConfig, recipe, set_, name=name, tokenizer=tokenizer, target_tokens=target_tokens,
                       val_fraction=val_fraction, workers=workers, min_language_score=min_language_score,
-                      shard_tokens=shard_tokens, overwrite=overwrite or None,
+                      shard_tokens=shard_tokens, overwrite=overwrite or None, cutoffs=cutoffs, after=after,
                       **_source_fields(source, cutoff, lang, min_chars, dumps, seed))
     vol = guarded_volume(ctx, "corpus build")
     with start_run(vol, "corpus", cfg) as run:
@@ -78,6 +86,13 @@ def build_cmd(ctx: typer.Context,
         summary.update(tokens_train=m["tokens"]["train"], tokens_val=m["tokens"]["val"], shards=len(m["shards"]),
                        dtype=m["dtype"], min_doc_date=m["min_doc_date"], max_doc_date=m["max_doc_date"],
                        vocab_sha256=m["tokenizer"]["vocab_sha256"], wall_seconds=m["wall_seconds"])
+        if cfg.nested:
+            summary.update(cutoffs=",".join(m["cutoffs"]), periods=len(m["periods"]))
+        for sl in m["slices"]:  # per cutoff, e.g. tokens_train@2018-12-31: N
+            c = sl["cutoff"]
+            summary.update({f"tokens_train@{c}": sl["tokens"]["train"], f"tokens_val@{c}": sl["tokens"]["val"],
+                            f"docs_kept@{c}": sum(sl["docs_by_split"].values()),
+                            f"stream_sha256_train@{c}": sl["stream_sha256"]["train"]})
         run.finish(summary)
 
 

@@ -7,10 +7,10 @@ import os
 import re
 from pathlib import Path
 
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 
 from pitlm.config import StageConfig
-from pitlm.corpus.dates import parse_cutoff, parse_dump
+from pitlm.corpus.dates import parse_cutoff, parse_cutoffs, parse_dump
 from pitlm.errors import ConfigError
 
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
@@ -87,10 +87,17 @@ class SourceFilterConfig(StageConfig):
 
 class CorpusConfig(SourceFilterConfig):
     """`pitlm corpus build`. `workers` and `overwrite` change how, not what, is built: they are kept out of the
-    manifest and of the resume key."""
+    manifest and of the resume key.
+
+    Periods: a build keeps documents crawled in (after, cutoff] (after = -inf by default). With `cutoffs`
+    c_1 < ... < c_n it is a nested corpus of the periods (after, c_1], (c_1, c_2], ..., (c_{n-1}, c_n], and `cutoff`
+    is c_n; each period is sampled, budget-cut (`target_tokens` is per period) and packed as a build of that
+    period alone would be."""
 
     name: str
     tokenizer: str
+    cutoffs: list[dt.date] | None = None  # a nested corpus (two or more cutoffs); None = the one period up to cutoff
+    after: dt.date | None = None  # keep only documents crawled after the end of this day (UTC)
     target_tokens: int | None = None  # train tokens; None = all available
     val_fraction: float = 0.005
     shard_tokens: int = 2**25  # 32 Mi tokens: 64 MiB per uint16 shard, the unit of resume and of parallel packing
@@ -108,6 +115,32 @@ class CorpusConfig(SourceFilterConfig):
     def _tokenizer(cls, v):
         # a local directory becomes absolute (the manifest records it; training and audits may run elsewhere)
         return str(Path(v).expanduser().resolve()) if Path(v).expanduser().exists() else v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cutoffs(cls, data):
+        if not isinstance(data, dict) or data.get("cutoffs") in (None, ""):
+            return data
+        data = dict(data)
+        cutoffs = parse_cutoffs(data["cutoffs"])
+        if data.get("cutoff") not in (None, "") and parse_cutoff(data["cutoff"]) != cutoffs[-1]:
+            raise ConfigError("give --cutoff D (one period) or --cutoffs D1,D2,... (nested periods), not both")
+        data["cutoff"] = cutoffs[-1]
+        data["cutoffs"] = cutoffs if len(cutoffs) > 1 else None  # one cutoff is the plain one-period corpus
+        return data
+
+    @field_validator("after", mode="before")
+    @classmethod
+    def _after(cls, v):
+        return None if v in (None, "") else parse_cutoff(v)
+
+    @model_validator(mode="after")
+    def _after_first_cutoff(self):
+        first = self.cutoffs[0] if self.cutoffs else self.cutoff
+        if self.after is not None and self.after >= first:
+            raise ConfigError(f"--after {self.after} must be before the {'first ' if self.cutoffs else ''}cutoff "
+                              f"{first}: the period (after, cutoff] would be empty")
+        return self
 
     @field_validator("target_tokens", mode="before")
     @classmethod
@@ -128,9 +161,21 @@ class CorpusConfig(SourceFilterConfig):
             raise ValueError("must be positive")
         return v
 
+    @property
+    def nested(self) -> bool:
+        return self.cutoffs is not None
+
+    def periods(self) -> list[tuple[dt.date | None, dt.date]]:
+        """(start, cutoff) of each period, in order: documents crawled after the end of `start` (None: any time) up
+        to the end of `cutoff`."""
+        ends = self.cutoffs or [self.cutoff]
+        return list(zip([self.after, *ends[:-1]], ends, strict=True))
+
     def content(self) -> dict:
-        """What determines the built corpus (the manifest's config and the resume key)."""
-        return self.model_dump(mode="json", exclude={"workers", "overwrite"})
+        """What determines the built corpus (the manifest's config and the resume key). `cutoffs` and `after` are
+        left out when unset, so a one-period build keeps the config (and resume key) it had before they existed."""
+        unset = {k for k in ("cutoffs", "after") if getattr(self, k) is None}
+        return self.model_dump(mode="json", exclude={"workers", "overwrite", *unset})
 
 
 class TokenizerConfig(SourceFilterConfig):

@@ -141,6 +141,27 @@ def parse_cutoff(value: str | dt.date) -> dt.date:
         raise PitlmError(f"bad cutoff '{value}': expected a date YYYY-MM-DD, e.g. 2017-06-30") from None
 
 
+def parse_cutoffs(value: str | list) -> list[dt.date]:
+    """The cutoffs of a nested corpus: 'D1,D2,...' (strictly increasing dates) or 'yearly:Y0..Y1' (Dec 31 of each
+    year Y0..Y1); a list of dates or date strings is checked the same way."""
+    if isinstance(value, str) and value.strip().startswith("yearly:"):
+        m = re.fullmatch(r"yearly:\s*(\d{4})\s*\.\.\s*(\d{4})\s*", value.strip())
+        if not m or int(m.group(1)) > int(m.group(2)):
+            raise PitlmError(f"bad cutoffs '{value}': expected yearly:Y0..Y1 with Y0 <= Y1, e.g. yearly:2017..2021")
+        return [dt.date(y, 12, 31) for y in range(int(m.group(1)), int(m.group(2)) + 1)]
+    items = [v for v in (value.split(",") if isinstance(value, str) else value)
+             if not (isinstance(v, str) and not v.strip())]
+    if not items:
+        raise PitlmError(f"bad cutoffs '{value}': expected D1,D2,... (YYYY-MM-DD) or yearly:Y0..Y1")
+    dates = [parse_cutoff(v) for v in items]
+    for prev, cur in zip(dates, dates[1:], strict=False):
+        if cur == prev:
+            raise PitlmError(f"bad cutoffs: {cur} is listed twice; each cutoff starts a new period")
+        if cur < prev:
+            raise PitlmError(f"bad cutoffs: {cur} comes after {prev}; list the cutoffs in increasing order")
+    return dates
+
+
 def to_utc(t: dt.datetime) -> dt.datetime:
     # A timestamp without an offset is taken as UTC (Common Crawl's WARC-Date is UTC).
     return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)

@@ -10,6 +10,7 @@ which units are read, on the worker count, or on the token budget.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import datetime as dt
 import hashlib
@@ -25,10 +26,12 @@ from pitlm.corpus.dates import end_of_day, format_utc, parse_doc_date
 from pitlm.corpus.sources import Unit, iter_records
 
 KEPT = "eligible"  # passed every filter (the build then samples `kept` from these)
-REASONS = ("dropped_bad_record", "dropped_no_date", "dropped_after_cutoff", "dropped_dump", "dropped_lang",
-           "dropped_lang_score", "dropped_short")
+REASONS = ("dropped_bad_record", "dropped_no_date", "dropped_after_cutoff", "dropped_before_period", "dropped_dump",
+           "dropped_lang", "dropped_lang_score", "dropped_short", "dropped_dump_share")
 # A hub dump is read until its share of the budget is met, or until this many times that share was read
-# without meeting it (a dump mostly crawled after the cutoff), whichever comes first.
+# without meeting it (a dump mostly crawled after the cutoff), whichever comes first. In a nested build this holds
+# per period: once a dump's share of one period is met, its further documents of that period are dropped
+# (dropped_dump_share), exactly as a build of that period alone would have stopped reading the dump there.
 MAX_READ_FACTOR = 20
 
 
@@ -39,11 +42,13 @@ class DocFilter:
     min_chars: int = 1
     min_language_score: float = 0.0
     dumps: tuple[str, ...] | None = None
+    after: dt.date | None = None  # also drop documents crawled on or before the end of this day
 
     @classmethod
     def from_config(cls, cfg) -> DocFilter:
-        """From any config with cutoff, lang, min_chars, min_language_score and dumps."""
-        return cls(cfg.cutoff, cfg.lang, cfg.min_chars, cfg.min_language_score, tuple(cfg.dumps) if cfg.dumps else None)
+        """From any config with cutoff, lang, min_chars, min_language_score and dumps (and optionally after)."""
+        return cls(cfg.cutoff, cfg.lang, cfg.min_chars, cfg.min_language_score, tuple(cfg.dumps) if cfg.dumps else None,
+                   getattr(cfg, "after", None))
 
     @property
     def cutoff_end(self) -> dt.datetime:
@@ -59,6 +64,8 @@ class DocFilter:
             return "dropped_no_date", None
         if date > self.cutoff_end:
             return "dropped_after_cutoff", date
+        if self.after is not None and date <= end_of_day(self.after):
+            return "dropped_before_period", date
         if self.dumps and rec.get("dump") not in self.dumps:
             return "dropped_dump", date
         if self.lang and rec.get("language") != self.lang:
@@ -71,9 +78,12 @@ class DocFilter:
         return None, date
 
     def describe(self) -> dict:
-        return {"cutoff": str(self.cutoff), "cutoff_end_utc": format_utc(self.cutoff_end), "lang": self.lang,
-                "min_chars": self.min_chars, "min_language_score": self.min_language_score,
-                "dumps": list(self.dumps) if self.dumps else None}
+        out = {"cutoff": str(self.cutoff), "cutoff_end_utc": format_utc(self.cutoff_end), "lang": self.lang,
+               "min_chars": self.min_chars, "min_language_score": self.min_language_score,
+               "dumps": list(self.dumps) if self.dumps else None}
+        if self.after is not None:
+            out.update(after=str(self.after), after_end_utc=format_utc(end_of_day(self.after)))
+        return out
 
 
 @contextlib.contextmanager
@@ -112,6 +122,13 @@ def text_hash(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
 
 
+def period_of(date: str, period_ends: tuple[str, ...]) -> int:
+    """0-based period of a formatted UTC date, given each period's formatted end (`format_utc(end_of_day(c))`):
+    the first period whose end is >= the date. Formatting drops sub-seconds and every end is at :59, so this agrees
+    with comparing the datetimes."""
+    return bisect.bisect_left(period_ends, date)
+
+
 def estimate_tokens(rec: dict) -> int:
     """FineWeb's gpt2 `token_count` when present, else ~4 characters a token."""
     n = rec.get("token_count")
@@ -127,7 +144,11 @@ class ScanJob:
     seed: int
     val_fraction: float
     keep_text: bool = False  # hub units: materialize the text so it is streamed once
-    token_cap: int | None = None  # hub units: stop after this many (estimated) eligible tokens
+    # hub units: per period, stop collecting its documents after this many (estimated) eligible tokens, or after
+    # MAX_READ_FACTOR times that many were read (0: the unit holds no share of that period); stop reading when
+    # every period has stopped. `period_ends` are the periods' formatted UTC ends.
+    token_caps: tuple[int, ...] | None = None
+    period_ends: tuple[str, ...] = ()
 
     @property
     def meta_path(self) -> Path:
@@ -150,21 +171,28 @@ def scan_unit(job: ScanJob) -> dict:
     if job.keep_text:
         cols["text"] = []
     lo = hi = None  # earliest / latest parseable date seen, kept or not
-    eligible_tokens = read_tokens = 0
+    caps = job.token_caps
+    collecting = [c > 0 for c in caps] if caps is not None else None
+    eligible_tokens = [0] * len(caps) if caps is not None else None
+    read_tokens = 0
     for row, rec in iter_records(job.unit):
         counts["read"] += 1
         reason, date = job.filt.check(rec)
         if date is not None:
             lo, hi = (date, date) if lo is None else (min(lo, date), max(hi, date))
-        if job.token_cap is not None:
+        if caps is not None:
             read_tokens += estimate_tokens(rec) if isinstance(rec.get("text"), str) else 0
+            period = period_of(format_utc(date), job.period_ends) if reason is None else -1
+            if reason is None and not collecting[period]:
+                reason = "dropped_dump_share"
         if reason:
             counts[reason] += 1
         else:
             counts[KEPT] += 1
             doc_id = str(rec["id"])
             est = estimate_tokens(rec)
-            eligible_tokens += est
+            if caps is not None:
+                eligible_tokens[period] += est
             for key, value in (("row", row), ("id", doc_id), ("date", format_utc(date)),
                                ("dump", rec.get("dump") or job.unit.dump or ""), ("n_chars", len(rec["text"])),
                                ("est_tokens", est), ("priority", doc_priority(job.seed, doc_id)),
@@ -172,9 +200,12 @@ def scan_unit(job: ScanJob) -> dict:
                 cols[key].append(value)
             if job.keep_text:
                 cols["text"].append(rec["text"])
-        if job.token_cap is not None and (eligible_tokens >= job.token_cap
-                                          or read_tokens >= MAX_READ_FACTOR * job.token_cap):
-            break
+        if caps is not None:
+            for p, cap in enumerate(caps):
+                if collecting[p] and (eligible_tokens[p] >= cap or read_tokens >= MAX_READ_FACTOR * cap):
+                    collecting[p] = False
+            if not any(collecting):
+                break
     schema = {"row": pa.int64(), "id": pa.string(), "date": pa.string(), "dump": pa.string(), "n_chars": pa.int64(),
               "est_tokens": pa.int64(), "priority": pa.uint64(), "is_val": pa.bool_(), "text": pa.string()}
     table = pa.table({k: pa.array(v, type=schema.get(k)) for k, v in cols.items()})

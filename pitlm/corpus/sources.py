@@ -53,7 +53,8 @@ class Source:
     units: list[Unit]
     repo: str | None = None
     dumps_read: list[str] = field(default_factory=list)
-    dumps_skipped: list[str] = field(default_factory=list)
+    dumps_skipped: list[str] = field(default_factory=list)  # crawled after the (last) cutoff
+    dumps_before_period: list[str] = field(default_factory=list)  # hub: crawled before --after (see periods.py)
 
     def describe(self) -> dict:
         files = []
@@ -62,8 +63,11 @@ class Source:
             if u.kind != "hub":
                 entry["bytes"] = os.path.getsize(u.path)
             files.append(entry)
-        return {"spec": self.spec, "kind": self.kind, "repo": self.repo, "units": files,
-                "dumps_read": self.dumps_read, "dumps_skipped": self.dumps_skipped}
+        out = {"spec": self.spec, "kind": self.kind, "repo": self.repo, "units": files,
+               "dumps_read": self.dumps_read, "dumps_skipped": self.dumps_skipped}
+        if self.dumps_before_period:
+            out["dumps_before_period"] = self.dumps_before_period
+        return out
 
 
 # ----------------------------------------------------------------------------- resolving a source spec

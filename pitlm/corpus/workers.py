@@ -157,18 +157,19 @@ class PackJob:
     # (job_id, offset of the doc in the job file, n_tokens, lo, hi): tokens lo..hi of the doc followed by EOS
     pieces: tuple[tuple[str, int, int, int, int], ...]
     docs: dict  # columns of the ids table: docs that start in this shard
+    prefix: str = ""  # where the shard's period lives in a nested corpus ("periods/001_2017-06-30/"), else ""
 
     @property
     def file(self) -> str:
-        return f"{self.split}/shard_{self.index:05d}.bin"
+        return f"{self.prefix}{self.split}/shard_{self.index:05d}.bin"
 
     @property
     def ids_file(self) -> str:
-        return f"ids/{self.split}_{self.index:05d}.parquet"
+        return f"{self.prefix}ids/{self.split}_{self.index:05d}.parquet"
 
     @property
     def done_path(self) -> Path:
-        return Path(self.out_dir) / ".done" / f"{self.split}_{self.index:05d}.json"
+        return Path(self.out_dir) / ".done" / f"{self.prefix.replace('/', '_')}{self.split}_{self.index:05d}.json"
 
 
 def pack_shard(job: PackJob) -> dict:
