@@ -74,6 +74,8 @@ def test_slices_equal_independent_builds(data, tmp_path, target):
         after = CUTOFFS[j - 1] if j else None
         single = build_corpus(cfg_for(data, name=f"s{j}", cutoff=cutoff, after=after, target_tokens=target), vol)
         singles.append(ShardIndex.load(vol.path("corpus", f"s{j}")))
+        assert singles[j].periods()[0][:2] == (None if after is None else dt.date.fromisoformat(after),
+                                               dt.date.fromisoformat(cutoff))
         assert single["docs"].get("dropped_before_period", 0) == (0 if j == 0 else sum(
             r["date"] <= f"{after}T23:59:59Z" for r in data["records"]))
         period = nested.periods()[j]
@@ -161,6 +163,8 @@ def test_reader_api_and_specs(data, tmp_path):
         open_corpus("n@2017-12-31", vol)
     with pytest.raises(PitlmError, match="corpus 'nope' not found"):
         open_corpus("nope@2017-06-30", vol)
+    with pytest.raises(PitlmError, match="is not a built corpus"):
+        open_corpus(str(tmp_path / "missing") + "@2017-06-30", vol)
     # a chronological run reads the periods in order, each on its own
     parts = ShardIndex.load(vol.path("corpus", "n")).periods()
     assert [(p.start, p.cutoff) for p in parts] == [(None, dt.date(2016, 12, 31)),

@@ -219,8 +219,10 @@ def open_corpus(spec: str, vol: Volume) -> ShardIndex:
     """The ShardIndex a `corpus:` spec names: NAME (PITLM_HOME/corpus/NAME) or a corpus directory, optionally
     @CUTOFF for that slice; one-line errors for an unknown corpus or cutoff."""
     name, cutoff = parse_corpus_spec(spec)
-    path = Path(name).expanduser()
-    root = path if path.is_dir() and (path / INDEX).is_file() else vol.path("corpus", name)
+    looks_like_path = "/" in name or name.startswith(("~", "."))
+    root = Path(name).expanduser() if looks_like_path else vol.entry("corpus", name)
+    if looks_like_path and not (root / INDEX).is_file():
+        raise PitlmError(f"{root} is not a built corpus (no {INDEX}); give a corpus directory or a corpus name")
     if not (root / INDEX).is_file():
         raise PitlmError(f"corpus '{name}' not found at {root} (no {INDEX}); build it with "
                          f"`pitlm corpus build {name} ...` or give a corpus directory")
