@@ -11,7 +11,8 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from rich.console import Console
@@ -28,6 +29,7 @@ from rich.progress import (
 
 T = TypeVar("T")
 _console = Console(stderr=True)
+PLAIN_PROGRESS_S = 30.0  # progress_task: seconds between plain progress lines where stderr is not a terminal
 
 
 def is_rank_zero() -> bool:
@@ -70,6 +72,35 @@ def progress(items: Iterable[T], description: str, total: int | None = None, uni
             yield item
             dt = time.perf_counter() - t0
             bar.update(task, advance=1, rate=f"{n / dt:.1f} {unit}/s" if dt > 0 else "")
+
+
+@contextmanager
+def progress_task(description: str, total: int, unit: str = "it") -> Iterator[Callable[[int], None]]:
+    """A progress bar advanced by hand: `with progress_task("purged", 251, "draws") as advance: ... advance(64)`,
+    with done/total, rate and ETA. Where stderr is not a terminal (a batch job's log) rich draws only the final
+    bar, so a plain line (done/total, rate, ETA) is also printed every PLAIN_PROGRESS_S seconds. Silent off
+    rank 0 or with PITLM_NO_PROGRESS=1."""
+    import time
+
+    enabled = progress_enabled()
+    with make_progress() as bar:
+        task = bar.add_task(description, total=total, rate="")
+        t0 = last = time.perf_counter()
+        done = 0
+
+        def advance(n: int = 1) -> None:
+            nonlocal done, last
+            done += n
+            now = time.perf_counter()
+            rate = done / (now - t0) if now > t0 else 0.0
+            bar.update(task, advance=n, rate=f"{rate:.1f} {unit}/s" if rate else "")
+            if enabled and not _console.is_terminal and now - last >= PLAIN_PROGRESS_S:
+                last = now
+                eta = f"{(total - done) / rate:.0f}s" if rate else "?"
+                _console.print(f"{description}: {done}/{total} {unit}, {rate:.1f} {unit}/s, {now - t0:.0f}s "
+                               f"elapsed, ETA {eta}", highlight=False, soft_wrap=True)
+
+        yield advance
 
 
 def format_value(v: Any) -> str:

@@ -324,3 +324,84 @@ def test_direct_path_equals_block_path():
     torch.testing.assert_close(fit_d.beta, fit.beta, rtol=1e-9, atol=1e-12)
     for k in ("sse", "sst", "n"):
         torch.testing.assert_close(getattr(sc, k), getattr(ref, k), rtol=1e-9, atol=1e-10)
+
+
+def _cv_layout(name, cal, K=3):
+    from pitlm.eval.protocols import _broadcast_stock_folds
+
+    if name == "purged":
+        return PurgedPanelSplit(K, 3, embargo_days=5, horizon=2).folds(cal)
+    return _broadcast_stock_folds(WalkForwardSplit(embargo_days=5, horizon=2).folds(cal), K)
+
+
+def _cv_draws(stock, S, K, n=3, seed=5):
+    counts = np.concatenate([np.ones((1, S), int), draw_counts(S, n, seed=seed)])
+    assign = np.stack([group_kfold_assignment(c * np.bincount(stock, minlength=S), K) for c in counts])
+    return counts, assign
+
+
+@pytest.mark.parametrize("layout", ["purged", "walk_forward"])
+def test_fast_inner_cv_equals_generic_path_and_sklearn(layout):
+    """solve_batch_cv (alpha by inner CV from block Grams, one Cholesky per inner training set and alpha)
+    chooses select_alpha's alpha for every fold of every draw, and each fold's fit with that alpha equals a
+    scikit-learn Ridge refit on the draw materialised by row duplication."""
+    X, y, stock, dates, cal = data(seed=31, d=5)
+    S, K, grid = 24, 3, [0.01, 1.0, 30.0, 1e3, 1e5]
+    folds = _cv_layout(layout, cal, K)
+    cell = folds.cell_of_pos[folds.positions(dates)]
+    counts, assign = _cv_draws(stock, S, K)
+    eng = ClusterRidge(X, y, stock, cell, S, folds, inner_cv=True)
+    assert eng.fast and eng.inner_cv and eng.mode == "rows"
+    fit, sc, alpha = eng.solve_batch_cv(counts, assign, grid, default=-1.0)
+    ref = ClusterRidge(X, y, stock, cell, S, folds, mode="rows")
+    H = ref.block_stats(torch.tensor(counts, dtype=torch.float64), torch.tensor(assign))
+    np.testing.assert_array_equal(alpha, ref.select_alpha(H, grid, default=-1.0).numpy())
+    assert eng.cv_fallbacks == 0
+    checked = 0
+    for b, c in enumerate(counts):
+        idx = expand(c, stock)
+        Xb, yb, kb, tb = X[idx], y[idx], assign[b][stock][idx], cell[idx]
+        for f in range(folds.n_folds):
+            tr, te = folds.train[f][kb, tb], folds.test[f][kb, tb]
+            assert sc.n[b, f].item() == te.sum()
+            if not te.any() or not tr.any():
+                continue
+            m = Ridge(alpha=alpha[b, f]).fit(Xb[tr], yb[tr])
+            close(fit.beta[b, f].numpy(), m.coef_)
+            close(sc.sse[b, f].item(), ((yb[te] - m.predict(Xb[te])) ** 2).sum())
+            checked += 1
+    assert checked >= 2 * folds.n_folds and len(set(alpha.ravel())) > 1
+
+
+def test_fast_inner_cv_leaves_ties_to_select_alpha():
+    """Exactly tied alphas (a grid that repeats a value) are decided by select_alpha (its first minimum), as
+    are the draws' other folds: the same alphas as the generic path, counted as fallbacks."""
+    X, y, stock, dates, cal = data(seed=32, d=4)
+    S, K, grid = 24, 3, [1e3, 1.0, 1.0, 1e3]
+    folds = _cv_layout("purged", cal, K)
+    cell = folds.cell_of_pos[folds.positions(dates)]
+    counts, assign = _cv_draws(stock, S, K, n=2, seed=8)
+    eng = ClusterRidge(X, y, stock, cell, S, folds, inner_cv=True)
+    _, _, alpha = eng.solve_batch_cv(counts, assign, grid, default=5.0)
+    ref = ClusterRidge(X, y, stock, cell, S, folds, mode="rows")
+    H = ref.block_stats(torch.tensor(counts, dtype=torch.float64), torch.tensor(assign))
+    np.testing.assert_array_equal(alpha, ref.select_alpha(H, grid, default=5.0).numpy())
+    assert eng.cv_fallbacks == len(counts)
+
+
+def test_fast_inner_cv_out_of_fold_predictions_equal_predict():
+    """The out-of-fold predictions the fast path keeps while scoring (for the rank IC) equal every fold's
+    predictions masked by the folds that test each row, and the row weights equal the tested counts."""
+    from pitlm.eval.protocols import Panel, ProtocolConfig, _oof_predictions
+
+    X, y, stock, dates, cal = data(seed=33, d=5)
+    rows = pd.DataFrame({"Date": dates, "SecuritiesCode": stock + 100, "Target": y})
+    folds = _cv_layout("purged", cal, 3)
+    panel = Panel(rows, ProtocolConfig(n_splits=3))
+    counts, assign = _cv_draws(stock, 24, 3)
+    eng = ClusterRidge(X, y, stock, panel.cells(folds), 24, folds, inner_cv=True)
+    fit, sc, _ = eng.solve_batch_cv(counts, assign, [0.1, 10.0], default=1.0, ic_groups=[list(range(folds.n_folds))])
+    (pred, w), = _oof_predictions(eng, folds, panel, counts, assign, fit, {"all": list(range(folds.n_folds))})
+    (got_pred, got_w), = sc.oof
+    np.testing.assert_array_equal(got_w, w)
+    close(got_pred[w > 0], pred[w > 0])

@@ -61,11 +61,11 @@ def save_values(path: str, res) -> None:
 
 
 def compare_values(path: str, res) -> dict:
-    """Largest absolute difference to a saved .npz over every statistic and draw (NaN must match NaN),
-    and whether the point estimate's alphas are identical."""
+    """Largest difference to a saved .npz over every statistic and draw, absolute and scaled (|a - b| /
+    max(1, |b|)); NaN must match NaN; and whether the point estimate's alphas are identical."""
     saved = np.load(path)
     now = {f"{m}|{k}": v for m, vals in res.values.items() for k, v in vals.items()}
-    worst, nan_mismatch, alphas_equal = 0.0, 0, True
+    worst, scaled, nan_mismatch, alphas_equal = 0.0, 0.0, 0, True
     for key in saved.files:
         if key.startswith("alpha|"):
             _, m, lay = key.split("|")
@@ -74,9 +74,11 @@ def compare_values(path: str, res) -> dict:
         a, b = saved[key], now[key]
         nan_mismatch += int((np.isnan(a) != np.isnan(b)).sum())
         both = np.isfinite(a) & np.isfinite(b)
-        worst = max(worst, float(np.abs(a[both] - b[both]).max(initial=0.0)))
+        diff = np.abs(a[both] - b[both])
+        worst = max(worst, float(diff.max(initial=0.0)))
+        scaled = max(scaled, float((diff / np.maximum(1.0, np.abs(a[both]))).max(initial=0.0)))
     return {"compared_statistics": len([k for k in saved.files if not k.startswith("alpha|")]),
-            "max_abs_diff_saved": worst, "nan_mismatch_saved": nan_mismatch, "alphas_equal_saved": bool(alphas_equal)}
+            "max_abs_diff_saved": worst, "max_scaled_diff_saved": scaled, "nan_mismatch_saved": nan_mismatch, "alphas_equal_saved": bool(alphas_equal)}
 
 
 def sklearn_protocol(X: np.ndarray, rows: pd.DataFrame, counts: np.ndarray, protocol: str, cfg) -> dict[str, float]:
@@ -183,7 +185,7 @@ def run_bench_stats(bench: StatsBench | None = None, **options) -> dict:
     if b.device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    res = evaluate(features, rows, cfg, control=control)
+    res = evaluate(features, rows, cfg, control=control, show_progress=True)
     if b.device.startswith("cuda"):
         torch.cuda.synchronize()
     engine_s = time.perf_counter() - t0

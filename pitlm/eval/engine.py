@@ -35,6 +35,7 @@ are LAPACK's, called through ctypes so that a pool of threads (one BLAS thread e
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,6 +48,9 @@ from pitlm.eval.splitters import PanelFolds
 _CONTROLLER = None
 STATS_BATCH_BYTES = 32 << 20  # stats mode: packed systems per batch, at most
 BIG_BLOCK = 2e8  # rows mode: mean block work (rows x (d+2)^2) above which blocks run one at a time
+# alpha by inner CV: pooled inner SSEs of two alphas closer than this (relative) are a tie that rounding would
+# decide; the fast path leaves such a draw to select_alpha, so that the choice stays the generic path's
+TIE_RTOL = 1e-7
 
 
 def _blas_threads(n: int):
@@ -95,6 +99,9 @@ class FoldScore:
     n: torch.Tensor
     sy: torch.Tensor
     syy: torch.Tensor
+    # fast path, when asked for: per group of folds with disjoint test rows, (B, n) out-of-fold predictions
+    # (original units) and (B, n) row weights (bootstrap count where a fold of the group tests the row, else 0)
+    oof: list[tuple[np.ndarray, np.ndarray]] | None = None
 
     @property
     def r2(self) -> torch.Tensor:
@@ -122,7 +129,10 @@ class ClusterRidge:
     (ignored when the layout does not split stocks)."""
 
     def __init__(self, X, y, stock, cell, n_stocks: int, folds: PanelFolds, *, device: str = "cpu",
-                 mode: str = "auto", memory_bytes: int | None = None, fixed_alpha: bool = False):
+                 mode: str = "auto", memory_bytes: int | None = None, fixed_alpha: bool = False,
+                 inner_cv: bool = False):
+        if fixed_alpha and inner_cv:
+            raise ValueError("fixed_alpha and inner_cv exclude each other")
         self.device = torch.device(device)
         X = np.asarray(X, dtype=np.float64)
         y = np.asarray(y, dtype=np.float64)
@@ -155,12 +165,18 @@ class ClusterRidge:
         if mode not in ("auto", "stats", "rows"):
             raise ValueError(f"engine mode must be auto, stats or rows (got {mode!r})")
         self.workers = max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
-        # fixed alpha (no inner CV) on the CPU, any separable layout (every layout here): the fast path,
-        # `solve_batch`; fixed alpha elsewhere: the direct path (`direct_fold_stats`); else block statistics
-        self.fast = bool(fixed_alpha) and self._sep is not None and self.device.type == "cpu"
+        # the fast path, on the CPU for any separable layout (every layout here): fixed alpha (`solve_batch`), or
+        # alpha by inner CV over stock folds in rows mode (`solve_batch_cv`, `inner_cv`); fixed alpha elsewhere:
+        # the direct path (`direct_fold_stats`); else block statistics (`block_stats`, `select_alpha`)
+        fast_layout = self._sep is not None and self.device.type == "cpu"
+        self.inner_cv = bool(inner_cv) and fast_layout and self.K >= 2 and mode != "stats"
+        self.fast = (bool(fixed_alpha) and fast_layout) or self.inner_cv
         if self.fast:
             self._fast_setup()
-            self.mode = self._choose_fast_mode(mode)
+            if self.inner_cv:
+                self._cv_setup()
+                self.workers = max(1, min(self.workers, self.memory_bytes // self._cv_work_bytes()))
+            self.mode = "rows" if self.inner_cv else self._choose_fast_mode(mode)
             if self.mode == "stats":
                 self._pattern_stats()
             self.cell_stats = self.patterns = None
@@ -441,9 +457,10 @@ class ClusterRidge:
             _run_all(self.workers, stocks, _chunks(self.S, self.workers))
         self._P = P
 
-    def solve_batch(self, counts, assign, alpha: float) -> tuple[FoldFit, FoldScore]:
+    def solve_batch(self, counts, assign, alpha: float, ic_groups=None) -> tuple[FoldFit, FoldScore]:
         """Fit and score every fold for a batch of count vectors (B, S) and stock-fold assignments (B, S):
-        (B, F) results as torch tensors, in fold order."""
+        (B, F) results as torch tensors, in fold order; `ic_groups` (lists of folds whose test rows are
+        disjoint): also each group's out-of-fold predictions (`FoldScore.oof`)."""
         counts = np.asarray(counts, dtype=np.float64)
         assign = np.asarray(assign, dtype=np.int64).clip(min=0)
         B, F, m = counts.shape[0], self.folds.n_folds, self.d + 1
@@ -456,10 +473,15 @@ class ClusterRidge:
             else:
                 for b in range(B):
                     self._fit_rows_mode(counts[b], assign[b], float(alpha), theta[b], n_train[b], sy_train[b], info[b])
-            ok = (info == 0) & (n_train > 0)
-            theta[~ok] = 0.0
-            theta[..., 0] = np.where(ok, theta[..., 0], sy_train / np.maximum(n_train, 1.0))
-            score = self._score_rows(counts, assign, theta)
+            return self._finish(counts, assign, theta, n_train, sy_train, info, ic_groups)
+
+    def _finish(self, counts, assign, theta, n_train, sy_train, info, ic_groups) -> tuple[FoldFit, FoldScore]:
+        """Folds that could not be fit predict their training mean (sklearn has no such fit; the protocols
+        skip them); then score every fold from its test rows."""
+        ok = (info == 0) & (n_train > 0)
+        theta[~ok] = 0.0
+        theta[..., 0] = np.where(ok, theta[..., 0], sy_train / np.maximum(n_train, 1.0))
+        score = self._score_rows(counts, assign, theta, ic_groups)
         t = torch.from_numpy
         return FoldFit(t(theta[..., 1:]), t(theta[..., 0].copy()), t(ok), t(n_train)), score
 
@@ -488,14 +510,11 @@ class ClusterRidge:
         theta[:] = flat[:, self._tri:].reshape(F, B, m).transpose(1, 0, 2)
         info[:] = res.reshape(F, B).T
 
-    def _fit_rows_mode(self, counts, assign, alpha, theta, n_train, sy_train, info) -> None:
-        """One draw: (F, m) solutions from count-weighted block Gram matrices of the rows."""
-        K, T2, F, m = self.K, self._T2, self.folds.n_folds, self.d + 1
-        m1 = m + 1
-        if self._H is None:
-            self._H = np.zeros((K, T2, m1, m1))
-            self._bufs = np.empty((F, m1, m1))
-        H, bufs = self._H, self._bufs
+    def _block_grams(self, counts, assign, H: np.ndarray, parallel: bool = True) -> None:
+        """One draw's count-weighted Gram matrices of [1, X, y] per (stock fold, super-cell) block, into H (K,
+        T2, m1, m1): one syrk per block, blocks spread over the pool (`parallel`) or all on this thread (a pool
+        worker's own draw)."""
+        K, T2, m1 = self.K, self._T2, self.d + 2
         w = counts[self._stock_np]
         k_row = assign[self._stock_np] if K > 1 else np.zeros(self.n, dtype=np.int64)
         keep = np.flatnonzero((w > 0) & (self._sc_row >= 0))
@@ -516,22 +535,41 @@ class ClusterRidge:
 
         sizes = ends - starts
         by_size = np.argsort(-sizes, kind="stable")
-        if sizes.mean() * m1 * m1 > BIG_BLOCK:  # one at a time, BLAS threads inside (~1.3x the pool's rate)
-            if self._Z is None or len(self._Z) < sizes.max():  # kept: fresh pages cost ~as much as the gather
-                self._Z = np.empty((int(sizes.max() * 1.25), m1))
-
-            def gather(Z, idx, lo, hi):
-                np.take(self.Zy, idx[lo:hi], axis=0, out=Z[lo:hi])
-                Z[lo:hi] *= np.sqrt(w[idx[lo:hi]])[:, None]
-
+        if not parallel:
             for i in by_size:
-                idx = keep[starts[i]:ends[i]]
-                Z = self._Z[:len(idx)]
-                _run_all(self.workers, gather, [(Z, idx, lo, hi) for lo, hi in _chunks(len(idx), self.workers)])
-                with _blas_threads(self.workers):
-                    np.matmul(Z.T, Z, out=flatH[int(keys[i])])
+                block(int(keys[i]), keep[starts[i]:ends[i]])
+        elif sizes.mean() * m1 * m1 > BIG_BLOCK:  # one at a time, BLAS threads inside (~1.3x the pool's rate)
+            self._big_blocks(keep, keys, starts, ends, by_size, w, flatH)
         else:
             _run_all(self.workers, block, [(int(keys[i]), keep[starts[i]:ends[i]]) for i in by_size])
+
+    def _big_blocks(self, keep, keys, starts, ends, by_size, w, flatH) -> None:
+        """Seed-scale blocks, one at a time: rows gathered by the pool into a kept buffer, then one syrk on
+        `workers` BLAS threads."""
+        sizes = ends - starts
+        if self._Z is None or len(self._Z) < sizes.max():  # kept: fresh pages cost ~as much as the gather
+            self._Z = np.empty((int(sizes.max() * 1.25), self.d + 2))
+
+        def gather(Z, idx, lo, hi):
+            np.take(self.Zy, idx[lo:hi], axis=0, out=Z[lo:hi])
+            Z[lo:hi] *= np.sqrt(w[idx[lo:hi]])[:, None]
+
+        for i in by_size:
+            idx = keep[starts[i]:ends[i]]
+            Z = self._Z[:len(idx)]
+            _run_all(self.workers, gather, [(Z, idx, lo, hi) for lo, hi in _chunks(len(idx), self.workers)])
+            with _blas_threads(self.workers):
+                np.matmul(Z.T, Z, out=flatH[int(keys[i])])
+
+    def _fit_rows_mode(self, counts, assign, alpha, theta, n_train, sy_train, info) -> None:
+        """One draw: (F, m) solutions from count-weighted block Gram matrices of the rows."""
+        F, m = self.folds.n_folds, self.d + 1
+        m1 = m + 1
+        if self._H is None:
+            self._H = np.zeros((self.K, self._T2, m1, m1))
+            self._bufs = np.empty((F, m1, m1))
+        H, bufs = self._H, self._bufs
+        self._block_grams(counts, assign, H)
         # fold training Gram matrices, slab by slab of rows so that the sums stay in cache
         slabs = _chunks(m1, max(1, m1 * m1 // 16384))
         _run_all(self.workers, self._combine,
@@ -578,19 +616,176 @@ class ClusterRidge:
                     for t in inq[1:]:
                         buf -= Hs[k, t]
 
-    def _score_rows(self, counts, assign, theta) -> FoldScore:
+    # ---- fast path with alpha by inner CV (rows mode) -----------------------------------------------
+    # Fold f trains on pattern q = q_of_fold[f] (its allowed super-cells) of every stock fold but own[f]. With
+    # per-draw sums part[q, i] (stock fold i's Gram of [1, X, y] over q's super-cells) and tot[q] = sum_i,
+    #     outer training = tot[q] - part[q, own]        inner fold (f, j), j != own: training tot[q] -
+    #     part[q, own] - part[q, j], test part[q, j]
+    # which is select_alpha's leave-one-stock-fold-out inner CV within f's training blocks (own = -1: no stock
+    # fold left out). One inner training set (q, {own, j}) serves folds (own, q) and (j, q); each is solved by
+    # one Cholesky per alpha of the grid (~7 x d^3/3 against eigh's ~9 d^3), and an inner test SSE is the
+    # quadratic form [b0, beta, -1] G [b0, beta, -1]' of the test Gram. A draw runs on one pool worker.
+    # Exactness: where two alphas' pooled inner SSEs lie within TIE_RTOL of each other (or a solve fails), the
+    # argmin would be decided by rounding, so that draw's choice is left to `select_alpha` (the generic path).
+    def _cv_setup(self) -> None:
+        """Distinct inner training sets (q, excluded stock folds), the live inner folds (f, set, q, j), and the
+        live inner folds grouped by test set (q, j)."""
+        systems, live = {}, []
+        for f in range(self.folds.n_folds):
+            q, k = int(self._q_of_fold[f]), int(self._own[f])
+            if not self._pattern_sc[q].any():
+                continue  # no training cells: no inner fold tests anything (select_alpha's `live`)
+            for j in range(self.K):
+                if j != k:
+                    key = (q, tuple(sorted({k, j} - {-1})))
+                    live.append((f, systems.setdefault(key, len(systems)), q, j))
+        self._cv_systems = list(systems)
+        self._cv_live = np.array(live, dtype=np.int64).reshape(-1, 4)
+        tests = {}
+        for i, (_, _, q, j) in enumerate(self._cv_live.tolist()):
+            tests.setdefault((q, j), []).append(i)
+        self._cv_tests = [(q, j, np.array(ls)) for (q, j), ls in tests.items()]
+        self._cv_cells = [(np.flatnonzero(p), np.flatnonzero(~p)) for p in self._pattern_sc]
+        self._cv_ws: list[_CVWork] = []
+        self.cv_fallbacks = 0  # draws whose alpha choice went to select_alpha
+
+    def _cv_work_bytes(self, n_alphas: int = 7) -> int:
+        Q, m1 = len(self._pattern_sc), self.d + 2
+        return 8 * m1 * m1 * (self.K * self._T2 + (Q + 1) * (self.K + 1) + n_alphas + 2)
+
+    def solve_batch_cv(self, counts, assign, grid, default: float, ic_groups=None):
+        """Like `solve_batch`, with every fold's alpha chosen from `grid` by inner CV (`select_alpha`'s
+        choice; `default` where no inner fold is usable). Returns (FoldFit, FoldScore, (B, F) alphas)."""
+        counts = np.asarray(counts, dtype=np.float64)
+        assign = np.asarray(assign, dtype=np.int64).clip(min=0)
+        grid = np.asarray(list(grid), dtype=np.float64)
+        B, F, m = counts.shape[0], self.folds.n_folds, self.d + 1
+        out = {"theta": np.zeros((B, F, m)), "n_train": np.zeros((B, F)), "sy_train": np.zeros((B, F)),
+               "info": np.ones((B, F), dtype=np.int64), "alpha": np.full((B, F), float(default))}
+        while len(self._cv_ws) < self.workers:
+            self._cv_ws.append(_CVWork(self, len(grid)))
+        pending, lock, fallback = iter(range(B)), threading.Lock(), []
+
+        def worker(ws):
+            while (b := _next_locked(pending, lock)) is not None:
+                if not self._cv_draw(ws, counts, assign, b, grid, default, out):
+                    with lock:
+                        fallback.append(b)
+
+        with _single_thread(True):
+            _run_all(self.workers, worker, [(ws,) for ws in self._cv_ws[:self.workers]])
+            for b in sorted(fallback):  # rare: near-tied alphas, decided as the generic path decides them
+                alpha = self._reference_alpha(counts[b], assign[b], grid, default)
+                self._cv_draw(self._cv_ws[0], counts, assign, b, grid, default, out, alpha=alpha)
+            self.cv_fallbacks += len(fallback)
+            fit, score = self._finish(counts, assign, out["theta"], out["n_train"], out["sy_train"], out["info"],
+                                      ic_groups)
+        return fit, score, out["alpha"]
+
+    def _reference_alpha(self, counts, assign, grid, default) -> np.ndarray:
+        """(F,) alphas of one draw by the generic path: block statistics from the rows, `select_alpha`."""
+        H = self.block_stats(torch.as_tensor(counts[None], dtype=torch.float64), torch.as_tensor(assign[None]))
+        return self.select_alpha(H, grid.tolist(), default)[0].numpy()
+
+    def _cv_draw(self, ws, counts, assign, b, grid, default, out, alpha=None) -> bool:
+        """One draw on this thread: block Grams, pattern sums, alphas (unless given), outer solves. False
+        when the alpha choice must be left to select_alpha."""
+        self._block_grams(counts[b], assign[b], ws.H, parallel=False)
+        self._pattern_sums(ws)
+        if alpha is None:
+            self._inner_solves(ws, grid)
+            alpha = self._pick_alpha(ws, grid, default)
+            if alpha is None:
+                return False
+        out["alpha"][b] = alpha
+        m, lap, diag = self.d + 1, _lapack(), np.arange(1, self.d + 1)
+        for f in range(self.folds.n_folds):
+            q, k = int(self._q_of_fold[f]), int(self._own[f])
+            buf = ws.fold
+            np.copyto(buf, ws.tot[q]) if k < 0 else np.subtract(ws.tot[q], ws.part[q, k], out=buf)
+            out["n_train"][b, f], out["sy_train"][b, f] = buf[0, 0], buf[0, m]
+            buf[diag, diag] += alpha[f]
+            out["info"][b, f] = lap.spd_full(buf, m)
+            out["theta"][b, f] = buf[m, :m]
+        return True
+
+    def _pattern_sums(self, ws) -> None:
+        """ws.part[q, i] = sum of H[i, t] over pattern q's super-cells (through the complement when shorter),
+        ws.tot[q] = sum over stock folds."""
+        H = ws.H
+        H.sum(1, out=ws.all)
+        for q, (inq, outq) in enumerate(self._cv_cells):
+            part = ws.part[q]
+            if len(inq) == 0:
+                part[:] = 0.0
+            elif len(outq) + 1 < len(inq):
+                np.copyto(part, ws.all)
+                for t in outq:
+                    part -= H[:, t]
+            else:
+                np.copyto(part, H[:, inq[0]])
+                for t in inq[1:]:
+                    part += H[:, t]
+            part.sum(0, out=ws.tot[q])
+
+    def _inner_solves(self, ws, grid) -> None:
+        """ws.theta[u, a] = [b0, beta, -1] (centred) of inner training set u at alpha grid[a]; ws.n_tr[u], its
+        rows; ws.info[u, a], LAPACK's info (1 where the set is empty)."""
+        m, lap = self.d + 1, _lapack()
+        G, sys = ws.G, ws.sys
+        diag = np.arange(1, m) * (m + 2)  # flat positions of the penalised diagonal in an (m+1)^2 matrix
+        for u, (q, excl) in enumerate(self._cv_systems):
+            np.copyto(G, ws.tot[q])
+            for e in excl:
+                G -= ws.part[q, e]
+            ws.n_tr[u] = G[0, 0]
+            if G[0, 0] <= 0:
+                ws.info[u] = 1
+                continue
+            np.copyto(sys, G[None])
+            sys.reshape(len(grid), -1)[:, diag] += grid[:, None]
+            for a in range(len(grid)):
+                ws.info[u, a] = lap.spd_full(sys[a], m)
+            ws.theta[u, :, :m] = sys[:, m, :m]
+        ws.theta[..., m] = -1.0
+
+    def _pick_alpha(self, ws, grid, default) -> np.ndarray | None:
+        """(F,) alphas minimising the pooled inner SSE of each fold (`default` where no inner fold is usable);
+        None where select_alpha must decide (a failed solve, or a near-tie)."""
+        live, A, m1 = self._cv_live, len(grid), self.d + 2
+        F = self.folds.n_folds
+        n_te = ws.part[live[:, 2], live[:, 3], 0, 0]
+        usable = (ws.n_tr[live[:, 1]] > 0) & (n_te > 0)
+        if (ws.info[live[usable, 1]] != 0).any():
+            return None
+        sse = np.zeros((len(live), A))
+        for q, j, ls in self._cv_tests:
+            ls = ls[usable[ls]]
+            if len(ls):
+                Th = ws.theta[live[ls, 1]].reshape(-1, m1)
+                sse[ls] = np.einsum("ij,ij->i", Th @ ws.part[q, j], Th).reshape(-1, A)
+        total = np.zeros((F, A))
+        np.add.at(total, live[usable, 0], sse[usable])
+        any_inner = np.bincount(live[usable, 0], minlength=F) > 0
+        if A > 1:
+            low = np.sort(total[any_inner], axis=1)
+            if not (low[:, 1] - low[:, 0] > TIE_RTOL * np.abs(low[:, 0])).all():  # also catches NaN
+                return None
+        return np.where(any_inner, grid[total.argmin(1)], float(default))
+
+    def _score_rows(self, counts, assign, theta, ic_groups=None) -> FoldScore:
         """Test-side sums of every fold from its tested rows' residuals: SSE, n, sum y, sum y^2 (weights =
         counts; a row is tested by fold f when its cell is in f's test cells and its stock fold is f's own).
-        Per test group one GEMM gives every member's residuals [1, x, y] . [b0, beta, -1]; each (row, draw)
-        keeps its own fold's, and the sums are weighted bincounts over (draw, fold)."""
+        Per test group one GEMM gives every member's predictions [1, x] . [b0, beta]; each (row, draw) keeps
+        its own fold's, and the sums are weighted bincounts over (draw, fold). `ic_groups`: the kept
+        predictions are also the groups' out-of-fold predictions (`FoldScore.oof`)."""
         B, F, m = counts.shape[0], self.folds.n_folds, self.d + 1
         sse, n, sy, syy = (np.zeros((B, F)) for _ in range(4))
+        oof = None if ic_groups is None else [(np.zeros((B, self.n)), np.zeros((B, self.n))) for _ in ic_groups]
         for members, rows, Zr, stock in self._test_groups:
             G, R = len(members), len(rows)
-            th = np.empty((B, G, m + 1))
-            th[..., :m], th[..., m] = theta[:, members, :], -1.0
             res = np.empty((R, B * G))
-            _par_matmul(Zr, th.reshape(-1, m + 1).T, res, self.workers)
+            _par_matmul(Zr[:, :m], theta[:, members, :].reshape(-1, m).T, res, self.workers)
             own = self._own[members]  # everything below is (R, B), C-ordered
             if own[0] < 0:
                 g = np.zeros((R, B), dtype=np.int64)
@@ -601,15 +796,29 @@ class ClusterRidge:
                 g = pos[assign.T[stock]]
                 c = counts.T[stock] * (g >= 0)
                 g = g.clip(min=0)
-            e = np.take_along_axis(res.reshape(R, B, G), g[:, :, None], axis=2)[:, :, 0]
+            pred = np.take_along_axis(res.reshape(R, B, G), g[:, :, None], axis=2)[:, :, 0]
             key = (g + np.arange(B) * G).ravel()
             y = Zr[:, m:m + 1]
-            cy = c * y
+            e, cy = pred - y, c * y
             for out, w in ((sse, c * e * e), (n, c), (sy, cy), (syy, cy * y)):
                 out[:, members] = np.bincount(key, weights=w.ravel(), minlength=B * G).reshape(B, G)
+            if oof is not None:
+                self._keep_oof(oof, ic_groups, members, rows, pred, c)
         sst = syy - sy ** 2 / np.where(n > 0, n, 1.0)
         t = torch.from_numpy
-        return FoldScore(t(sse), t(sst), t(n), t(sy), t(syy))
+        return FoldScore(t(sse), t(sst), t(n), t(sy), t(syy), oof)
+
+    def _keep_oof(self, oof, ic_groups, members, rows, pred, c) -> None:
+        """Write one test group's (R, B) predictions and weights into the out-of-fold arrays of the IC group
+        that holds its folds (the group's folds test disjoint rows, so tested entries never collide)."""
+        held = [i for i, g in enumerate(ic_groups) if set(members.tolist()) <= set(g)]
+        assert held, f"folds {members.tolist()} of one test group span several IC groups"
+        P, W = oof[held[0]]
+        tested = c.T > 0
+        block = P[:, rows]
+        np.copyto(block, pred.T + self.mean_y, where=tested)
+        P[:, rows] = block
+        W[:, rows] += c.T
 
     # ---- solving and scoring ---------------------------------------------------------------------
     def _unpack(self, s: torch.Tensor):
@@ -758,6 +967,27 @@ class ClusterRidge:
             1, owner, usable.to(torch.float64)) > 0
         best = grid_t[total.argmin(-1)]
         return torch.where(any_inner, best, torch.full_like(best, default))
+
+
+class _CVWork:
+    """One pool worker's buffers for a draw of `solve_batch_cv` (kept: fresh pages cost more than the sums)."""
+
+    def __init__(self, eng: ClusterRidge, n_alphas: int):
+        K, m1, Q, U = eng.K, eng.d + 2, len(eng._pattern_sc), len(eng._cv_systems)
+        self.H = np.zeros((K, eng._T2, m1, m1))  # block Grams
+        self.all = np.empty((K, m1, m1))  # per stock fold, over every super-cell
+        self.part = np.empty((Q, K, m1, m1))  # per pattern and stock fold
+        self.tot = np.empty((Q, m1, m1))  # per pattern
+        self.G, self.fold = np.empty((m1, m1)), np.empty((m1, m1))
+        self.sys = np.empty((n_alphas, m1, m1))  # one inner training set's systems, one per alpha
+        self.theta = np.empty((U, n_alphas, m1))
+        self.n_tr = np.empty(U)
+        self.info = np.empty((U, n_alphas), dtype=np.int64)
+
+
+def _next_locked(it, lock):
+    with lock:
+        return next(it, None)
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from typing import Literal
 
 import numpy as np
@@ -48,6 +49,7 @@ from pitlm.eval.splitters import (
     group_kfold_assignment,
     legacy_folds,
 )
+from pitlm.log import progress_task
 
 log = logging.getLogger("pitlm.eval")
 PROTOCOLS = ("legacy", "purged", "walk_forward")
@@ -165,64 +167,92 @@ def ic_groups(folds: PanelFolds) -> dict[str, list[int]]:
 
 
 def run_layout(X: np.ndarray, panel: Panel, folds: PanelFolds, counts: np.ndarray, assign: np.ndarray,
-               cfg: ProtocolConfig) -> dict[str, np.ndarray]:
+               cfg: ProtocolConfig, advance=None) -> dict[str, np.ndarray]:
     """Fit and score every fold of one layout for every count vector: (C, F) arrays, plus (C, n_dates)
-    per-date rank ICs of the out-of-fold predictions of each `ic_groups` set when cfg.rank_ic."""
+    per-date rank ICs of the out-of-fold predictions of each `ic_groups` set when cfg.rank_ic; `advance(n)`
+    is called as count vectors are done (a progress bar)."""
     cell = panel.cells(folds)
     memory = int(cfg.memory_gb * 2**30) if cfg.memory_gb else None
     eng = ClusterRidge(X, panel.y, panel.stock, cell, panel.n_stocks, folds, device=cfg.device,
-                       mode=cfg.engine, memory_bytes=memory, fixed_alpha=not cfg.alpha_cv)
+                       mode=cfg.engine, memory_bytes=memory, fixed_alpha=not cfg.alpha_cv,
+                       inner_cv=cfg.alpha_cv)
     C, F = counts.shape[0], folds.n_folds
     out = {k: np.zeros((C, F)) for k in ("sse", "sst", "n", "sy", "syy", "alpha")}
     out["ok"] = np.zeros((C, F), dtype=bool)
     if cfg.rank_ic:
         out.update({f"ic_{g}": np.full((C, panel.n_dates), np.nan) for g in ic_groups(folds)})
     with eng.threads():
-        _draw_loop(eng, panel, folds, counts, assign, cfg, out, eng.draw_batch_size())
+        # batches of at most a tenth of the draws, so that a progress bar moves (a batch's GEMMs are as fast)
+        step = min(eng.draw_batch_size(), max(8, -(-len(counts) // 10)))
+        _draw_loop(eng, panel, folds, counts, assign, cfg, out, step, advance)
     out["mode"] = eng.mode
     return out
 
 
 def _draw_loop(eng: ClusterRidge, panel: Panel, folds: PanelFolds, counts: np.ndarray, assign: np.ndarray,
-               cfg: ProtocolConfig, out: dict, step: int) -> None:
-    """Batches of count vectors: fold statistics, fits, scores and rank ICs, written into `out`."""
-    C, F = counts.shape[0], folds.n_folds
+               cfg: ProtocolConfig, out: dict, step: int, advance=None) -> None:
+    """Batches of count vectors: fold statistics, fits, scores and rank ICs, written into `out`;
+    `advance(n)` after each batch of n."""
+    C = counts.shape[0]
     groups = ic_groups(folds)
-    cell = panel.cells(folds)
-    test = torch.as_tensor(folds.test, device=eng.device)
-    cell_t = torch.as_tensor(cell, device=eng.device)
     for s in range(0, C, step):
         sl = slice(s, min(s + step, C))
-        cnt = torch.as_tensor(counts[sl], dtype=torch.float64, device=eng.device)
-        asg = torch.as_tensor(assign[sl], dtype=torch.long, device=eng.device)
-        alpha = torch.full((cnt.shape[0], F), cfg.alpha, dtype=torch.float64, device=eng.device)
-        if eng.fast:
-            fit, sc = eng.solve_batch(counts[sl], assign[sl], cfg.alpha)
-        elif eng.direct:
-            train_s, test_s = eng.direct_fold_stats(cnt, asg)
-            fit = eng.fit_stats(train_s, alpha.T)
-            fit, sc = eng.unsort(fit, eng.score_stats(test_s, fit))
-        else:
-            H = eng.block_stats(cnt, asg)
-            if cfg.alpha_cv:
-                alpha = eng.select_alpha(H, cfg.alpha_grid, cfg.alpha)
-            fit = eng.fit(H, alpha)
-            sc = eng.score(H, fit)
+        fit, sc, alpha = _solve(eng, counts[sl], assign[sl], cfg, list(groups.values()) if cfg.rank_ic else None)
         for k in ("sse", "sst", "n", "sy", "syy"):
             out[k][sl] = getattr(sc, k).cpu().numpy()
         out["ok"][sl] = fit.ok.cpu().numpy()
-        out["alpha"][sl] = alpha.cpu().numpy()
+        out["alpha"][sl] = alpha
         if cfg.rank_ic:
-            k_row = asg.clamp(min=0)[:, eng.stock] if folds.n_stock_folds > 1 else torch.zeros_like(asg[:, eng.stock])
-            tested_all = test[:, k_row, cell_t].permute(1, 0, 2)  # (B, F, n)
-            pred = eng.predict(fit)
-            for g, members in groups.items():
-                tested = tested_all[:, members]
-                oof = (pred[:, members] * tested).sum(1).cpu().numpy()
-                w = (cnt[:, eng.stock] * tested.any(1)).cpu().numpy()
-                for b in range(oof.shape[0]):
-                    out[f"ic_{g}"][s + b] = per_date_rank_ic(panel.date_idx, oof[b], panel.y, w[b], panel.n_dates,
+            oof = sc.oof if sc.oof is not None else _oof_predictions(eng, folds, panel, counts[sl], assign[sl], fit,
+                                                                     groups)
+            for g, (pred, w) in zip(groups, oof, strict=True):
+                for b in range(pred.shape[0]):
+                    out[f"ic_{g}"][s + b] = per_date_rank_ic(panel.date_idx, pred[b], panel.y, w[b], panel.n_dates,
                                                              cfg.rank_ic_min_stocks)
+        if advance is not None:
+            advance(sl.stop - sl.start)
+
+
+def _solve(eng: ClusterRidge, counts: np.ndarray, assign: np.ndarray, cfg: ProtocolConfig, groups):
+    """(FoldFit, FoldScore, (B, F) alphas) of a batch of count vectors, by the engine's path for this layout."""
+    B, F = counts.shape[0], eng.folds.n_folds
+    if eng.fast and eng.inner_cv:
+        return eng.solve_batch_cv(counts, assign, cfg.alpha_grid, cfg.alpha, groups)
+    if eng.fast:
+        fit, sc = eng.solve_batch(counts, assign, cfg.alpha, groups)
+        return fit, sc, np.full((B, F), cfg.alpha)
+    cnt = torch.as_tensor(counts, dtype=torch.float64, device=eng.device)
+    asg = torch.as_tensor(assign, dtype=torch.long, device=eng.device)
+    alpha = torch.full((B, F), cfg.alpha, dtype=torch.float64, device=eng.device)
+    if eng.direct:
+        train_s, test_s = eng.direct_fold_stats(cnt, asg)
+        fit = eng.fit_stats(train_s, alpha.T)
+        fit, sc = eng.unsort(fit, eng.score_stats(test_s, fit))
+        return fit, sc, alpha.cpu().numpy()
+    H = eng.block_stats(cnt, asg)
+    if cfg.alpha_cv:
+        alpha = eng.select_alpha(H, cfg.alpha_grid, cfg.alpha)
+    fit = eng.fit(H, alpha)
+    return fit, eng.score(H, fit), alpha.cpu().numpy()
+
+
+def _oof_predictions(eng: ClusterRidge, folds: PanelFolds, panel: Panel, counts: np.ndarray, assign: np.ndarray,
+                     fit, groups: dict) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per IC group, (B, n) out-of-fold predictions and row weights (count where a fold of the group tests
+    the row) from every fold's predictions (the paths without `FoldScore.oof`)."""
+    cnt = torch.as_tensor(counts, dtype=torch.float64, device=eng.device)
+    asg = torch.as_tensor(assign, dtype=torch.long, device=eng.device)
+    test = torch.as_tensor(folds.test, device=eng.device)
+    cell_t = torch.as_tensor(panel.cells(folds), device=eng.device)
+    k_row = asg.clamp(min=0)[:, eng.stock] if folds.n_stock_folds > 1 else torch.zeros_like(asg[:, eng.stock])
+    tested_all = test[:, k_row, cell_t].permute(1, 0, 2)  # (B, F, n)
+    pred = eng.predict(fit)
+    out = []
+    for members in groups.values():
+        tested = tested_all[:, members]
+        out.append(((pred[:, members] * tested).sum(1).cpu().numpy(),
+                    (cnt[:, eng.stock] * tested.any(1)).cpu().numpy()))
+    return out
 
 
 def _fold_r2(raw: dict) -> np.ndarray:
@@ -281,6 +311,13 @@ def walk_forward_metrics(raw: dict, folds: PanelFolds, panel: Panel) -> dict[str
     return out
 
 
+def _step_progress(show: bool, description: str, total: int):
+    """A progress bar over one draw loop (`advance(n)`), or a context giving None."""
+    if not show:
+        return nullcontext(None)
+    return progress_task(description, total, "draws")
+
+
 def count_vectors(n_stocks: int, cfg: ProtocolConfig) -> np.ndarray:
     """[original sample (all ones); cfg.n_boot bootstrap draws; jackknife replicates] x stocks."""
     ones = np.ones((1, n_stocks), dtype=np.int64)
@@ -289,8 +326,10 @@ def count_vectors(n_stocks: int, cfg: ProtocolConfig) -> np.ndarray:
 
 
 def evaluate(features: dict[str, np.ndarray], rows: pd.DataFrame, cfg: ProtocolConfig | None = None,
-             control: str | None = "control", base: str | None = None, primary: str | None = None) -> EvalResult:
-    """Every protocol for every model on the same rows and the same bootstrap draws (see the module doc)."""
+             control: str | None = "control", base: str | None = None, primary: str | None = None,
+             show_progress: bool = False) -> EvalResult:
+    """Every protocol for every model on the same rows and the same bootstrap draws (see the module doc);
+    `show_progress`: a progress bar (draws done/total, ETA) on stderr for every model x fold layout."""
     cfg = cfg or ProtocolConfig()
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise PitlmError(f"device '{cfg.device}' requested but torch sees no CUDA GPU; use device=cpu")
@@ -320,7 +359,8 @@ def evaluate(features: dict[str, np.ndarray], rows: pd.DataFrame, cfg: ProtocolC
             for lname, folds in layouts.items():
                 t1 = time.perf_counter()
                 a = assign if folds.n_stock_folds > 1 else no_split
-                raw[lname] = run_layout(np.asarray(X), panel, folds, counts, a, pcfg)
+                with _step_progress(show_progress, f"{lname} {model}", len(counts)) as advance:
+                    raw[lname] = run_layout(np.asarray(X), panel, folds, counts, a, pcfg, advance)
                 modes[lname] = raw[lname]["mode"]
                 alphas[model][lname] = raw[lname]["alpha"][0].tolist()
                 log.info("%s/%s: %d folds x %d draws in %.2fs (%s engine)", model, lname, folds.n_folds,
