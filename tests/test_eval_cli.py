@@ -99,6 +99,50 @@ def test_eval_bad_input_is_one_error_line(cli, market, extra, message):
     assert len(errors) == 1 and message in errors[0], err
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--max-stocks", "3"], "fewer than n_splits"),
+    (["--set", "protocol.test_start=2030-01-01", "--set", "protocol.train_end=2029-12-31"],
+     "no rows on the chronological test side"),
+    (["--set", "protocol.train_end=2010-12-31", "--set", "protocol.test_start=2011-01-01"],
+     "no rows on the chronological train side"),
+    (["--protocol", "walk_forward", "--set", "protocol.first_test_year=2030"], "walk-forward has no test year"),
+    (["--protocol", "purged", "--set", "protocol.n_time_blocks=1000"], "n_time_blocks=1000 must be between"),
+])
+def test_eval_protocol_mistakes_fail_before_any_embedding(cli, market, home, monkeypatch, extra, message):
+    """What would stop the statistics is checked on the sampled rows first: one error line, and no embedding
+    computed or cached."""
+    import pitlm.eval.embed
+
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("an embedding was computed")
+
+    monkeypatch.setattr(pitlm.eval.embed, "embed", no_embedding)
+    code, out, err = cli("eval", "--market", market, "--model", "x=control:random-features", "--dates-per-stock",
+                         "10", *FAST, *extra)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code != 0 and len(errors) == 1 and message in errors[0], err
+    cache = home / "embeddings"
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_eval_shows_progress_per_draw_loop_and_ends_with_key_lines(cli, market, monkeypatch):
+    """Every protocol step (model x fold layout) shows its draws done/total on stderr (plain lines with the ETA
+    where stderr is not a terminal); stdout still ends with the grep-able key: value lines."""
+    import pitlm.log
+
+    monkeypatch.setenv("PITLM_NO_PROGRESS", "0")
+    monkeypatch.setattr(pitlm.log, "PLAIN_PROGRESS_S", 0.0)
+    code, out, err = cli("eval", "--market", market, "--model", "x=control:random-features", "--max-stocks", "12",
+                         "--dates-per-stock", "12", *FAST)
+    assert code == 0, err
+    for step in ("legacy x", "legacy control", "purged x", "purged control", "walk_forward x", "walk_forward control"):
+        assert f"{step}: 21/21 draws" in err, (step, err)
+    assert "ETA" in err
+    tail = out.strip().splitlines()[-3:]
+    assert all(": " in line for line in tail) and tail[-1].startswith("results_json: ")
+    assert "leakage_premium" in lines(out) and "r2_purged" in lines(out)
+
+
 def test_eval_adapter_without_base_and_missing_market(cli, market, tiny_model, tmp_path):
     from test_eval_embed import make_adapter
 

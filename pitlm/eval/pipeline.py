@@ -145,6 +145,17 @@ def prepare_eval(cfg: EvalConfig, vol):
                                                      cfg.seed)
 
 
+def check_rows(rows: pd.DataFrame, pcfg) -> None:
+    """What would stop the statistics, checked on the sampled rows before any embedding is computed: too few
+    stocks for the folds, a legacy chronological split with a side the rows' dates miss, a walk-forward with
+    no test year, a purged grid that cannot be built (each one PitlmError line)."""
+    from pitlm.eval.protocols import Panel, build_layouts
+
+    panel = Panel(rows[["Date", "SecuritiesCode", "Target"]], pcfg)
+    for protocol in pcfg.protocols:
+        build_layouts(protocol, panel.calendar, pcfg)
+
+
 def embed_models(cfg: EvalConfig, specs: dict, prompts: list[str], vol) -> tuple[dict[str, np.ndarray], dict]:
     """Embeddings of every model (cached) and their records for results.json. The control is embedded last,
     matched to the primary model (the first that is neither the control nor the base) per `control_match`."""
@@ -180,6 +191,7 @@ def run_eval(cfg: EvalConfig, vol, run, prepared=None) -> dict[str, Any]:
     t0 = time.time()
     specs, pcfg = prepared or prepare_eval(cfg, vol)
     rows = load_rows(vol, cfg)
+    check_rows(rows, pcfg)
     prompts = build_prompts(rows, cfg.template)
     log.info("prompt 0: %s", prompts[0])
     embeddings, models = embed_models(cfg, specs, prompts, vol)
@@ -188,7 +200,7 @@ def run_eval(cfg: EvalConfig, vol, run, prepared=None) -> dict[str, Any]:
         models[name]["n_features"] = int(X.shape[1])
     t_stats = time.time()
     result = evaluate(features, rows[["Date", "SecuritiesCode", "Target"]], pcfg, control=cfg.control_name,
-                      base=cfg.base)
+                      base=cfg.base, show_progress=True)
     lines = list(result.summary_lines())
     results = eval_results(cfg, pcfg, rows, models, result.to_json(), lines, prompts_hash(prompts),
                            timings={"embed_seconds": round(t_stats - t0, 3),
