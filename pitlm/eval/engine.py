@@ -733,7 +733,6 @@ class ClusterRidge:
         rows; ws.info[u, a], LAPACK's info (1 where the set is empty)."""
         m, lap = self.d + 1, _lapack()
         G, sys = ws.G, ws.sys
-        diag = np.arange(1, m) * (m + 2)  # flat positions of the penalised diagonal in an (m+1)^2 matrix
         for u, (q, excl) in enumerate(self._cv_systems):
             np.copyto(G, ws.tot[q])
             for e in excl:
@@ -743,9 +742,8 @@ class ClusterRidge:
                 ws.info[u] = 1
                 continue
             np.copyto(sys, G[None])
-            sys.reshape(len(grid), -1)[:, diag] += grid[:, None]
-            for a in range(len(grid)):
-                ws.info[u, a] = lap.spd_full(sys[a], m)
+            ws.sys_diag += grid[:, None]
+            lap.spd_full_many(sys, m, ws.info[u])
             ws.theta[u, :, :m] = sys[:, m, :m]
         ws.theta[..., m] = -1.0
 
@@ -980,6 +978,9 @@ class _CVWork:
         self.tot = np.empty((Q, m1, m1))  # per pattern
         self.G, self.fold = np.empty((m1, m1)), np.empty((m1, m1))
         self.sys = np.empty((n_alphas, m1, m1))  # one inner training set's systems, one per alpha
+        # (n_alphas, d) view of their penalised diagonals (entries 1..d: not the intercept's, not y's)
+        self.sys_diag = np.lib.stride_tricks.as_strided(self.sys.reshape(-1)[m1 + 1:], (n_alphas, eng.d),
+                                                        (8 * m1 * m1, 8 * (m1 + 1)))
         self.theta = np.empty((U, n_alphas, m1))
         self.n_tr = np.empty(U)
         self.info = np.empty((U, n_alphas), dtype=np.int64)
@@ -1069,6 +1070,22 @@ class _Lapack:
                        c.byref(info))
         return info.value
 
+    def spd_full_many(self, a: np.ndarray, m: int, info: np.ndarray) -> None:
+        """`spd_full` on each of the C-contiguous (k, m+1, m+1) systems of `a`, LAPACK's info into `info`
+        (k,): the ctypes arguments made once (their conversion costs more than a 134 x 134 solve's rest)."""
+        assert a.flags.c_contiguous and a.shape[1:] == (m + 1, m + 1)
+        c = self.c
+        n, lda, one, res = c.c_int(m), c.c_int(m + 1), c.c_int(1), c.c_int(0)
+        bn, blda, bone, bres = c.byref(n), c.byref(lda), c.byref(one), c.byref(res)
+        step, rhs = 8 * (m + 1) * (m + 1), 8 * m * (m + 1)
+        base = a.ctypes.data
+        for i in range(a.shape[0]):
+            ptr = base + i * step
+            self.potrf(b"L", bn, ptr, blda, bres)
+            if res.value == 0:
+                self.potrs(b"L", bn, bone, ptr, blda, ptr + rhs, blda, bres)
+            info[i] = res.value
+
     def spd_rfp(self, row: np.ndarray, m: int) -> int:
         """Solve in place; `row` = [system in RFP (m(m+1)/2), right-hand side (m)], contiguous."""
         tri = m * (m + 1) // 2
@@ -1123,10 +1140,11 @@ def batched_eigh(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return batched_linalg(lambda a: tuple(torch.linalg.eigh(a)), A)
 
 
-def _weighted_midranks(group: np.ndarray, v: np.ndarray, w: np.ndarray) -> np.ndarray:
+def _weighted_midranks(group: np.ndarray, v: np.ndarray, w: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
     """Average ranks of v within each group, a row of weight w counting as w tied copies (scipy's
-    rankdata(method="average") on the expanded data)."""
-    order = np.lexsort((v, group))
+    rankdata(method="average") on the expanded data); `order`: the rows sorted by (group, v), ties in row
+    order (np.lexsort((v, group))), when known."""
+    order = np.lexsort((v, group)) if order is None else order
     g, vs, ws = group[order], v[order], w[order]
     new_group = np.r_[True, g[1:] != g[:-1]]
     new_tie = new_group | np.r_[True, vs[1:] != vs[:-1]]
@@ -1140,27 +1158,63 @@ def _weighted_midranks(group: np.ndarray, v: np.ndarray, w: np.ndarray) -> np.nd
     return out
 
 
+class RankIC:
+    """Per-date Spearman correlations of many prediction vectors with one target (`per_date_rank_ic`), the
+    target's order sorted once: a draw only re-weights it. Predictions are ordered by a stable argsort and a
+    stable (radix) sort by date, the same order as np.lexsort((pred, date)) at ~half its cost."""
+
+    def __init__(self, date: np.ndarray, y: np.ndarray, n_dates: int, min_stocks: int = 3):
+        self.date, self.y, self.n_dates, self.min_stocks = np.asarray(date), np.asarray(y), n_dates, min_stocks
+        self._date_key = self.date.astype(np.int16 if n_dates < 2**15 else np.int64)
+        self._y_order = np.lexsort((self.y, self.date))
+
+    def __call__(self, pred: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """(n_dates,) rank IC of one prediction vector (row weight = bootstrap count, 0 = not tested); NaN
+        where fewer than `min_stocks` rows or a constant side."""
+        keep = w > 0
+        out = np.full(self.n_dates, np.nan)
+        if not keep.any():
+            return out
+        date, pred, y, w = self.date[keep], pred[keep], self.y[keep], w[keep]
+        kept_pos = np.cumsum(keep) - 1
+        y_order = kept_pos[self._y_order[keep[self._y_order]]]
+        by_pred = np.argsort(pred, kind="stable")
+        p_order = by_pred[np.argsort(self._date_key[keep][by_pred], kind="stable")]
+        rp, ry = _weighted_midranks(date, pred, w, p_order), _weighted_midranks(date, y, w, y_order)
+        return self._correlate(date, rp, ry, w, out)
+
+    def _correlate(self, date, rp, ry, w, out) -> np.ndarray:
+        n_dates = self.n_dates
+
+        def wsum(v):
+            return np.bincount(date, weights=w * v, minlength=n_dates)
+
+        sw = wsum(np.ones_like(rp))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mp, my = wsum(rp) / sw, wsum(ry) / sw
+            cov = wsum(rp * ry) / sw - mp * my
+            vp, vy = wsum(rp * rp) / sw - mp ** 2, wsum(ry * ry) / sw - my ** 2
+            ic = cov / np.sqrt(vp * vy)
+        enough = np.bincount(date, minlength=n_dates) >= self.min_stocks
+        good = enough & (vp > 1e-12 * sw ** 2) & (vy > 1e-12 * sw ** 2)
+        out[good] = ic[good]
+        return out
+
+    def batch(self, pred: np.ndarray, w: np.ndarray, workers: int = 1) -> np.ndarray:
+        """(B, n_dates) rank ICs of (B, n) predictions and weights, draws spread over the engine's pool
+        (numpy's sorts release the GIL)."""
+        out = np.empty((len(pred), self.n_dates))
+
+        def rows(lo, hi):
+            for b in range(lo, hi):
+                out[b] = self(pred[b], w[b])
+
+        _run_all(workers, rows, _chunks(len(pred), workers))
+        return out
+
+
 def per_date_rank_ic(date: np.ndarray, pred: np.ndarray, y: np.ndarray, w: np.ndarray, n_dates: int,
                      min_stocks: int = 3) -> np.ndarray:
     """(n_dates,) Spearman correlation of predictions and targets across the rows of each date (row weight
     = bootstrap count, 0 = not tested); NaN where fewer than `min_stocks` rows or a constant side."""
-    keep = w > 0
-    date, pred, y, w = date[keep], pred[keep], y[keep], w[keep]
-    out = np.full(n_dates, np.nan)
-    if len(date) == 0:
-        return out
-    rp, ry = _weighted_midranks(date, pred, w), _weighted_midranks(date, y, w)
-
-    def wsum(v):
-        return np.bincount(date, weights=w * v, minlength=n_dates)
-
-    sw = wsum(np.ones_like(rp))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mp, my = wsum(rp) / sw, wsum(ry) / sw
-        cov = wsum(rp * ry) / sw - mp * my
-        vp, vy = wsum(rp * rp) / sw - mp ** 2, wsum(ry * ry) / sw - my ** 2
-        ic = cov / np.sqrt(vp * vy)
-    enough = np.bincount(date, minlength=n_dates) >= min_stocks
-    good = enough & (vp > 1e-12 * sw ** 2) & (vy > 1e-12 * sw ** 2)
-    out[good] = ic[good]
-    return out
+    return RankIC(date, y, n_dates, min_stocks)(pred, w)

@@ -39,7 +39,7 @@ from pydantic import Field
 from pitlm.config import StageConfig
 from pitlm.errors import PitlmError
 from pitlm.eval.bootstrap import draw_counts, jackknife_counts
-from pitlm.eval.engine import ClusterRidge, per_date_rank_ic
+from pitlm.eval.engine import ClusterRidge, RankIC
 from pitlm.eval.evalresult import EvalResult
 from pitlm.eval.splitters import (
     PanelFolds,
@@ -186,6 +186,8 @@ def run_layout(X: np.ndarray, panel: Panel, folds: PanelFolds, counts: np.ndarra
         step = min(eng.draw_batch_size(), max(8, -(-len(counts) // 10)))
         _draw_loop(eng, panel, folds, counts, assign, cfg, out, step, advance)
     out["mode"] = eng.mode
+    if eng.inner_cv and eng.cv_fallbacks:
+        log.info("%d of %d draws had near-tied alphas; chosen by select_alpha", eng.cv_fallbacks, C)
     return out
 
 
@@ -195,6 +197,7 @@ def _draw_loop(eng: ClusterRidge, panel: Panel, folds: PanelFolds, counts: np.nd
     `advance(n)` after each batch of n."""
     C = counts.shape[0]
     groups = ic_groups(folds)
+    ranker = RankIC(panel.date_idx, panel.y, panel.n_dates, cfg.rank_ic_min_stocks) if cfg.rank_ic else None
     for s in range(0, C, step):
         sl = slice(s, min(s + step, C))
         fit, sc, alpha = _solve(eng, counts[sl], assign[sl], cfg, list(groups.values()) if cfg.rank_ic else None)
@@ -206,9 +209,7 @@ def _draw_loop(eng: ClusterRidge, panel: Panel, folds: PanelFolds, counts: np.nd
             oof = sc.oof if sc.oof is not None else _oof_predictions(eng, folds, panel, counts[sl], assign[sl], fit,
                                                                      groups)
             for g, (pred, w) in zip(groups, oof, strict=True):
-                for b in range(pred.shape[0]):
-                    out[f"ic_{g}"][s + b] = per_date_rank_ic(panel.date_idx, pred[b], panel.y, w[b], panel.n_dates,
-                                                             cfg.rank_ic_min_stocks)
+                out[f"ic_{g}"][sl] = ranker.batch(pred, w, eng.workers)
         if advance is not None:
             advance(sl.stop - sl.start)
 
