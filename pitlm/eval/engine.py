@@ -30,6 +30,17 @@ against the fold coefficients. Training statistics are kept per (stock, training
 rectangular full packed (RFP) format, half a full Gram and factorised in place by dpftrf ("stats"), or built
 per draw by syrk per (stock fold, super-cell) block and combined slab by slab ("rows"). The factorisations
 are LAPACK's, called through ctypes so that a pool of threads (one BLAS thread each) runs one per core.
+
+Alpha by inner CV on the CPU (the eval's default for the calibrated protocols) takes the same path in rows
+mode, `solve_batch_cv`, one draw per pool worker: from the draw's block Gram matrices, per training pattern
+and stock fold sums give every outer and inner (leave one more stock fold out) training Gram and every inner
+test Gram; each distinct inner training set is solved by one Cholesky per alpha of the grid (~7 d^3/3
+multiply-adds against eigh's ~9 d^3, and LAPACK's Cholesky runs near its peak at d ~ 130-260), an inner SSE is
+the quadratic form of [b0, beta, -1] with its test Gram, and each fold is then solved with its own alpha.
+The choice is `select_alpha`'s (the generic path, which keeps eigh: one decomposition for all alphas, on
+GPUs): where two alphas' pooled SSEs lie within TIE_RTOL (rounding would decide), the draw is handed to it.
+Out-of-fold predictions for the rank IC come from the scoring GEMM, and the rank IC (`RankIC`) sorts the
+target's per-date order once.
 """
 
 from __future__ import annotations

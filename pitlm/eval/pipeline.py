@@ -2,7 +2,9 @@
 
 Every model, and always the knowledge-free control, is scored on the same rows with the same bootstrap draws
 (DESIGN.md §4); `pitlm.eval.protocols.evaluate` does the statistics and this module does the plumbing and the
-record (`runs/<id>/results.json`, see pitlm/eval/results.py).
+record (`runs/<id>/results.json`, see pitlm/eval/results.py). What would stop the statistics (too few stocks,
+a fold layout the sampled dates cannot fill) is checked on the rows before any embedding is computed
+(`check_rows`); the statistics show a progress bar per model and fold layout.
 """
 
 from __future__ import annotations
