@@ -151,6 +151,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             routed_kernels: Annotated[str, typer.Option("--routed-kernels", help="GPU, with the fast kernels: on | off | on,off -- the MoE block's fused Triton kernels (routed experts, router, shared-expert gate).")] = "on",
             rope: Annotated[bool, typer.Option("--rope/--no-rope", help="GPU, with the fast kernels: also the Triton partial rotary embedding (default on).")] = True,
             ablate: Annotated[str, typer.Option("--ablate", help="GPU, with the fast kernels: none | gdn | conv-split | router | shared-gate | routed-experts | lora-in-k | dense-one-node | rope -- that fast path off; a comma list measures each on one model.")] = "none",
+            path: Annotated[str, typer.Option("--path", help="scratch: comma list of reference (eager trainer step) | pitlm (compile: blocks + fused AdamW) | baseline (transformers + torch.compile + fused AdamW).")] = "pitlm",
+            sdpa: Annotated[str, typer.Option("--sdpa", help="scratch: comma list of SDPA backends, auto | flash | cudnn | efficient.")] = "auto",
+            peak_tflops: Annotated[float | None, typer.Option("--peak-tflops", help="scratch: dense bf16 peak for MFU (default: pitlm.train.mfu's table, H100/H200 SXM 989).")] = None,
             set_: SetOpt = None) -> None:
         """Training throughput and peak memory of pitlm's own train_step on random weights and tokens."""
         from pitlm.errors import ConfigError

@@ -99,12 +99,12 @@ class EvalConfig(StageConfig):
 class CheckpointConfig(StageConfig):
     every: int = Field(500, ge=1)
     keep_last: int = Field(2, ge=1)
-
-
     # what `--resume` checks of each file recorded in a checkpoint's files.json before trusting it: its size
     # (catches truncation), or also its sha256 (catches corruption; rank 0 re-reads the whole checkpoint, which for
     # a sharded 35B full-weight checkpoint of ~0.5 TB takes minutes: that recipe checks sizes)
     verify: Literal["sha256", "size"] = "sha256"
+
+
 class DebugConfig(StageConfig):
     inject_nan_at_step: int | None = None  # multiply that step's loss by NaN (tests the watchdog)
     kill_at_step: int | None = None  # hard-exit (os._exit(137)) after that step (tests --resume)
