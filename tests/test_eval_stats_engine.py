@@ -56,6 +56,19 @@ def engine_r2(X, y, stock, dates, folds, counts, alpha=1.0, mode="stats"):
     return eng.score(H, fit), eng, fit
 
 
+def _materialised_folds(sc, X, y, stock, cell, folds, counts, assign):
+    """Every (draw b, fold f) with rows on both sides, as scikit-learn would see it: the draw materialised by
+    row duplication, (b, f, Xb, yb, train mask, test mask); checks the engine's test-row count of every fold."""
+    for b, c in enumerate(counts):
+        idx = expand(c, stock)
+        Xb, yb, kb, tb = X[idx], y[idx], assign[b][stock][idx], cell[idx]
+        for f in range(folds.n_folds):
+            tr, te = folds.train[f][kb, tb], folds.test[f][kb, tb]
+            assert sc.n[b, f].item() == te.sum()
+            if te.any() and tr.any():
+                yield b, f, Xb, yb, tr, te
+
+
 @pytest.mark.parametrize("mode", ["stats", "rows"])
 @pytest.mark.parametrize("draw", range(4))
 def test_group_kfold_and_chronological_equal_sklearn(mode, draw):
@@ -240,23 +253,16 @@ def test_fast_path_equals_sklearn_on_draws(mode, layout, monkeypatch):
     fit, sc = eng.solve_batch(counts, assign, alpha)
     pred = eng.predict(fit).numpy()
     checked = 0
-    for b, c in enumerate(counts):
-        idx = expand(c, stock)
-        Xb, yb, kb, tb = X[idx], y[idx], assign[b][stock][idx], cell[idx]
-        for f in range(folds.n_folds):
-            tr, te = folds.train[f][kb, tb], folds.test[f][kb, tb]
-            assert sc.n[b, f].item() == te.sum()
-            if not te.any() or not tr.any():
-                continue
-            assert fit.ok[b, f]
-            m = Ridge(alpha=alpha).fit(Xb[tr], yb[tr])
-            close(fit.beta[b, f].numpy(), m.coef_)
-            close(pred[b, f], m.predict(X))
-            close(sc.sse[b, f].item(), ((yb[te] - m.predict(Xb[te])) ** 2).sum())
-            close(sc.sst[b, f].item(), ((yb[te] - yb[te].mean()) ** 2).sum())
-            if te.sum() >= 2:
-                close(sc.r2[b, f].item(), r2_score(yb[te], m.predict(Xb[te])))
-            checked += 1
+    for b, f, Xb, yb, tr, te in _materialised_folds(sc, X, y, stock, cell, folds, counts, assign):
+        assert fit.ok[b, f]
+        m = Ridge(alpha=alpha).fit(Xb[tr], yb[tr])
+        close(fit.beta[b, f].numpy(), m.coef_)
+        close(pred[b, f], m.predict(X))
+        close(sc.sse[b, f].item(), ((yb[te] - m.predict(Xb[te])) ** 2).sum())
+        close(sc.sst[b, f].item(), ((yb[te] - yb[te].mean()) ** 2).sum())
+        if te.sum() >= 2:
+            close(sc.r2[b, f].item(), r2_score(yb[te], m.predict(Xb[te])))
+        checked += 1
     assert checked >= 2 * folds.n_folds
 
 
@@ -358,18 +364,11 @@ def test_fast_inner_cv_equals_generic_path_and_sklearn(layout):
     np.testing.assert_array_equal(alpha, ref.select_alpha(H, grid, default=-1.0).numpy())
     assert eng.cv_fallbacks == 0
     checked = 0
-    for b, c in enumerate(counts):
-        idx = expand(c, stock)
-        Xb, yb, kb, tb = X[idx], y[idx], assign[b][stock][idx], cell[idx]
-        for f in range(folds.n_folds):
-            tr, te = folds.train[f][kb, tb], folds.test[f][kb, tb]
-            assert sc.n[b, f].item() == te.sum()
-            if not te.any() or not tr.any():
-                continue
-            m = Ridge(alpha=alpha[b, f]).fit(Xb[tr], yb[tr])
-            close(fit.beta[b, f].numpy(), m.coef_)
-            close(sc.sse[b, f].item(), ((yb[te] - m.predict(Xb[te])) ** 2).sum())
-            checked += 1
+    for b, f, Xb, yb, tr, te in _materialised_folds(sc, X, y, stock, cell, folds, counts, assign):
+        m = Ridge(alpha=alpha[b, f]).fit(Xb[tr], yb[tr])
+        close(fit.beta[b, f].numpy(), m.coef_)
+        close(sc.sse[b, f].item(), ((yb[te] - m.predict(Xb[te])) ** 2).sum())
+        checked += 1
     assert checked >= 2 * folds.n_folds and len(set(alpha.ravel())) > 1
 
 

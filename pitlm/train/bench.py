@@ -61,6 +61,25 @@ def _bench_config(arch: str, mode: str, model_overrides: list[str] | None, lora_
     return config, preset, cfg
 
 
+
+def timed_steps(one_step, warmup: int, steps: int, on_gpu: bool) -> tuple[list[float], float, float]:
+    """Run `one_step(i)` for `warmup` untimed then `steps` timed steps (peak memory counted from the first):
+    (losses of the timed steps, their seconds, the warm-up's seconds). The GPU is synchronised around the
+    timed steps, so queued kernels count where they ran."""
+    if on_gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t_warm = time.perf_counter()
+    for i in range(warmup):
+        one_step(i)
+    if on_gpu:
+        torch.cuda.synchronize()
+    t_start = time.perf_counter()
+    losses = [one_step(warmup + i) for i in range(steps)]
+    if on_gpu:
+        torch.cuda.synchronize()
+    return losses, time.perf_counter() - t_start, t_start - t_warm
+
 def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: int | list[int] = 1, steps: int = 5,
                 warmup: int = 2, device: str = "auto", lora_preset: str | None = None,
                 activation_checkpointing: bool = True, model_overrides: list[str] | None = None,
@@ -217,17 +236,7 @@ def _measure(model, cfg: TrainConfig, env, vocab: int, batch_size: int, in_backw
                           env=env, ce_chunk=ce_chunk if cfg.mode == "lora" else None).loss
 
     try:
-        if on_gpu:
-            torch.cuda.reset_peak_memory_stats()
-        for i in range(warmup):
-            one_step(i)
-        if on_gpu:
-            torch.cuda.synchronize()
-        t_start = time.perf_counter()
-        losses = [one_step(warmup + i) for i in range(steps)]
-        if on_gpu:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t_start
+        losses, seconds, _ = timed_steps(one_step, warmup, steps, on_gpu)
         classes = {}
         if profile_path:
             from pitlm.profiling import profile_call

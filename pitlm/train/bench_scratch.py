@@ -25,6 +25,7 @@ import torch
 
 from pitlm.config import apply_overrides, build_config
 from pitlm.errors import ConfigError
+from pitlm.train.bench import timed_steps
 from pitlm.train.config import TrainConfig
 from pitlm.train.mfu import count_flops, mfu_fields, peak_bf16_tflops
 from pitlm.train.model import build_model_config, build_scratch_model, count_params
@@ -152,22 +153,10 @@ def _measure(model, compiled, cfg, path, env, vocab, batch, seq_len, steps, warm
 
     out: dict[str, Any] = {}
     try:
-        if on_gpu:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t_compile = time.perf_counter()
-        for i in range(warmup):
-            one_step(i)
-        if on_gpu:
-            torch.cuda.synchronize()
-        t_start = time.perf_counter()
-        losses = [one_step(warmup + i) for i in range(steps)]
-        if on_gpu:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t_start
+        losses, seconds, warmup_seconds = timed_steps(one_step, warmup, steps, on_gpu)
         tokens = steps * batch * seq_len
         out.update({"tokens_per_second": round(tokens / seconds, 1), "step_seconds": round(seconds / steps, 4),
-                    "warmup_seconds": round(t_start - t_compile, 1), "loss_first": round(losses[0], 4),
+                    "warmup_seconds": round(warmup_seconds, 1), "loss_first": round(losses[0], 4),
                     "loss_last": round(losses[-1], 4)})
     except torch.cuda.OutOfMemoryError as e:
         out.update({"tokens_per_second": "oom", "error": str(e).split(".")[0]})
