@@ -110,7 +110,8 @@ def test_paired_differences_are_exact_per_draw(result):
     comp = res.comparison_values()
     np.testing.assert_array_equal(comp["premium_reduction"],
                                   res.values["base"]["leakage_premium"] - res.values["arm"]["leakage_premium"])
-    assert set(comp) == {"premium_reduction", "r2_purged_reduction", "r2_walk_forward_reduction"}  # one arm
+    assert set(comp) == {"premium_reduction", "r2_purged_reduction", "r2_walk_forward_reduction",  # one arm
+                         "sharpe_gap_leakage_off", "sharpe_gap_purged", "sharpe_gap_walk_forward"}
     s = res.comparisons()["premium_reduction"]
     want = np.percentile(comp["premium_reduction"][1:31][np.isfinite(comp["premium_reduction"][1:31])], [2.5, 97.5])
     assert (s["ci_lo"], s["ci_hi"]) == pytest.approx(tuple(want))
@@ -121,10 +122,13 @@ def test_reduction_for_every_arm():
     cfg = ProtocolConfig(protocols=["legacy"], n_boot=3, jackknife_groups=0, rank_ic=False)
     res = evaluate(feats, rows, cfg, control="control", base="base", primary="lora")
     comp = res.comparison_values()
-    assert set(comp) == {"premium_reduction", "full_premium_reduction"}
+    assert set(comp) == {"premium_reduction", "full_premium_reduction", "sharpe_gap_leakage_off",
+                         "full_sharpe_gap_leakage_off"}
     for key, arm in (("premium_reduction", "lora"), ("full_premium_reduction", "full")):
         np.testing.assert_array_equal(comp[key], res.values["base"]["leakage_premium"]
                                       - res.values[arm]["leakage_premium"])
+    np.testing.assert_array_equal(comp["full_sharpe_gap_leakage_off"], res.values["base"]["sharpe_leakage_off"]
+                                  - res.values["full"]["sharpe_leakage_off"])
 
 
 def test_reproducible_by_seed(result):

@@ -10,11 +10,18 @@ model `base_`, the control `control_`, any other model `<name>_`. Statistics:
     r2_purged, rank_ic_purged                                (purged)
     r2_walk_forward, rank_ic_walk_forward                    (walk_forward; per-year values in JSON)
 and, for every non-control model, the same net of the control: `net_<K>` (model - control, per draw).
+Long-short portfolios of the out-of-fold predictions (pitlm/eval/portfolio.py), after each model's lines:
+    sharpe_leakage_off, sharpe_purged, sharpe_walk_forward   annualised Sharpe (+ _ci_lo/_ci_hi)
+    sharpe_<protocol>_nw_t                                   Newey-West t of the mean daily return (original rows)
+    net_sharpe_<protocol>                                    model - control, per draw (+ _ci_lo/_ci_hi)
 Comparisons (base - arm, per draw): `premium_reduction`, `r2_purged_reduction`,
-`r2_walk_forward_reduction` for the primary arm, `<arm>_premium_reduction` ... for every other arm. Leakage decision per non-control model: `leakage_estimate` (+ `_ci_lo/_ci_hi`
+`r2_walk_forward_reduction`, and the Sharpe gaps `sharpe_gap_leakage_off`, `sharpe_gap_purged`,
+`sharpe_gap_walk_forward` (leaky base minus the PIT arm) for the primary arm, `<arm>_premium_reduction`,
+`<arm>_sharpe_gap_walk_forward` ... for every other arm. Leakage decision per non-control model: `leakage_estimate` (+ `_ci_lo/_ci_hi`
 of the decision interval) and `leakage_flagged: true|false`. Then `bootstrap_draws`, `bootstrap_skipped`
 (most draws skipped by any statistic) and `outside_ci` (statistics whose point estimate lies outside their
-percentile interval, or `none`).
+percentile interval, or `none`), both over the leakage statistics; `portfolio_outside_ci` the same for the
+long-short ones.
 """
 
 from __future__ import annotations
@@ -28,9 +35,17 @@ from pitlm.log import format_value
 HEADLINE = ("r2_leakage_off", "r2_leakage_on", "leakage_premium", "rank_ic_leakage_off", "rank_ic_leakage_on",
             "rank_ic_premium", "r2_purged", "rank_ic_purged", "r2_walk_forward", "rank_ic_walk_forward")
 REDUCTIONS = {"leakage_premium": "premium_reduction", "r2_purged": "r2_purged_reduction",
-              "r2_walk_forward": "r2_walk_forward_reduction"}
+              "r2_walk_forward": "r2_walk_forward_reduction", "sharpe_leakage_off": "sharpe_gap_leakage_off",
+              "sharpe_purged": "sharpe_gap_purged", "sharpe_walk_forward": "sharpe_gap_walk_forward"}
+# long-short Sharpe ratios (pitlm/eval/portfolio.py): printed after each model's HEADLINE lines
+SHARPES = ("sharpe_leakage_off", "sharpe_purged", "sharpe_walk_forward")
 LEAKAGE_ORDER = ("r2_purged", "r2_walk_forward", "leakage_premium")
 INTERVALS = {"percentile": ("ci_lo", "ci_hi"), "bca": ("bca_lo", "bca_hi"), "basic": ("basic_lo", "basic_hi")}
+
+
+def is_portfolio_stat(key: str) -> bool:
+    """A long-short statistic (sharpe_*, ls_return_*, their net_ and gap keys)."""
+    return "sharpe_" in key or "ls_return_" in key
 
 
 def _finite(obj):
@@ -47,11 +62,13 @@ class EvalResult:
     """Statistics of every model as arrays over count vectors: [original rows, n_boot draws, jackknife]."""
 
     def __init__(self, config: dict, info: dict, values: dict[str, dict[str, np.ndarray]], n_boot: int,
-                 control: str | None = "control", base: str | None = None, primary: str | None = None):
+                 control: str | None = "control", base: str | None = None, primary: str | None = None,
+                 portfolio: dict | None = None):
         for role, name in (("control", control), ("base", base), ("primary", primary)):
             if name is not None and name not in values:
                 raise PitlmError(f"{role} model '{name}' is not among the models ({', '.join(values)})")
         self.config, self.info, self.values, self.n_boot = config, info, values, n_boot
+        self.portfolio = portfolio  # long-short series of the original rows (pitlm.eval.portfolio), or None
         self.control, self.base = control, base
         others = [m for m in values if m not in (control, base)]
         self.primary = primary or (others[0] if others else None)
@@ -129,13 +146,16 @@ class EvalResult:
                       "rule": f"flagged when the {self.level:.0%} {self.decision_ci} interval of {key} lies above 0"}
         return out
 
-    def outside_ci(self) -> list[str]:
+    def outside_ci(self, portfolio: bool = False) -> list[str]:
+        """Statistics whose point estimate lies outside their percentile interval: the leakage statistics, or
+        with `portfolio` the long-short ones (kept apart, so that `outside_ci` means what it meant before)."""
         out = []
         for m in self.values:
             for k, s in {**self.metrics(m), **self.net(m)}.items():
-                if s["outside_ci"]:
+                if s["outside_ci"] and is_portfolio_stat(k) == portfolio:
                     out.append(f"{m}:{k}")
-        out += [f"comparison:{k}" for k, s in self.comparisons().items() if s["outside_ci"]]
+        out += [f"comparison:{k}" for k, s in self.comparisons().items()
+                if s["outside_ci"] and is_portfolio_stat(k) == portfolio]
         return out
 
     def to_json(self, include_draws: bool = False) -> dict:
@@ -160,6 +180,8 @@ class EvalResult:
             "comparisons": self.comparisons(),
             "leakage": self.leakage(),
             "outside_ci": self.outside_ci(),
+            **({"portfolio": self.portfolio, "portfolio_outside_ci": self.outside_ci(portfolio=True)}
+               if self.portfolio is not None else {}),
         }
 
     def summary(self) -> dict[str, object]:
@@ -180,6 +202,7 @@ class EvalResult:
             for k in HEADLINE:
                 if f"net_{k}" in net:
                     put(f"{p}net_{k}", net[f"net_{k}"])
+            self._put_sharpes(m, p, metrics, net, put, out)
         for k, s in self.comparisons().items():
             put(k, s)
         for m, d in self.leakage().items():
@@ -187,10 +210,26 @@ class EvalResult:
             out[f"{p}leakage_estimate"], out[f"{p}leakage_estimate_ci_lo"] = d["estimate"], d["ci_lo"]
             out[f"{p}leakage_estimate_ci_hi"], out[f"{p}leakage_flagged"] = d["ci_hi"], d["flagged"]
         out["bootstrap_draws"] = self.n_boot
-        out["bootstrap_skipped"] = max((s["n_skipped"] for m in self.values for s in self.metrics(m).values()), default=0)
+        out["bootstrap_skipped"] = max((s["n_skipped"] for m in self.values for k, s in self.metrics(m).items()
+                                        if not is_portfolio_stat(k)), default=0)
         outside = self.outside_ci()
         out["outside_ci"] = ",".join(outside) if outside else "none"
+        if self.portfolio is not None:
+            outside = self.outside_ci(portfolio=True)
+            out["portfolio_outside_ci"] = ",".join(outside) if outside else "none"
         return out
+
+    def _put_sharpes(self, model: str, p: str, metrics: dict, net: dict, put, out: dict) -> None:
+        """`<p>sharpe_<s>` (+ CI), its Newey-West t `<p>sharpe_<s>_nw_t`, and `<p>net_sharpe_<s>` (+ CI)."""
+        for k in SHARPES:
+            if k not in metrics:
+                continue
+            put(p + k, metrics[k])
+            series = (self.portfolio or {}).get("series", {}).get(k[len("sharpe_"):], {})
+            if model in series.get("models", {}):
+                out[f"{p}{k}_nw_t"] = series["models"][model]["nw_t"]
+            if f"net_{k}" in net:
+                put(f"{p}net_{k}", net[f"net_{k}"])
 
     def summary_lines(self) -> list[str]:
         return [f"{k}: {format_value(v)}" for k, v in self.summary().items()]

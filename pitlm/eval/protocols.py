@@ -18,6 +18,10 @@ Protocols (DESIGN.md §4), every statistic computed for every model on the same 
 - rank IC (option): per-date Spearman of out-of-fold predictions against Target, averaged over dates:
   `rank_ic_leakage_off`, `rank_ic_leakage_on`, `rank_ic_premium`, `rank_ic_purged`,
   `rank_ic_walk_forward` (all test dates) and `rank_ic_walk_forward_<year>`.
+- portfolio (option, on by default; pitlm/eval/portfolio.py): a daily top-minus-bottom quantile long-short
+  return series of the out-of-fold predictions of legacy's chronological test split, purged and walk_forward:
+  `sharpe_leakage_off`, `sharpe_purged`, `sharpe_walk_forward` (annualised) and `ls_return_*` per draw; the
+  original series and their Newey-West t in `EvalResult.portfolio`.
 Derived, per draw, hence paired: `net_<stat>` = model - control; `<stat>_reduction` = base - primary
 (`premium_reduction` for the legacy premium). The calibrated leakage estimate of a model is
 `net_r2_purged` (else `net_r2_walk_forward`, else `net_leakage_premium`; `leakage_statistic` overrides), and
@@ -41,6 +45,7 @@ from pitlm.errors import PitlmError
 from pitlm.eval.bootstrap import draw_counts, jackknife_counts
 from pitlm.eval.engine import ClusterRidge, RankIC
 from pitlm.eval.evalresult import EvalResult
+from pitlm.eval.portfolio import SERIES, LongShort, series_metrics, tested_dates
 from pitlm.eval.splitters import (
     PanelFolds,
     PurgedPanelSplit,
@@ -76,6 +81,11 @@ class ProtocolConfig(StageConfig):
     demean_target: bool = False  # subtract each date's mean Target over the rows (once, before any draw)
     rank_ic: bool = True
     rank_ic_min_stocks: int = Field(3, ge=2)
+    # long-short portfolios of the out-of-fold predictions (pitlm/eval/portfolio.py): top minus bottom quantile
+    # per date; a date with fewer rows has no position
+    portfolio: bool = True
+    ls_quantile: float = Field(0.2, gt=0, le=0.5)
+    ls_min_stocks: int = Field(2, ge=2)
     jackknife_groups: int = Field(50, ge=0)  # delete-a-group jackknife for BCa; 0 = no BCa
     ci_level: float = Field(0.95, gt=0, lt=1)
     decision_ci: Literal["percentile", "bca", "basic"] = "percentile"
@@ -98,6 +108,7 @@ class Panel:
         y = rows["Target"].to_numpy(dtype=np.float64)
         if not np.isfinite(y).all():
             raise PitlmError("Target has missing or infinite values; drop those rows first")
+        self.target = y  # the realised returns (the long-short legs earn these, demeaned or not)
         if cfg.demean_target:
             y = y - (np.bincount(self.date_idx, y) / np.bincount(self.date_idx))[self.date_idx]
         self.y = y
@@ -181,6 +192,8 @@ def run_layout(X: np.ndarray, panel: Panel, folds: PanelFolds, counts: np.ndarra
     out["ok"] = np.zeros((C, F), dtype=bool)
     if cfg.rank_ic:
         out.update({f"ic_{g}": np.full((C, panel.n_dates), np.nan) for g in ic_groups(folds)})
+    if cfg.portfolio:
+        out.update({f"ls_{g}": np.full((C, panel.n_dates), np.nan) for g in ic_groups(folds)})
     with eng.threads():
         # batches of at most a tenth of the draws, so that a progress bar moves (a batch's GEMMs are as fast)
         step = min(eng.draw_batch_size(), max(8, -(-len(counts) // 10)))
@@ -198,18 +211,24 @@ def _draw_loop(eng: ClusterRidge, panel: Panel, folds: PanelFolds, counts: np.nd
     C = counts.shape[0]
     groups = ic_groups(folds)
     ranker = RankIC(panel.date_idx, panel.y, panel.n_dates, cfg.rank_ic_min_stocks) if cfg.rank_ic else None
+    book = (LongShort(panel.date_idx, panel.target, panel.n_dates, cfg.ls_quantile, cfg.ls_min_stocks)
+            if cfg.portfolio else None)
+    want_oof = cfg.rank_ic or cfg.portfolio
     for s in range(0, C, step):
         sl = slice(s, min(s + step, C))
-        fit, sc, alpha = _solve(eng, counts[sl], assign[sl], cfg, list(groups.values()) if cfg.rank_ic else None)
+        fit, sc, alpha = _solve(eng, counts[sl], assign[sl], cfg, list(groups.values()) if want_oof else None)
         for k in ("sse", "sst", "n", "sy", "syy"):
             out[k][sl] = getattr(sc, k).cpu().numpy()
         out["ok"][sl] = fit.ok.cpu().numpy()
         out["alpha"][sl] = alpha
-        if cfg.rank_ic:
+        if want_oof:
             oof = sc.oof if sc.oof is not None else _oof_predictions(eng, folds, panel, counts[sl], assign[sl], fit,
                                                                      groups)
             for g, (pred, w) in zip(groups, oof, strict=True):
-                out[f"ic_{g}"][sl] = ranker.batch(pred, w, eng.workers)
+                if ranker is not None:
+                    out[f"ic_{g}"][sl] = ranker.batch(pred, w, eng.workers)
+                if book is not None:
+                    out[f"ls_{g}"][sl] = book.batch(pred, w, eng.workers)
         if advance is not None:
             advance(sl.stop - sl.start)
 
@@ -312,6 +331,18 @@ def walk_forward_metrics(raw: dict, folds: PanelFolds, panel: Panel) -> dict[str
     return out
 
 
+def _add_portfolio(values: dict, portfolio: dict, model: str, protocol: str, raw: dict, folds: PanelFolds,
+                   panel: Panel) -> None:
+    """The protocol's long-short statistics (per draw) into `values`, its original series into `portfolio`."""
+    group, suffix = SERIES[protocol]
+    tested = tested_dates(folds, ic_groups(folds)[group])
+    stats, record = series_metrics(raw[f"ls_{group}"], tested, panel.calendar, suffix)
+    values.update(stats)
+    entry = portfolio["series"].setdefault(suffix, {k: record[k] for k in ("dates", "periods_per_year", "days",
+                                                                           "nw_lags")} | {"models": {}})
+    entry["models"][model] = {k: record[k] for k in ("returns", "days_with_position", "nw_t", "nw_se")}
+
+
 def _step_progress(show: bool, description: str, total: int):
     """A progress bar over one draw loop (`advance(n)`), or a context giving None."""
     if not show:
@@ -351,6 +382,8 @@ def evaluate(features: dict[str, np.ndarray], rows: pd.DataFrame, cfg: ProtocolC
     alphas: dict[str, dict[str, list]] = {m: {} for m in features}
     modes: dict[str, str] = {}
     seconds: dict[str, float] = {}
+    portfolio = ({"quantile": cfg.ls_quantile, "min_stocks": cfg.ls_min_stocks, "series": {}}
+                 if cfg.portfolio else None)
     for protocol in cfg.protocols:
         t_protocol = time.perf_counter()
         pcfg = cfg.model_copy(update={"alpha_cv": False}) if protocol == "legacy" else cfg
@@ -372,10 +405,12 @@ def evaluate(features: dict[str, np.ndarray], rows: pd.DataFrame, cfg: ProtocolC
                 values[model].update(purged_metrics(raw["purged"], groups_ok))
             else:
                 values[model].update(walk_forward_metrics(raw["walk_forward"], layouts["walk_forward"], panel))
+            if cfg.portfolio:
+                _add_portfolio(values[model], portfolio, model, protocol, raw[protocol], layouts[protocol], panel)
         seconds[protocol] = round(time.perf_counter() - t_protocol, 3)
     info = {"n_rows": len(rows), "n_stocks": panel.n_stocks, "n_dates": panel.n_dates,
             "first_date": str(panel.calendar[0]), "last_date": str(panel.calendar[-1]),
             "n_features": {m: int(np.shape(X)[1]) for m, X in features.items()}, "engine_modes": modes,
             "alphas": alphas, "protocol_seconds": seconds, "wall_s": round(time.perf_counter() - t0, 3)}
     return EvalResult(cfg.model_dump(mode="json"), info, values, n_boot=cfg.n_boot, control=control, base=base,
-                      primary=primary)
+                      primary=primary, portfolio=portfolio)
