@@ -48,25 +48,27 @@ def home(tmp_path, monkeypatch):
     return h
 
 
-@pytest.fixture
-def cli(home):
+def run_cli(*args: str):
     """Run the real CLI in-process: returns (exit_code, stdout, stderr)."""
     import sys
     from io import StringIO
 
     from pitlm import cli as cli_mod
 
-    def run(*args: str):
-        out, err = StringIO(), StringIO()
-        old = sys.stdout, sys.stderr, sys.argv
-        sys.stdout, sys.stderr, sys.argv = out, err, ["pitlm", *args]
-        code = 0
-        try:
-            cli_mod.main()
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        finally:
-            sys.stdout, sys.stderr, sys.argv = old
-        return code, out.getvalue(), err.getvalue()
+    out, err = StringIO(), StringIO()
+    old = sys.stdout, sys.stderr, sys.argv
+    sys.stdout, sys.stderr, sys.argv = out, err, ["pitlm", *args]
+    code = 0
+    try:
+        cli_mod.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.stdout, sys.stderr, sys.argv = old
+    return code, out.getvalue(), err.getvalue()
 
-    return run
+
+@pytest.fixture
+def cli(home):
+    """Run the real CLI in-process: returns (exit_code, stdout, stderr)."""
+    return run_cli

@@ -103,7 +103,7 @@ def run(cli, world):
 # ----------------------------------------------------------------------------- data
 
 def test_packed_windows_cross_shards_and_order_is_seeded(world):
-    from pitlm.train.data import PackedWindows, TrainOrder, micro_batches
+    from pitlm.train.data import PackedWindows, TrainOrder
 
     index = ShardIndex.load(world["home"] / "corpus" / "tiny")
     w = PackedWindows.from_index(index, "train", 32)
@@ -117,9 +117,18 @@ def test_packed_windows_cross_shards_and_order_is_seeded(world):
     assert sorted(ids) == list(range(w.num_windows))  # one epoch = a permutation
     assert np.array_equal(ids, b.window_ids(0, w.num_windows))
     assert not np.array_equal(ids, TrainOrder(w.num_windows, 8).window_ids(0, w.num_windows))
-    # the global batch does not depend on the world size: 2 ranks x 2 accum slices == the 1-rank batch
-    whole = micro_batches(w, a, 3, 8, 0, 1, 1)[0]
-    parts = [micro_batches(w, a, 3, 8, r, 2, 2) for r in range(2)]
+    # the plain schedule reads that order, and the global batch does not depend on the world size: 2 ranks x 2
+    # accum slices == the 1-rank batch
+    from pitlm.train.config import TrainConfig
+    from pitlm.train.schedule import build_schedule
+
+    def cfg(accum):
+        return TrainConfig(corpus="tiny", seq_len=32, batch_size=8, seed=7, grad_accum_steps=accum)
+
+    whole = build_schedule(cfg(1), index, 1).micro_batches(3, 0)[0]
+    assert torch.equal(whole, w.batch(a.window_ids(3 * 8, 8)))
+    two = build_schedule(cfg(2), index, 2)
+    parts = [two.micro_batches(3, r) for r in range(2)]
     stitched = torch.cat([parts[r][k] for k in range(2) for r in range(2)])
     assert torch.equal(whole, stitched)
 

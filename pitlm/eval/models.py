@@ -3,13 +3,16 @@
 SPEC forms:
     org/name or a local dir       a Hugging Face model (a merged checkpoint is just a dir)
     model:<run>                   PITLM_HOME/models/<run>/final (its merged/ when final/ is a LoRA adapter)
+    model:<run>@YYYY-MM-DD        the family member of that cutoff of a chronological run (models/<run>/members/)
     adapter:PATH[@BASE_SPEC]      a peft adapter on a base (default: the adapter's base_model_name_or_path)
     control:random-features[:k=v,...]  knowledge-free: hashed char n-grams -> fixed Gaussian projection -> tanh
     control:random-init:<arch>    the architecture of <arch> (a builtin arch name, HF id or dir) with random weights
+    embeddings:PATH               embeddings computed elsewhere, keyed by (SecuritiesCode, Date): a .parquet, or an
+                                  .npy + PATH.keys.parquet|csv (layouts in pitlm/eval/embfile.py)
 
 Fingerprints identify what an embedding was computed from, without loading weights: sha256 over the config,
 tokenizer and weight files (full hashes up to 512 MiB, size + sampled chunks above), or over the spec, seed and
-config for controls. The embedding cache is keyed by them.
+config for controls, over the file (and its keys file) for embeddings:PATH. The embedding cache is keyed by them.
 """
 
 from __future__ import annotations
@@ -25,18 +28,19 @@ from pitlm.errors import PitlmError
 from pitlm.volume import Volume, sha256_file
 
 SPEC_FORMS = ("an HF id (org/name)", "a local model dir", "model:<run>", "adapter:PATH[@BASE_SPEC]",
-              "control:random-features[:dim=256,seed=0]", "control:random-init:<arch>")
+              "control:random-features[:dim=256,seed=0]", "control:random-init:<arch>",
+              "embeddings:PATH (.parquet, or .npy + PATH.keys.parquet|csv)")
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 RANDOM_FEATURES_DEFAULTS = {"dim": 256, "seed": 0, "ngram_min": 1, "ngram_max": 4, "n_hash": 2 ** 14, "scale": 1.0}
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A parsed --model SPEC. `kind` is hf | adapter | random-features | random-init."""
+    """A parsed --model SPEC. `kind` is hf | adapter | random-features | random-init | embeddings."""
 
     raw: str
     kind: str
-    path: str | None = None        # hf: model dir or HF id; adapter: adapter dir
+    path: str | None = None        # hf: model dir or HF id; adapter: adapter dir; embeddings: the file
     base: ModelSpec | None = None  # adapter: the base model
     arch: str | None = None        # random-init: builtin arch name, HF id or dir
     options: dict[str, Any] = field(default_factory=dict)
@@ -91,6 +95,12 @@ def parse_spec(spec: str, vol: Volume | None = None, seed: int = 0) -> ModelSpec
         if arch not in ARCHS and not Path(arch).expanduser().exists() and not _HF_ID.match(arch):
             raise PitlmError(f"unknown arch '{arch}' in '{spec}'; use a builtin ({', '.join(ARCHS)}), an HF id or a dir")
         return ModelSpec(spec, "random-init", arch=arch, options={"seed": seed})
+    if spec.startswith("embeddings:"):
+        from pitlm.eval.embfile import check_path
+
+        path = Path(spec[len("embeddings:"):]).expanduser()
+        check_path(path, spec)
+        return ModelSpec(spec, "embeddings", path=str(path.resolve()))
     if spec.startswith("oracle:"):
         raise PitlmError(f"'{spec}' is the knowledge model of `pitlm calibrate` (it reads a synthetic world's "
                          f"planted ground truth); `pitlm eval` scores language models and controls")
@@ -111,13 +121,17 @@ def parse_spec(spec: str, vol: Volume | None = None, seed: int = 0) -> ModelSpec
 
 
 def _parse_run(spec: str, run: str, vol: Volume | None) -> ModelSpec:
+    """model:RUN (its final/, merged/ for LoRA) or model:RUN@YYYY-MM-DD (a chronological run's member)."""
+    from pitlm.train.paths import member_dir
+
     vol = vol or Volume.resolve()
-    final = vol.entry("models", run, "final")
+    md = member_dir(vol, run)
+    final = md.final
     if not final.is_dir():
         raise PitlmError(f"'{spec}': no trained model at {final}; see PITLM_HOME/models/ for run names")
     if not _adapter_dir(final):
         return ModelSpec(spec, "hf", path=str(final))
-    merged = vol.path("models", run, "merged")
+    merged = md.merged
     if (merged / "config.json").is_file():
         return ModelSpec(spec, "hf", path=str(merged))
     return replace(_parse_adapter(spec, str(final), vol), raw=spec)
@@ -233,6 +247,12 @@ def fingerprint(spec: ModelSpec) -> str:
         return _sha({"kind": spec.kind, "version": 1, "config": arch_config_dict(spec.arch), **spec.options})
     if spec.kind == "hf":
         return fingerprint_dir(resolve_hf_dir(spec.path))
+    if spec.kind == "embeddings":
+        from pitlm.eval.embfile import keys_file
+
+        path = Path(spec.path)
+        keys = keys_file(path) if path.suffix == ".npy" else None
+        return _sha({"kind": "embeddings", "file": file_digest(path), "keys": keys and file_digest(keys)})
     assert spec.kind == "adapter", spec.kind
     return _sha({"kind": "adapter", "base": fingerprint(spec.base), "adapter": fingerprint_dir(spec.path)})
 

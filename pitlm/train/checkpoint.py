@@ -71,7 +71,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(md: ModelDir, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict[str, Any], config_yaml: str, env: DistEnv, keep_last: int) -> Path:
+                    trainer_state: dict[str, Any], config_yaml: str, env: DistEnv, keep_last: int,
+                    keep: frozenset[int] = frozenset()) -> Path:
+    """Write checkpoint `step`; then remove the oldest beyond `keep_last`, except the steps in `keep` (a
+    sharded chronological run's member checkpoints, merged into members/ when the run ends)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -94,7 +97,8 @@ def save_checkpoint(md: ModelDir, step: int, model: nn.Module, optimizer: torch.
             shutil.rmtree(final)
         tmp.rename(final)
         for old in md.list_checkpoints()[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            if md.checkpoint_step(old) not in keep:
+                shutil.rmtree(old, ignore_errors=True)
     barrier(env)
     return final
 

@@ -105,6 +105,25 @@ class CheckpointConfig(StageConfig):
     verify: Literal["sha256", "size"] = "sha256"
 
 
+class ChronologicalConfig(StageConfig):
+    """schedule=chronological (pitlm.train.schedule): one segment per crawl period of a nested corpus, a family
+    member exported at each period's end."""
+
+    # steps of each segment: one number for all, or one per period; None: `steps` split evenly. Set it (not
+    # `steps`) when the runs on the corpus's slices must be step for step the family run's first segments.
+    steps_per_period: int | list[int] | None = None
+    # share of each batch drawn from the earlier periods (segment 1 has none): what keeps a later member knowing
+    # what an earlier one learned; 0 trains every segment on its own period only
+    replay: float = Field(0.5, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _positive_steps(self) -> ChronologicalConfig:
+        per = self.steps_per_period
+        if per is not None and min([per] if isinstance(per, int) else per or [0]) < 1:
+            raise ConfigError(f"chronological.steps_per_period={per}: every segment needs at least one step")
+        return self
+
+
 class DebugConfig(StageConfig):
     inject_nan_at_step: int | None = None  # multiply that step's loss by NaN (tests the watchdog)
     kill_at_step: int | None = None  # hard-exit (os._exit(137)) after that step (tests --resume)
@@ -123,6 +142,10 @@ class TrainConfig(StageConfig):
     batch_size: int = Field(32, ge=1)  # sequences per optimizer step, over all ranks
     grad_accum_steps: int = Field(1, ge=1)
     steps: int = Field(1000, ge=1)
+    # plain: `steps` over the whole corpus; chronological: the corpus's crawl periods in date order, a family member
+    # model:<run>@<cutoff> exported at the end of each (see chronological.* and pitlm.train.schedule)
+    schedule: Literal["plain", "chronological"] = "plain"
+    chronological: ChronologicalConfig = Field(default_factory=ChronologicalConfig)
     seed: int = 0
     nproc: int = Field(1, ge=1)  # >1: `pitlm train` relaunches itself through torchrun with this many ranks
 

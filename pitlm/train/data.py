@@ -53,14 +53,15 @@ class PackedWindows:
 class TrainOrder:
     """Global sample g (= step * batch_size + j) -> window id, through a seeded permutation per epoch."""
 
-    def __init__(self, num_windows: int, seed: int):
+    def __init__(self, num_windows: int, seed: int, stream: tuple[int, ...] | None = None):
         self.num_windows = num_windows
         self.seed = seed
+        self.stream = tuple(stream or ())  # another independent order from the same seed (a chronological segment)
         self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:
-            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, *self.stream, epoch]).permutation(self.num_windows)
         return self._perm
 
     def window_ids(self, start: int, count: int) -> np.ndarray:
@@ -69,16 +70,6 @@ class TrainOrder:
             g = start + j
             out[j] = self._permutation(g // self.num_windows)[g % self.num_windows]
         return out
-
-
-def micro_batches(windows: PackedWindows, order: TrainOrder, step: int, batch_size: int, rank: int,
-                  world_size: int, grad_accum_steps: int) -> list[torch.Tensor]:
-    """This rank's micro-batches of step `step`: the global batch is split into grad_accum_steps x world_size
-    equal parts, micro-batch k of rank r being part k * world_size + r."""
-    micro = batch_size // (world_size * grad_accum_steps)
-    ids = order.window_ids(step * batch_size, batch_size)
-    return [windows.batch(ids[(k * world_size + rank) * micro:(k * world_size + rank + 1) * micro])
-            for k in range(grad_accum_steps)]
 
 
 def val_batches(windows: PackedWindows, batch_size: int, num_batches: int, rank: int,

@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from pitlm.config import dump_config
-from pitlm.corpus.shards import ShardIndex
 from pitlm.corpus.tokenizer import load_tokenizer
 from pitlm.errors import PitlmError
 from pitlm.log import make_progress
@@ -32,8 +31,8 @@ from pitlm.runs import Run, start_run
 from pitlm.train.activations import compile_blocks, enable_activation_checkpointing
 from pitlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from pitlm.train.config import TrainConfig, check_config, micro_batch_size
-from pitlm.train.data import PackedWindows, TrainOrder, micro_batches, val_batches
-from pitlm.train.merge import export_hf_model, export_lora, merge_checkpoint
+from pitlm.train.data import PackedWindows
+from pitlm.train.merge import export_hf_model, export_lora, merge_adapter, merge_checkpoint
 from pitlm.train.model import (
     apply_lora,
     build_model_config,
@@ -43,7 +42,7 @@ from pitlm.train.model import (
     load_pretrained_model,
     torch_dtype,
 )
-from pitlm.train.optim import build_optimizer, lr_factor
+from pitlm.train.optim import build_optimizer
 from pitlm.train.parallel import (
     DistEnv,
     barrier,
@@ -52,15 +51,17 @@ from pitlm.train.parallel import (
     shutdown_distributed,
 )
 from pitlm.train.paths import (
+    MEMBER,
     ModelDir,
     corpus_tokenizer_spec,
     model_dir,
-    resolve_corpus_dir,
+    open_train_corpus,
     resolve_model_path,
     resolve_tokenizer_path,
 )
+from pitlm.train.schedule import Schedule, Segment, build_schedule
 from pitlm.train.step import NonFiniteLossError, evaluate, probe_logits, train_step
-from pitlm.volume import build_manifest, read_manifest, sha256_file, write_manifest
+from pitlm.volume import atomic_write_json, build_manifest, read_manifest, sha256_file, write_manifest
 
 log = logging.getLogger("pitlm.train")
 FAILED_MARKER = "failed.json"  # rank 0 writes it when the watchdog fires; `--nproc` relaunch turns it into exit 42
@@ -73,10 +74,8 @@ class Setup:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     tokenizer: Any
-    train: PackedWindows
-    val: list[torch.Tensor]
-    val_windows: PackedWindows
-    order: TrainOrder
+    schedule: Schedule
+    val_windows: PackedWindows  # the last segment's held-out split (probe_logits)
     autocast_dtype: torch.dtype | None
     fsdp: bool
     total_params: int
@@ -127,8 +126,9 @@ def build_model(cfg: TrainConfig, env: DistEnv, base_path: str | None, vocab_siz
 
 
 def prepare(cfg: TrainConfig, vol, env: DistEnv) -> Setup:
-    corpus_dir = resolve_corpus_dir(cfg.corpus, vol)
-    index = ShardIndex.load(corpus_dir)
+    index = open_train_corpus(cfg.corpus, vol)
+    corpus_dir = index.root
+    schedule = build_schedule(cfg, index, env.world_size)  # checks the corpus and the schedule before any model
     base_path = resolve_model_path(cfg.base, vol) if cfg.base else None
     tok_path = _tokenizer_path(cfg, vol, corpus_dir, base_path)
     tokenizer = load_tokenizer(tok_path, vol)
@@ -161,17 +161,15 @@ def prepare(cfg: TrainConfig, vol, env: DistEnv) -> Setup:
         compile_blocks(model, cfg.compile)
     model.train()
 
-    train_windows = PackedWindows.from_index(index, "train", cfg.seq_len)
     val_windows = PackedWindows.from_index(index, "val", cfg.seq_len)
-    inputs = {"corpus": str(corpus_dir), "corpus_tokens_train": index.num_tokens("train"),
+    inputs = {"corpus": str(corpus_dir), "corpus_cutoff": str(index.cutoff) if index.cutoff else None,
+              "corpus_tokens_train": index.num_tokens("train"),
               "corpus_tokens_val": index.num_tokens("val"), "base_path": base_path, "tokenizer_path": tok_path,
               "param_dtype": dtype_name, "mode": cfg.mode, "fsdp": fsdp}
     if (corpus_dir / "manifest.json").is_file():
         inputs["corpus_manifest_sha256"] = sha256_file(corpus_dir / "manifest.json")
-    return Setup(model=model, optimizer=build_optimizer(model, cfg), tokenizer=tokenizer, train=train_windows,
-                 val=val_batches(val_windows, cfg.batch_size, cfg.eval.batches, env.rank, env.world_size),
-                 val_windows=val_windows, order=TrainOrder(train_windows.num_windows, cfg.seed),
-                 autocast_dtype=torch.bfloat16 if env.device.type == "cuda" and not fsdp else None, fsdp=fsdp,
+    return Setup(model=model, optimizer=build_optimizer(model, cfg), tokenizer=tokenizer, schedule=schedule,
+                 val_windows=val_windows, autocast_dtype=torch.bfloat16 if env.device.type == "cuda" and not fsdp else None, fsdp=fsdp,
                  total_params=total_params, trainable_params=count_params(model, trainable_only=True),
                  inputs=inputs)
 
@@ -245,13 +243,14 @@ def train(cfg: TrainConfig, vol, run_name: str, resume: bool = False, overwrite:
             if done is not None:
                 return done if env.is_main else None
             with (start_run(vol, "train", cfg) if env.is_main else contextlib.nullcontext()) as run:
-                summary, merge_after = _train(cfg, vol, md, env, run, resume)
+                summary, merges = _train(cfg, vol, md, env, run, resume)
                 shutdown_distributed()
                 if env.is_main:
-                    if merge_after is not None:
-                        # FSDP2: rank 0 writes final/ from the sharded checkpoint after the process group is gone
-                        # (one process, no collectives, no NCCL watchdog): exactly what `pitlm merge` does as a job.
-                        merge_checkpoint(merge_after)
+                    # FSDP2: rank 0 writes final/ (and a chronological run's members) from the sharded checkpoints
+                    # after the process group is gone (one process, no collectives, no NCCL watchdog): exactly what
+                    # `pitlm merge` does as a job.
+                    for merge in merges:
+                        merge.run()
                     _finish(cfg, md, run, summary)
     finally:
         shutdown_distributed(wait=False)
@@ -279,7 +278,7 @@ def _finished_summary(cfg: TrainConfig, md: ModelDir, overwrite: bool, resume: b
 
 
 def _train(cfg: TrainConfig, vol, md: ModelDir, env: DistEnv, run: Run | None,
-           resume: bool) -> tuple[dict[str, Any], Path | None]:
+           resume: bool) -> tuple[dict[str, Any], list[Merge]]:
     if env.device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)  # CPU runs are bit-reproducible (resume test)
     if env.is_main:
@@ -288,10 +287,14 @@ def _train(cfg: TrainConfig, vol, md: ModelDir, env: DistEnv, run: Run | None,
         md.config.write_text(dump_config(cfg))
     config_yaml = dump_config(cfg)
     s = prepare(cfg, vol, env)
+    sched = s.schedule
+    total_steps = sched.total_steps
     log.info("mode %s on %s x%d: %s parameters, %s trainable; %s train tokens, seq %d, batch %d (micro %d x %d "
              "accum x %d ranks)", cfg.mode, env.device.type, env.world_size, f"{s.total_params:,}",
-             f"{s.trainable_params:,}", f"{s.train.num_tokens:,}", cfg.seq_len, cfg.batch_size,
+             f"{s.trainable_params:,}", f"{s.inputs['corpus_tokens_train']:,}", cfg.seq_len, cfg.batch_size,
              micro_batch_size(cfg, env.world_size), cfg.grad_accum_steps, env.world_size)
+    for line in sched.describe():
+        log.info("%s", line)
     if env.device.type == "cuda":
         from pitlm.doctor import fast_path_summary
 
@@ -309,31 +312,62 @@ def _train(cfg: TrainConfig, vol, md: ModelDir, env: DistEnv, run: Run | None,
                          "above); restore one, or start over with --overwrite")
     elif resume:
         log.info("--resume: no checkpoint in %s, starting from step 0", md.checkpoints)
+    if start_step > total_steps:
+        raise PitlmError(f"--resume: the checkpoint is at step {start_step}, past this config's {total_steps} steps; "
+                         "resume with the config it was written with")
 
     metrics = Metrics(run, md.tensorboard if env.is_main else None)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     last_loss, last_val, grad_norm = float("nan"), float("nan"), float("nan")
     step_seconds, steps_done = 0.0, 0
     t_start = time.perf_counter()
+    boundaries = sched.boundaries
+    # a sharded chronological run keeps each member's checkpoint until rank 0 merges it after the run
+    keep = frozenset(boundaries) if s.fsdp else frozenset()
+    merges: list[Merge] = []
 
     def checkpoint(step: int) -> Path:
         state = {"tokens_seen": tokens_seen, "train_loss": last_loss, "val_loss": last_val, **s.inputs}
-        path = save_checkpoint(md, step, s.model, s.optimizer, state, config_yaml, env, cfg.checkpoint.keep_last)
+        path = save_checkpoint(md, step, s.model, s.optimizer, state, config_yaml, env, cfg.checkpoint.keep_last,
+                               keep=keep)
         if env.is_main and cfg.mode != "lora":
             _unwrapped_config(s.model).save_pretrained(path)  # config.json: what `pitlm merge` builds
         return path
 
+    def member_record(seg: Segment, step: int) -> dict[str, Any]:
+        return {"run": md.root.name, "cutoff": str(seg.cutoff), "segment": seg.k + 1, "step": step,
+                "tokens_seen": tokens_seen, "val_loss": last_val, "train_loss": last_loss,
+                "corpus": s.inputs["corpus"], "spec": f"model:{md.root.name}@{seg.cutoff}"}
+
+    def end_segment(seg: Segment, step: int) -> None:
+        """A family member: the model now has read documents crawled on or before seg.cutoff only. Exported
+        before the boundary's checkpoint, so a run resumed from that checkpoint finds its member written."""
+        member = md.member(seg.cutoff)
+        if s.fsdp:  # rank 0 merges it from the boundary checkpoint once the process group is gone
+            merges.append(Merge(md.checkpoint(step), member, member_record(seg, step)))
+            return
+        if env.is_main:
+            shutil.rmtree(member.root, ignore_errors=True)  # a resumed run re-exports an interrupted member
+            if cfg.mode == "lora":
+                export_hf_model(s.model, member.final, s.tokenizer, config_yaml)  # the peft adapter dir
+                if cfg.lora.merge_on_exit:
+                    merge_adapter(member.final, member.merged, vol)
+            else:
+                export_hf_model(s.model, member.final, s.tokenizer, config_yaml)
+            atomic_write_json(member.root / MEMBER, member_record(seg, step))
+            log.info("member %s (step %d, val_loss %.4f): %s", seg.cutoff, step, last_val, member.root)
+        barrier(env)
+
     try:
         with make_progress() as bar:
-            task = bar.add_task(f"train {md.root.name}", total=cfg.steps, completed=start_step, rate="")
+            task = bar.add_task(f"train {md.root.name}", total=total_steps, completed=start_step, rate="")
             interval_t, interval_tokens = time.perf_counter(), 0
-            for step in range(start_step, cfg.steps):
+            for step in range(start_step, total_steps):
                 # ---- one optimizer step
-                factor = lr_factor(step, cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio)
+                factor = sched.lr_factor(step)
                 for group in s.optimizer.param_groups:
                     group["lr"] = group["base_lr"] * factor
-                batches = micro_batches(s.train, s.order, step, cfg.batch_size, env.rank, env.world_size,
-                                        cfg.grad_accum_steps)
+                batches = sched.micro_batches(step, env.rank)
                 t0 = time.perf_counter()
                 result = train_step(s.model, batches, s.optimizer, step=step + 1, grad_clip=cfg.optim.grad_clip,
                                     ce_chunk=cfg.ce_chunk,
@@ -348,36 +382,46 @@ def _train(cfg: TrainConfig, vol, md: ModelDir, env: DistEnv, run: Run | None,
                 bar.update(task, completed=done, rate=f"loss {last_loss:.3f}")
 
                 # ---- log line
-                if done % cfg.log_every == 0 or done == cfg.steps:
+                if done % cfg.log_every == 0 or done == total_steps:
                     now = time.perf_counter()
                     tok_s = interval_tokens / max(1e-9, now - interval_t)
                     interval_t, interval_tokens = now, 0
-                    eta = (now - t_start) / steps_done * (cfg.steps - done)
+                    eta = (now - t_start) / steps_done * (total_steps - done)
                     vram, rss = peak_memory_mb(env.device)
                     lr = s.optimizer.param_groups[0]["lr"]
                     mem = f"{vram:.0f} MB GPU" if env.device.type == "cuda" else f"{rss:.0f} MB RSS"
-                    log.info("step %6d/%d | loss %.4f | lr %.2e | %s tok/s | ETA %s | peak %s", done, cfg.steps,
+                    log.info("step %6d/%d | loss %.4f | lr %.2e | %s tok/s | ETA %s | peak %s", done, total_steps,
                              last_loss, lr, f"{tok_s / 1000:.1f}k", format_duration(eta), mem)
                     metrics.log(done, train_loss=last_loss, lr=lr, grad_norm=grad_norm, tokens_per_second=tok_s,
                                 peak_vram_mb=vram, tokens_seen=tokens_seen)
 
+                # ---- a family member at a chronological boundary (the last one is the run's final model too)
+                if done in boundaries:
+                    last_val = evaluate(s.model, sched.val(step, env.rank), s.autocast_dtype, env)
+                    log.info("step %6d | val_loss %.4f (period to %s)", done, last_val, boundaries[done].cutoff)
+                    metrics.log(done, val_loss=last_val)
+                    end_segment(boundaries[done], done)
+                    if done != total_steps:
+                        checkpoint(done)
+
                 # ---- validation
-                if done % cfg.eval.every == 0 and done != cfg.steps:
-                    last_val = evaluate(s.model, s.val, s.autocast_dtype, env)
+                elif done % cfg.eval.every == 0 and done != total_steps:
+                    last_val = evaluate(s.model, sched.val(step, env.rank), s.autocast_dtype, env)
                     log.info("step %6d | val_loss %.4f", done, last_val)
                     metrics.log(done, val_loss=last_val)
 
                 # ---- checkpoint (the final one is written below, after the final eval)
-                if done % cfg.checkpoint.every == 0 and done != cfg.steps:
+                if done % cfg.checkpoint.every == 0 and done != total_steps and done not in boundaries:
                     checkpoint(done)
                 if cfg.debug.kill_at_step == done:
                     log.warning("debug.kill_at_step=%d: hard exit", done)
                     os._exit(137)
         # ---- final eval and checkpoint
         training_seconds = time.perf_counter() - t_start
-        last_val = evaluate(s.model, s.val, s.autocast_dtype, env)
-        metrics.log(cfg.steps, val_loss=last_val)
-        log.info("step %6d | val_loss %.4f (final)", cfg.steps, last_val)
+        if total_steps not in boundaries or start_step == total_steps:
+            last_val = evaluate(s.model, sched.val(total_steps - 1, env.rank), s.autocast_dtype, env)
+            metrics.log(total_steps, val_loss=last_val)
+            log.info("step %6d | val_loss %.4f (final)", total_steps, last_val)
     except NonFiniteLossError as e:
         if env.is_main:
             md.root.joinpath(FAILED_MARKER).write_text(json.dumps({"exit_code": e.exit_code, "step": e.step,
@@ -385,7 +429,7 @@ def _train(cfg: TrainConfig, vol, md: ModelDir, env: DistEnv, run: Run | None,
         raise
     finally:
         metrics.close()
-    final_ckpt = checkpoint(cfg.steps)
+    final_ckpt = checkpoint(total_steps)
     if cfg.debug.probe_logits:  # logits of the live (possibly sharded) model, to check merges against
         probe = s.val_windows.batch([0, 1])[:, :-1]
         logits = probe_logits(s.model, probe, s.autocast_dtype)
@@ -397,10 +441,13 @@ def _train(cfg: TrainConfig, vol, md: ModelDir, env: DistEnv, run: Run | None,
         "peak_rss_mb": round(rss, 1),
         "tokens_per_second": round(steps_done * tokens_per_step / max(1e-9, step_seconds), 1),
         "training_seconds": round(training_seconds, 2), "trainable_params": s.trainable_params,
-        "total_params": s.total_params, "steps": cfg.steps, "tokens_seen": tokens_seen, "mode": cfg.mode,
+        "total_params": s.total_params, "steps": total_steps, "tokens_seen": tokens_seen, "mode": cfg.mode,
         "world_size": env.world_size, "model_dir": str(md.root),
     }
-    merge_after = None
+    if sched.chronological:
+        summary["schedule"] = "chronological"
+        summary["members"] = len(boundaries)
+        summary["member_cutoffs"] = ",".join(str(seg.cutoff) for seg in boundaries.values())
     if env.is_main and not s.fsdp:
         if cfg.mode == "lora":
             export_lora(s.model, md, s.tokenizer, config_yaml, merge=cfg.lora.merge_on_exit)
@@ -408,11 +455,29 @@ def _train(cfg: TrainConfig, vol, md: ModelDir, env: DistEnv, run: Run | None,
             export_hf_model(s.model, md.final, s.tokenizer, config_yaml)
     if s.fsdp:
         if cfg.fsdp.merge_on_exit:
-            merge_after = final_ckpt
+            merges.append(Merge(final_ckpt, md, None))
+        elif merges:
+            raise PitlmError("schedule=chronological with FSDP2 needs fsdp.merge_on_exit=true (each member is "
+                             "merged from its checkpoint when the run ends)")
         else:
             log.info("sharded checkpoint at %s; write final/ with `pitlm merge %s` (a separate single-process job)",
                      final_ckpt, md.root.name)
-    return summary, merge_after
+    return summary, merges
+
+
+@dataclass
+class Merge:
+    """A sharded checkpoint rank 0 turns into an HF dir after the process group is gone (FSDP2)."""
+
+    checkpoint: Path
+    out: ModelDir
+    member: dict[str, Any] | None  # a chronological member's record (member.json), None for the run's final/
+
+    def run(self) -> None:
+        merge_checkpoint(self.checkpoint, self.out.root)
+        if self.member is not None:
+            atomic_write_json(self.out.root / MEMBER, self.member)
+            log.info("member %s: merged %s into %s", self.member["cutoff"], self.checkpoint.name, self.out.root)
 
 
 def _finish(cfg: TrainConfig, md: ModelDir, run: Run | None, summary: dict[str, Any]) -> None:

@@ -1,10 +1,12 @@
 """Where training reads and writes on the volume, and how config specs resolve to paths.
 
 Specs used in configs:
-    corpus     NAME -> PITLM_HOME/corpus/NAME/ (or an existing directory path)
+    corpus     NAME -> PITLM_HOME/corpus/NAME/ (or an existing directory path); NAME@YYYY-MM-DD -> the slice of
+               a nested corpus at that cutoff (pitlm.corpus.shards.open_corpus)
     tokenizer  pit:NAME -> PITLM_HOME/corpus/_tokenizers/NAME/ ; model:RUN -> PITLM_HOME/models/RUN/final/ ;
                an existing path ; otherwise an HF hub name
-    base       model:RUN -> PITLM_HOME/models/RUN/final/ (merged/ for a LoRA run) ; a path ; an HF hub name
+    base       model:RUN -> PITLM_HOME/models/RUN/final/ (merged/ for a LoRA run) ; a path ; an HF hub name ;
+               model:RUN@YYYY-MM-DD -> the chronological run's family member of that cutoff
 
 A model directory `PITLM_HOME/models/<run>/`:
     checkpoints/step_000500/   dcp/ (torch.distributed.checkpoint, one file per rank), rng_rank<r>.pt,
@@ -12,20 +14,25 @@ A model directory `PITLM_HOME/models/<run>/`:
     final/                     HF model dir (scratch/full) or peft adapter dir (lora), tokenizer, train_config.yaml
     merged/                    lora only: the adapter folded into the base, an HF model dir + tokenizer
     tb/                        TensorBoard event files
+    members/<YYYY-MM-DD>/      schedule=chronological: the member of each cutoff, laid out like a model dir
+                               (final/, merged/ for lora) + member.json (cutoff, step, tokens seen, val loss)
     train_config.yaml          the resolved config
     manifest.json              what was trained, from what, the final metrics (written last: its presence = done)
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from pitlm.corpus.shards import ShardIndex, open_corpus
 from pitlm.errors import PitlmError
 from pitlm.volume import Volume
 
 CHECKPOINT_PREFIX = "step_"
+MEMBER = "member.json"
 
 
 @dataclass(frozen=True)
@@ -56,8 +63,33 @@ class ModelDir:
     def manifest(self) -> Path:
         return self.root / "manifest.json"
 
+    @property
+    def members(self) -> Path:
+        return self.root / "members"
+
+    def member(self, cutoff: dt.date | str) -> ModelDir:
+        """The family member of `cutoff` (a chronological run): final/ (+ merged/) and member.json."""
+        return ModelDir(self.members / str(cutoff))
+
+    def list_members(self) -> list[tuple[dt.date, ModelDir]]:
+        """(cutoff, member dir) of every exported member (member.json written), in cutoff order."""
+        if not self.members.is_dir():
+            return []
+        out = []
+        for d in self.members.iterdir():
+            if (d / MEMBER).is_file():
+                try:
+                    out.append((dt.date.fromisoformat(d.name), ModelDir(d)))
+                except ValueError:
+                    continue
+        return sorted(out, key=lambda t: t[0])
+
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"{CHECKPOINT_PREFIX}{step:06d}"
+
+    @staticmethod
+    def checkpoint_step(path: Path) -> int:
+        return int(path.name[len(CHECKPOINT_PREFIX):])
 
     def list_checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first (a checkpoint is renamed into place only once complete)."""
@@ -77,22 +109,44 @@ def model_dir(vol: Volume, run_name: str) -> ModelDir:
     return ModelDir(vol.entry("models", run_name))
 
 
-def resolve_corpus_dir(spec: str, vol: Volume) -> Path:
+def open_train_corpus(spec: str, vol: Volume) -> ShardIndex:
+    """The corpus (or slice, NAME@YYYY-MM-DD) a run reads: a name on the volume or a corpus directory."""
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "index.json").is_file():
-        return path
-    corpus = vol.path("corpus", spec)
-    if not (corpus / "index.json").is_file():
-        raise PitlmError(f"corpus '{spec}' not found at {corpus} (no index.json); build it with "
-                         f"`pitlm corpus build {spec} ...` or set corpus=PATH")
-    return corpus
+        return ShardIndex.load(path)
+    return open_corpus(spec, vol)
+
+
+def split_member_spec(run: str) -> tuple[str, dt.date | None]:
+    """'RUN' -> (RUN, None); 'RUN@YYYY-MM-DD' -> (RUN, that cutoff)."""
+    name, at, tail = run.partition("@")
+    if not at:
+        return run, None
+    try:
+        return name, dt.date.fromisoformat(tail)
+    except ValueError:
+        raise PitlmError(f"bad member 'model:{run}': expected model:RUN@YYYY-MM-DD") from None
+
+
+def member_dir(vol: Volume, run: str) -> ModelDir:
+    """model:RUN -> models/RUN/; model:RUN@DATE -> its member dir (one-line error naming the cutoffs it has)."""
+    name, cutoff = split_member_spec(run)
+    md = model_dir(vol, name)
+    if cutoff is None:
+        return md
+    member = md.member(cutoff)
+    if not (member.root / MEMBER).is_file():
+        have = ", ".join(str(c) for c, _ in md.list_members()) or "none"
+        raise PitlmError(f"model:{run}: run {name} has no member for cutoff {cutoff} (members: {have}); train it "
+                         f"with schedule=chronological on a corpus with that cutoff")
+    return member
 
 
 def resolve_model_path(spec: str, vol: Volume) -> str:
     """model:RUN -> the run's loadable HF dir (merged/ for a LoRA run, else final/); a path; or an HF hub id."""
     if spec.startswith("model:"):
         run = spec[len("model:"):]
-        md = model_dir(vol, run)
+        md = member_dir(vol, run)
         for candidate in (md.merged, md.final):
             if (candidate / "config.json").is_file():
                 return str(candidate)
