@@ -13,7 +13,8 @@ from pitlm.cliutil import RecipeOpt, SetOpt, guarded_volume
 from pitlm.eval.bench import bench_stats
 
 ModelOpt = Annotated[list[str] | None, typer.Option("--model", "-m", help="NAME=SPEC (repeatable). SPEC: HF id or dir, "
-                     "model:<run>, adapter:PATH[@BASE], control:random-features, control:random-init:<arch>.")]
+                     "model:<run>, adapter:PATH[@BASE], control:random-features, control:random-init:<arch>, "
+                     "embeddings:PATH (.parquet or .npy + keys, by SecuritiesCode and Date).")]
 ProtocolOpt = Annotated[str | None, typer.Option("--protocol", "-p", help="Comma-separated: legacy,purged,walk_forward.")]
 
 

@@ -10,6 +10,9 @@ Control path (`control:random-features`): hashed character 1-4-grams of the prom
 HashingVectorizer, l2-normalised) -> a fixed seeded Gaussian projection -> tanh. It sees exactly the prompt text
 (date, code, numbers) and knows nothing else: whatever "leakage" it shows is an artifact of the protocol.
 
+File path (`embeddings:PATH`, pitlm/eval/embfile.py): embeddings computed elsewhere are read and put in the rows'
+order by their (SecuritiesCode, Date) keys, which `embed` then needs instead of prompts; they are not cached again.
+
 `embed_prompts` caches every result on the volume (pitlm/eval/cache.py).
 """
 
@@ -173,11 +176,15 @@ def compute_embedding(spec: ModelSpec, prompts: list[str], opts: EmbedOptions) -
                "mean_tokens": round(float(np.mean([len(s) for s in seqs])), 2)}
 
 
-def embed(spec: ModelSpec | str, prompts: list[str], vol: Volume, opts: EmbedOptions | None = None) -> Embedding:
-    """Embed `prompts` with `spec`, reading/writing the volume's cache."""
+def embed(spec: ModelSpec | str, prompts: list[str], vol: Volume, opts: EmbedOptions | None = None,
+          keys=None) -> Embedding:
+    """Embed `prompts` with `spec`, reading/writing the volume's cache; an `embeddings:PATH` spec reads its file
+    for `keys` (a DataFrame of the rows' SecuritiesCode, Date, in prompt order) instead."""
     opts = opts or EmbedOptions()
     spec = parse_spec(spec, vol) if isinstance(spec, str) else spec
     fp = fingerprint(spec)
+    if spec.kind == "embeddings":
+        return _embedding_file(spec, fp, keys)
     p_sha = prompts_hash(prompts)
     key = cache_key(fp, p_sha, embed_recipe(spec, opts))
     cache = EmbeddingCache(vol)
@@ -194,6 +201,19 @@ def embed(spec: ModelSpec | str, prompts: list[str], vol: Volume, opts: EmbedOpt
     path = cache.save(key, X, info)
     log.info("embeddings of %s: %d x %d in %.1fs -> %s", spec.raw, *X.shape, seconds, path)
     return Embedding(X, key, fp, False, seconds, info)
+
+
+def _embedding_file(spec: ModelSpec, fp: str, keys) -> Embedding:
+    from pitlm.eval.embfile import load_for_rows
+
+    if keys is None:
+        raise ValueError(f"{spec.raw} needs the rows' (SecuritiesCode, Date) keys, not prompts")
+    t0 = time.perf_counter()
+    X = load_for_rows(spec.path, keys)
+    seconds = time.perf_counter() - t0
+    log.info("embeddings of %s: %d x %d read from %s in %.1fs", spec.raw, *X.shape, spec.path, seconds)
+    return Embedding(X, f"file-{fp[:16]}", fp, False, seconds,
+                     {"device": "file", "dtype": "float32", "model": describe(spec), "fingerprint": fp})
 
 
 def embed_prompts(model_spec: ModelSpec | str, prompts: list[str], vol: Volume, batch_size: int = 32,

@@ -158,9 +158,12 @@ def check_rows(rows: pd.DataFrame, pcfg) -> None:
         build_layouts(protocol, panel.calendar, pcfg)
 
 
-def embed_models(cfg: EvalConfig, specs: dict, prompts: list[str], vol) -> tuple[dict[str, np.ndarray], dict]:
+def embed_models(cfg: EvalConfig, specs: dict, prompts: list[str], vol,
+                 keys: pd.DataFrame | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """Embeddings of every model (cached) and their records for results.json. The control is embedded last,
-    matched to the primary model (the first that is neither the control nor the base) per `control_match`."""
+    matched to the primary model (the first that is neither the control nor the base) per `control_match`.
+    `keys` (the rows' SecuritiesCode, Date) serve `embeddings:PATH` models, read first: a file that lacks a
+    row fails before any language model runs."""
     from pitlm.eval.embed import EmbedOptions, embed
     from pitlm.eval.models import describe
 
@@ -168,11 +171,12 @@ def embed_models(cfg: EvalConfig, specs: dict, prompts: list[str], vol) -> tuple
                         padding_side=cfg.padding_side, reembed=cfg.reembed)
     primary = next((n for n in specs if n not in (cfg.control_name, cfg.base)), cfg.base)
     arrays, records = {}, {}
-    for name in [n for n in specs if n != cfg.control_name] + [cfg.control_name]:
+    models = sorted((n for n in specs if n != cfg.control_name), key=lambda n: specs[n].kind != "embeddings")
+    for name in models + [cfg.control_name]:
         spec = specs[name]
         if name == cfg.control_name:
             spec = matched_control(spec, arrays[primary], cfg.control_match)
-        emb = embed(spec, prompts, vol, opts)
+        emb = embed(spec, prompts, vol, opts, keys)
         arrays[name] = emb.X
         records[name] = {**describe(spec), "fingerprint": emb.fingerprint, "embedding_key": emb.key,
                          "embedding_dim": int(emb.X.shape[1]), "cached": emb.cached,
@@ -196,7 +200,7 @@ def run_eval(cfg: EvalConfig, vol, run, prepared=None) -> dict[str, Any]:
     check_rows(rows, pcfg)
     prompts = build_prompts(rows, cfg.template)
     log.info("prompt 0: %s", prompts[0])
-    embeddings, models = embed_models(cfg, specs, prompts, vol)
+    embeddings, models = embed_models(cfg, specs, prompts, vol, rows[["SecuritiesCode", "Date"]])
     features = {name: design_matrix(X, rows, cfg.numeric_features) for name, X in embeddings.items()}
     for name, X in features.items():
         models[name]["n_features"] = int(X.shape[1])
