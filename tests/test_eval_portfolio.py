@@ -7,7 +7,16 @@ import pytest
 from sklearn.linear_model import Ridge
 
 from pitlm.eval.bootstrap import draw_counts
-from pitlm.eval.portfolio import LongShort, long_short_returns, newey_west_t, nw_lags, periods_per_year, sharpe
+from pitlm.eval.portfolio import (
+    LongShort,
+    day_intervals,
+    long_short_returns,
+    newey_west_t,
+    nw_lags,
+    periods_per_year,
+    sharpe,
+    stationary_indices,
+)
 from pitlm.eval.protocols import ProtocolConfig, evaluate
 
 
@@ -58,6 +67,20 @@ def test_newey_west_matches_statsmodels():
         assert t == pytest.approx(fit.tvalues[0], rel=1e-10) and se == pytest.approx(fit.bse[0], rel=1e-10)
 
 
+def test_stationary_bootstrap_blocks_and_paired_day_intervals():
+    iid = stationary_indices(50, 4, 1.0, seed=0)  # every day starts a block
+    assert iid.shape == (4, 50) and iid.min() >= 0 and iid.max() < 50
+    runs = stationary_indices(50, 4, 1e12, seed=0)  # one block, wrapping around the end
+    np.testing.assert_array_equal(runs, (runs[:, :1] + np.arange(50)) % 50)
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(0.1, 1, 400), rng.normal(0, 1, 400)
+    cis, block = day_intervals({"a": a, "b": b, "a2": a.copy()}, 250.0, {"gap": ("a", "b"), "same": ("a", "a2")}, 0)
+    assert block == pytest.approx(400 ** (1 / 3))
+    assert cis["same"] == [0.0, 0.0]  # paired: the same resampled days for every series
+    assert cis["a"][0] < sharpe(a, 250.0) < cis["a"][1]
+    assert cis["gap"][0] < sharpe(a, 250.0) - sharpe(b, 250.0) < cis["gap"][1]
+
+
 def dense_panel(n_stocks=10, n_dates=60, seed=0):
     rng = np.random.default_rng(seed)
     cal = np.sort(rng.choice(pd.bdate_range("2019-06-01", "2021-11-30"), n_dates, replace=False))
@@ -97,7 +120,7 @@ def test_eval_sharpe_per_draw_matches_an_sklearn_refit():
                                   res.values["arm"]["sharpe_purged"] - res.values["control"]["sharpe_purged"])
     lines = dict(line.split(": ", 1) for line in res.summary_lines())
     for key in ("sharpe_leakage_off", "sharpe_leakage_off_ci_lo", "sharpe_leakage_off_nw_t", "net_sharpe_purged",
-                "control_sharpe_purged", "portfolio_outside_ci"):
+                "control_sharpe_purged", "portfolio_outside_ci", "sharpe_purged_day_ci", "net_sharpe_purged_day_ci"):
         assert key in lines, key
     t, _, _ = newey_west_t(res.portfolio["series"]["leakage_off"]["models"]["arm"]["returns"])
     assert float(lines["sharpe_leakage_off_nw_t"]) == pytest.approx(t, rel=1e-5)

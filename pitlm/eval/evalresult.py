@@ -13,10 +13,11 @@ and, for every non-control model, the same net of the control: `net_<K>` (model 
 Long-short portfolios of the out-of-fold predictions (pitlm/eval/portfolio.py), after each model's lines:
     sharpe_leakage_off, sharpe_purged, sharpe_walk_forward   annualised Sharpe (+ _ci_lo/_ci_hi)
     sharpe_<protocol>_nw_t                                   Newey-West t of the mean daily return (original rows)
-    net_sharpe_<protocol>                                    model - control, per draw (+ _ci_lo/_ci_hi)
+    sharpe_<protocol>_day_ci                                 [lo, hi] of a stationary bootstrap over days
+    net_sharpe_<protocol>                                    model - control, per draw (+ _ci_lo/_ci_hi, _day_ci)
 Comparisons (base - arm, per draw): `premium_reduction`, `r2_purged_reduction`,
 `r2_walk_forward_reduction`, and the Sharpe gaps `sharpe_gap_leakage_off`, `sharpe_gap_purged`,
-`sharpe_gap_walk_forward` (leaky base minus the PIT arm) for the primary arm, `<arm>_premium_reduction`,
+`sharpe_gap_walk_forward` (leaky base minus the PIT arm; each also `_day_ci`) for the primary arm, `<arm>_premium_reduction`,
 `<arm>_sharpe_gap_walk_forward` ... for every other arm. Leakage decision per non-control model: `leakage_estimate` (+ `_ci_lo/_ci_hi`
 of the decision interval) and `leakage_flagged: true|false`. Then `bootstrap_draws`, `bootstrap_skipped`
 (most draws skipped by any statistic) and `outside_ci` (statistics whose point estimate lies outside their
@@ -30,6 +31,7 @@ import numpy as np
 
 from pitlm.errors import PitlmError
 from pitlm.eval.bootstrap import summarize
+from pitlm.eval.portfolio import DAY_DRAWS
 from pitlm.log import format_value
 
 HEADLINE = ("r2_leakage_off", "r2_leakage_on", "leakage_premium", "rank_ic_leakage_off", "rank_ic_leakage_on",
@@ -180,8 +182,8 @@ class EvalResult:
             "comparisons": self.comparisons(),
             "leakage": self.leakage(),
             "outside_ci": self.outside_ci(),
-            **({"portfolio": self.portfolio, "portfolio_outside_ci": self.outside_ci(portfolio=True)}
-               if self.portfolio is not None else {}),
+            **({"portfolio": {**self.portfolio, "day_ci": self.day_intervals()},
+                "portfolio_outside_ci": self.outside_ci(portfolio=True)} if self.portfolio is not None else {}),
         }
 
     def summary(self) -> dict[str, object]:
@@ -203,8 +205,11 @@ class EvalResult:
                 if f"net_{k}" in net:
                     put(f"{p}net_{k}", net[f"net_{k}"])
             self._put_sharpes(m, p, metrics, net, put, out)
+        days = self.day_intervals()
         for k, s in self.comparisons().items():
             put(k, s)
+            if k in days:
+                out[f"{k}_day_ci"] = days[k]
         for m, d in self.leakage().items():
             p = self.prefix(m)
             out[f"{p}leakage_estimate"], out[f"{p}leakage_estimate_ci_lo"] = d["estimate"], d["ci_lo"]
@@ -220,7 +225,9 @@ class EvalResult:
         return out
 
     def _put_sharpes(self, model: str, p: str, metrics: dict, net: dict, put, out: dict) -> None:
-        """`<p>sharpe_<s>` (+ CI), its Newey-West t `<p>sharpe_<s>_nw_t`, and `<p>net_sharpe_<s>` (+ CI)."""
+        """`<p>sharpe_<s>` (+ CI, day CI), its Newey-West t `<p>sharpe_<s>_nw_t`, and `<p>net_sharpe_<s>`
+        (+ CI, day CI)."""
+        days = self.day_intervals()
         for k in SHARPES:
             if k not in metrics:
                 continue
@@ -228,8 +235,38 @@ class EvalResult:
             series = (self.portfolio or {}).get("series", {}).get(k[len("sharpe_"):], {})
             if model in series.get("models", {}):
                 out[f"{p}{k}_nw_t"] = series["models"][model]["nw_t"]
+            if f"{p}{k}" in days:
+                out[f"{p}{k}_day_ci"] = days[f"{p}{k}"]
             if f"net_{k}" in net:
                 put(f"{p}net_{k}", net[f"net_{k}"])
+                if f"{p}net_{k}" in days:
+                    out[f"{p}net_{k}_day_ci"] = days[f"{p}net_{k}"]
+
+    def day_intervals(self) -> dict[str, list[float]]:
+        """Stationary-bootstrap-over-days intervals (pitlm.eval.portfolio.day_intervals) of every summary key of a
+        Sharpe ratio: `<p>sharpe_<s>`, `<p>net_sharpe_<s>` (model - control) and the gaps `sharpe_gap_<s>`,
+        `<arm>_sharpe_gap_<s>` (base - arm), the same resampled days for all of them."""
+        if self.portfolio is None:
+            return {}
+        if ("portfolio", "days") in self._cache:
+            return self._cache[("portfolio", "days")]
+        from pitlm.eval.portfolio import day_intervals
+
+        out: dict[str, list[float]] = {}
+        for suffix, entry in self.portfolio["series"].items():
+            rets = {m: np.asarray(v["returns"]) for m, v in entry["models"].items()}
+            pairs: dict[str, tuple[str, str]] = {}
+            for m in rets:
+                if self.control in rets and m != self.control:
+                    pairs[f"{self.prefix(m)}net_sharpe_{suffix}"] = (m, self.control)
+                if self.base in rets and m not in (self.base, self.control):
+                    pairs[f"{'' if m == self.primary else m + '_'}sharpe_gap_{suffix}"] = (self.base, m)
+            cis, block = day_intervals(rets, entry["periods_per_year"], pairs, int(self.config.get("seed") or 0),
+                                       self.level)
+            out.update({(f"{self.prefix(k)}sharpe_{suffix}" if k in rets else k): v for k, v in cis.items()})
+            entry["day_bootstrap"] = {"mean_block": block, "draws": DAY_DRAWS if cis else 0}
+        self._cache[("portfolio", "days")] = out
+        return out
 
     def summary_lines(self) -> list[str]:
         return [f"{k}: {format_value(v)}" for k, v in self.summary().items()]

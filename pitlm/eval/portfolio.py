@@ -22,8 +22,14 @@ Intervals come from the eval's own paired, stock-clustered bootstrap: each draw 
 the drawn stocks' out-of-fold predictions of that draw's refits, the same draws for every model, so
 `net_sharpe_*` (model - control) and `sharpe_gap_*` (base - arm: leaky minus PIT) are paired differences. The
 draws resample the cross-section, not the days: what the days' own randomness adds is in the Newey-West t,
-which is computed on the original rows only. With few stocks per date a draw's duplicated stocks make its legs
-noisier, which biases draw Sharpes toward 0 (the BCa and basic intervals in results.json correct for a shift).
+which is computed on the original rows only. A draw's duplicated stocks make its legs less diversified (a leg of
+k rows holds fewer distinct stocks), which biases draw Sharpes toward 0 -- for a strong signal the point
+estimate can lie above its percentile interval (listed in `portfolio_outside_ci`; the interval errs toward 0).
+
+Hence a second interval, over days: a stationary bootstrap (Politis and Romano 1994; mean block length
+T^(1/3), DAY_DRAWS resamples, seeded) of the original rows' series, the same resampled days for every model, so
+that `*_day_ci` of a gap is paired too. It holds the fits fixed and measures the days' sampling error of the
+Sharpe ratio, the usual interval of a backtest's Sharpe.
 """
 
 from __future__ import annotations
@@ -138,6 +144,41 @@ def series_metrics(ls: np.ndarray, tested: np.ndarray, calendar: np.ndarray, suf
               "periods_per_year": ppy, "days": int(len(dates)), "days_with_position": int(np.isfinite(ls[0, tested]).sum()),
               "nw_t": t, "nw_se": se, "nw_lags": L}
     return values, record
+
+
+DAY_DRAWS = 1000
+
+
+def stationary_indices(T: int, n_draws: int, mean_block: float, seed: int) -> np.ndarray:
+    """(n_draws, T) day indices of a stationary bootstrap: each day starts a new block (a uniform day) with
+    probability 1 / mean_block, else continues the previous one (wrapping around the end)."""
+    rng = np.random.default_rng([seed, 24])
+    starts = rng.integers(0, T, size=(n_draws, T))
+    new = rng.random((n_draws, T)) < 1.0 / mean_block
+    idx = np.empty((n_draws, T), dtype=np.int64)
+    idx[:, 0] = starts[:, 0]
+    for t in range(1, T):
+        idx[:, t] = np.where(new[:, t], starts[:, t], (idx[:, t - 1] + 1) % T)
+    return idx
+
+
+def day_intervals(returns: dict[str, np.ndarray], ppy: float, gaps: dict[str, tuple[str, str]], seed: int,
+                  level: float = 0.95, n_draws: int = DAY_DRAWS) -> tuple[dict[str, list[float]], float]:
+    """Percentile intervals of each model's Sharpe and of each gap (a - b) over the same stationary-bootstrap
+    resamples of the days; returns ({name: [lo, hi]}, mean block length)."""
+    T = len(next(iter(returns.values())))
+    if T < 3:
+        return {}, float("nan")
+    L = T ** (1 / 3)
+    idx = stationary_indices(T, n_draws, L, seed)
+    draws = {m: sharpe(np.asarray(r)[idx], ppy) for m, r in returns.items()}
+    draws.update({g: draws[a] - draws[b] for g, (a, b) in gaps.items()})
+    q = 100 * (1 - level) / 2
+    out = {}
+    for name, v in draws.items():
+        v = v[np.isfinite(v)]
+        out[name] = [float(x) for x in np.percentile(v, [q, 100 - q])] if len(v) else [float("nan")] * 2
+    return out, L
 
 
 def long_short_returns(dates, pred, y, quantile: float = 0.2, min_stocks: int = 2):
