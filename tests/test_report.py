@@ -68,17 +68,18 @@ def test_report_cli_writes_self_contained_html(cli, home, eval_run):
     assert "verdict_leaky: leakage_detected" in stdout and "verdict_blind: not_detected" in stdout
     html = (out / "report.html").read_text()
     images = html.count("data:image/png;base64,")
-    assert images >= 4  # forest, reduction, walk-forward, loss
+    assert images >= 5  # forest, reduction, walk-forward, long-short, loss
     first = html.split("data:image/png;base64,")[1].split('"')[0]
     assert base64.b64decode(first)[:8] == b"\x89PNG\r\n\x1a\n"
     assert "src=\"http" not in html and "<script" not in html  # self-contained, no external assets
     assert "dropped_after_cutoff=3" in html and "2017-06-30" in html
     md = (out / "report.md").read_text()
     assert "leaky: leakage detected" in md and "![forest plot" in md
-    assert sorted(p.name for p in out.glob("*.png")) == ["forest_0.png", "loss.png", "reduction_0.png",
-                                                         "walk_forward_0.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == ["forest_0.png", "long_short_0.png", "loss.png",
+                                                         "reduction_0.png", "walk_forward_0.png"]
+    assert "Long-short portfolios" in md and "sharpe_gap_walk_forward" in md
     summary = json.loads(next(vol.path("runs").glob("report-*/summary.json")).read_text())
-    assert summary["status"] == "ok" and summary["figures"] == 4
+    assert summary["status"] == "ok" and summary["figures"] == 5
 
 
 def test_report_refuses_runs_with_nothing_to_show(cli, home):

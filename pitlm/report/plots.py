@@ -76,7 +76,8 @@ def forest_plot(results: dict) -> plt.Figure:
 
 
 def reduction_plot(results: dict) -> plt.Figure | None:
-    comps = results["protocols"].get("comparisons") or {}
+    # the Sharpe gaps (another scale) are drawn by long_short_plot
+    comps = {k: v for k, v in (results["protocols"].get("comparisons") or {}).items() if "sharpe_gap" not in k}
     if not comps:
         return None
     rows = [(k, v, False) for k, v in comps.items()]
@@ -113,6 +114,41 @@ def walk_forward_plot(results: dict) -> plt.Figure | None:
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+SERIES_TITLES = {"walk_forward": "walk-forward", "purged": "purged", "leakage_off": "legacy test split"}
+
+
+def long_short_plot(results: dict) -> plt.Figure | None:
+    """Cumulative daily top-minus-bottom long-short return of each model's out-of-fold predictions (sum of
+    daily returns, flat on dates without a position), one panel per protocol; Sharpe in the legend."""
+    proto = results["protocols"]
+    series = (proto.get("portfolio") or {}).get("series") or {}
+    names = [k for k in SERIES_TITLES if k in series]
+    if not names:
+        return None
+    control = proto["roles"].get("control")
+    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        entry = series[name]
+        dates = np.array(entry["dates"], dtype="datetime64[D]")
+        for m in model_order(results):
+            if m not in entry["models"]:
+                continue
+            r = np.nan_to_num(np.asarray(entry["models"][m]["returns"], dtype=float))
+            sr = (proto["models"][m]["metrics"].get(f"sharpe_{name}") or {}).get("estimate")
+            label = f"{m} (Sharpe {sr:.2f})" if sr is not None else m
+            ax.plot(dates, np.cumsum(r), label=label, lw=1.3, color=CONTROL if m == control else None,
+                    ls="--" if m == control else "-")
+        ax.axhline(0, color="#999", lw=1)
+        ax.set_title(f"Long-short, {SERIES_TITLES[name]} ({entry['days']} dates)", fontsize=10)
+        ax.set_ylabel("cumulative return", fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.autofmt_xdate()
     fig.tight_layout()
     return fig
 

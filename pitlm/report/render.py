@@ -134,10 +134,47 @@ def eval_section(page: Page, run_id: str, results: dict, index: int) -> None:
                         "rank_ic_purged") if any(k in proto["models"][m]["metrics"] for m in proto["models"])]
     table = [[m] + [_ci(proto["models"][m]["metrics"].get(k)) for k in keys] for m in plots.model_order(results)]
     page.table(["model"] + keys, table)
+    portfolio_section(page, results, index)
     outside = proto.get("outside_ci") or []
     if outside:
         page.para("Point estimates outside their own percentile CI (bias; see the BCa/basic intervals in "
                   f"results.json): {', '.join(outside)}.")
+
+
+def portfolio_section(page: Page, results: dict, index: int) -> None:
+    """Long-short economics: the cumulative-return plot and each model's Sharpe, net Sharpe, Newey-West t and
+    the leaky-minus-PIT gaps, per protocol (pitlm/eval/portfolio.py)."""
+    proto = results["protocols"]
+    portfolio = proto.get("portfolio")
+    if not portfolio:
+        return
+    page.heading("Long-short portfolios", 3)
+    page.para(f"Each date's rows ranked by the out-of-fold prediction: top minus bottom "
+              f"{portfolio.get('quantile', 0.2):.0%}, equal-weighted, one-day holding; annualised Sharpe with a "
+              "stock-clustered bootstrap CI (paired across models; errs toward 0) and a stationary bootstrap CI "
+              "over days; Newey-West t of the mean daily return.")
+    page.figure(plots.long_short_plot(results), f"long_short_{index}", "cumulative long-short return per model")
+    day_ci = portfolio.get("day_ci") or {}
+    rows = []
+    for name in plots.SERIES_TITLES:
+        entry = portfolio["series"].get(name)
+        if not entry:
+            continue
+        for m in plots.model_order(results):
+            if m not in entry["models"]:
+                continue
+            metrics, net = proto["models"][m]["metrics"], proto["models"][m].get("net", {})
+            p = {"primary": "", "base": "base_", "control": "control_"}.get(proto["models"][m]["role"], f"{m}_")
+            days = day_ci.get(f"{p}sharpe_{name}")
+            rows.append([plots.SERIES_TITLES[name], m, _ci(metrics.get(f"sharpe_{name}")),
+                         format_value(days) if days else "n/a", _ci(net.get(f"net_sharpe_{name}")),
+                         entry["models"][m].get("nw_t"), entry["models"][m].get("days_with_position")])
+    page.table(["protocol", "model", "Sharpe [draw CI]", "Sharpe day CI", "net of control", "NW t",
+                "dates with a position"], rows)
+    gaps = [[k, _ci(v), format_value(day_ci[k]) if k in day_ci else "n/a"]
+            for k, v in (proto.get("comparisons") or {}).items() if "sharpe_gap" in k]
+    if gaps:
+        page.table([f"gap ({proto['roles'].get('base')} − arm)", "draw CI", "day CI"], gaps)
 
 
 def calibration_section(page: Page, run_id: str, cal: dict) -> None:
