@@ -12,7 +12,9 @@ Layout (top-level keys):
     protocols                             EvalResult.to_json() (pitlm/eval/evalresult.py): per model the metrics
                                           and net-of-control figures with percentile/basic/BCa intervals and draw
                                           counts, comparisons (premium_reduction ...), the leakage decision,
-                                          bootstrap settings and skipped draws, statistics outside their CI
+                                          bootstrap settings and skipped draws, statistics outside their CI,
+                                          and `portfolio` (pitlm/eval/portfolio.py): per protocol the dates,
+                                          each model's daily long-short returns, Newey-West t, day-bootstrap CIs
     summary                               the printed `key: value` lines, parsed
     timings                               embed_seconds, stats_seconds
 """
