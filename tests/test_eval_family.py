@@ -221,3 +221,91 @@ def test_evaluate_family_flags_known_cells_only():
     # the same matrix judged against a wrong ground truth fails
     wrong = ground_truth_cells(list(members), mat["years"], {m: {2021} for m in members})
     assert not staircase_ok(mat, wrong)
+
+
+# ---- `pitlm eval --family` end to end ----
+
+FAMILY_CUTOFFS = ("2018-12-31", "2019-12-31", "2020-12-31", "2021-12-31")
+
+
+@pytest.fixture(scope="module")
+def family_world(tmp_path_factory):
+    """A built world and its market (`pitlm world build`, `pitlm market world`), and one embeddings file per
+    member: dimension 0 is the planted move of the row's (company, year) when a news document reporting it was
+    crawled by the member's cutoff (the world's news_index), else noise of the same scale; 3 noise dimensions."""
+    from conftest import run_cli
+
+    home = tmp_path_factory.mktemp("famworld") / "home"
+    for args in (["world", "build", "w", "--seed", "1", "--set", "n_companies=30", "--set", "history_docs=0"], ["market", "world", "w", "--world", "w"]):
+        code, _, err = run_cli("--home", str(home), *args)
+        assert code == 0, err
+    gt = pd.read_parquet(home / "world" / "w" / "ground_truth.parquet")
+    news = pd.read_parquet(home / "world" / "w" / "news_index.parquet")
+    news = news[(news["kind"] == "news") & news["period"].notna()]
+    rng = np.random.default_rng(0)
+    scale = float(gt["planted_target"].std())
+    files = {}
+    for c in FAMILY_CUTOFFS:
+        crawled = pd.to_datetime(news["date"], utc=True) < pd.Timestamp(c, tz="UTC") + pd.Timedelta(days=1)
+        known = set(zip(news.loc[crawled, "SecuritiesCode"].astype(int), news.loc[crawled, "period"].astype(str),
+                        strict=True))
+        is_known = np.array([(int(a), str(p)) in known for a, p in zip(gt["SecuritiesCode"], gt["period"],
+                                                                      strict=True)])
+        e0 = np.where(is_known, gt["planted_target"], rng.normal(0, scale, len(gt))) / scale
+        df = pd.DataFrame({"SecuritiesCode": gt["SecuritiesCode"], "Date": gt["Date"], "e0": e0,
+                           **{f"e{i}": rng.normal(size=len(gt)) for i in (1, 2, 3)}})
+        files[c] = home / f"emb_{c}.parquet"
+        df.to_parquet(files[c])
+    return home, files
+
+
+def test_eval_family_prints_the_staircase_and_writes_the_matrix(cli, family_world):
+    import json
+    from pathlib import Path
+
+    home, files = family_world
+    members = ",".join(f"embeddings:{files[c]}@{c}" for c in FAMILY_CUTOFFS)
+    code, out, err = cli("--home", str(home), "eval", "--market", "w", "--family", f"fam={members}",
+                         "--protocol", "legacy,walk_forward", "--n-boot", "40", "--max-stocks", "30",
+                         "--dates-per-stock", "100", "--set", "protocol.jackknife_groups=0",
+                         "--set", "protocol.rank_ic=false", "--set", "numeric_features=false",
+                         "--set", "control_match=dim")
+    assert code == 0, err
+    got = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+    assert got["family"] == "fam" and got["family_staircase_ok"] == "true", out
+    assert got["family_staircase_false_flags"] == "none" and got["family_staircase_missed"] == "none"
+    assert got["knowledge_fam-2021-12-31_2020"].endswith("flagged")
+    assert got["knowledge_fam-2018-12-31_2019"].endswith(" -")
+    assert float(got["family_slope_calibrated_ci_lo"]) > 0  # each later member knows one more year
+    assert "family_slope" in got  # the seed's premium against the cutoff (legacy ran)
+    res = json.loads(Path(got["results_json"]).read_text())
+    fam = res["family"]["fam"]
+    assert fam["ground_truth_world"] == str(home / "world" / "w")
+    assert [m["cutoff"] for m in fam["matrix"]["members"]] == list(FAMILY_CUTOFFS)
+    # news of year Y is crawled in Y+1: the member of Y-12-31 knows the years before Y
+    for m in fam["matrix"]["members"]:
+        year = int(m["cutoff"][:4])
+        assert {y: fam["ground_truth"][m["name"]][str(y)] for y in fam["matrix"]["years"]} == {
+            y: "known" if y < year else "unknown" for y in fam["matrix"]["years"]}
+    assert set(res["models"]) == {"control", *(f"fam-{c}" for c in FAMILY_CUTOFFS)}
+
+
+@pytest.mark.parametrize("family, message", [
+    ("fam=embeddings:x.parquet", "needs its cutoff date: SPEC@YYYY-MM-DD"),
+    ("fam=hf:org/a@2019-12-31,hf:org/b@2019-12-31", "cutoff 2019-12-31 is given twice"),
+    ("fam=model:nope", "run nope has no members"),
+    ("fam=model:nope@2019-12-31", "run nope has no member for cutoff 2019-12-31"),
+    ("fam=hf:org/a@2019-13-01", "'2019-13-01' in 'hf:org/a@2019-13-01' is not a date"),
+    ("bad name=hf:org/a@2019-12-31", "family name 'bad name'"),
+])
+def test_bad_family_specs_are_one_line(cli, family_world, family, message):
+    home, _ = family_world
+    code, out, err = cli("--home", str(home), "eval", "--market", "w", "--family", family)
+    assert code != 0 and message in err, err
+
+
+def test_family_needs_walk_forward(cli, family_world):
+    home, files = family_world
+    code, out, err = cli("--home", str(home), "eval", "--market", "w", "--protocol", "legacy",
+                         "--family", f"fam=embeddings:{files['2018-12-31']}@2018-12-31")
+    assert code != 0 and "needs the walk_forward protocol" in err, err

@@ -26,6 +26,9 @@ def eval_command(
     ctx: typer.Context,
     market: Annotated[str | None, typer.Option("--market", help="Market panel name on the volume (market/<name>/).")] = None,
     model: ModelOpt = None,
+    family: Annotated[list[str] | None, typer.Option("--family", help="NAME=model:<run> (a chronological run's "
+                      "members) or NAME=SPEC@YYYY-MM-DD,... (e.g. hf:ORG/ID@2019-12-31): a family of PIT models, "
+                      "scored into a knowledge matrix (repeatable).")] = None,
     base: Annotated[str | None, typer.Option("--base", help="NAME of the base model (for premium_reduction).")] = None,
     control: Annotated[str | None, typer.Option("--control", help="Knowledge-free control SPEC (always scored).")] = None,
     protocol: ProtocolOpt = None,
@@ -48,7 +51,8 @@ def eval_command(
     sets = list(overrides or [])
     if n_boot is not None:
         sets.append(f"protocol.n_boot={n_boot}")
-    cfg = load_config(EvalConfig, recipe, sets, market=market, models=model or None, base=base, control=control,
+    cfg = load_config(EvalConfig, recipe, sets, market=market, models=model or None,
+                      family=family or None, base=base, control=control,
                       protocols=_protocols(protocol), max_stocks=max_stocks, dates_per_stock=dates_per_stock,
                       seed=seed, template=template, batch_size=batch_size, device=device)
     vol = guarded_volume(ctx, "eval")

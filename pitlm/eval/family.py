@@ -44,6 +44,7 @@ Summary lines (grep-able, one `key: value` each; numbers as in every stage's sum
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -246,6 +247,72 @@ def staircase_ok(matrix: dict, known: dict[str, dict[str, str]], detectable: Ite
     return staircase_check(matrix, known, detectable)["ok"]
 
 
+# ---- family specs (`pitlm eval --family NAME=...`) ----
+
+_FAMILY_NAME = re.compile(r"[\w.-]+")
+
+
+def member_name(family: str, cutoff: date) -> str:
+    """The eval's model name of a family member: NAME-YYYY-MM-DD."""
+    return f"{family}-{cutoff.isoformat()}"
+
+
+def parse_family(item: str, vol=None) -> tuple[str, dict[str, tuple[str, date]]]:
+    """'NAME=model:RUN' (every member of a chronological run, models/RUN/members/) or 'NAME=SPEC@YYYY-MM-DD,...'
+    (SPEC: hf:ID for a hub id, model:RUN for a run's member, an HF id or a model dir) -> (NAME, {member name:
+    (model spec, cutoff)}), members by cutoff. One-line errors for a bad item, a run without members, a
+    repeated cutoff."""
+    from pitlm.train.paths import model_dir, split_member_spec
+    from pitlm.volume import Volume
+
+    name, sep, body = item.partition("=")
+    name = name.strip()
+    if not sep or not name or not body.strip():
+        raise PitlmError(f"--family expects NAME=model:RUN or NAME=SPEC@YYYY-MM-DD,..., got '{item}'")
+    if not _FAMILY_NAME.fullmatch(name):
+        raise PitlmError(f"family name '{name}' may use only letters, digits, '_', '.', '-'")
+    body = body.strip()
+    pairs: list[tuple[str, date]] = []
+    if body.startswith("model:") and "@" not in body and "," not in body:
+        run = body[len("model:"):]
+        members = model_dir(vol or Volume.resolve(), run).list_members()
+        if not members:
+            raise PitlmError(f"--family {name}={body}: run {run} has no members (train it with "
+                             "schedule=chronological on a nested corpus, or list SPEC@YYYY-MM-DD members)")
+        pairs = [(f"model:{run}@{c.isoformat()}", c) for c, _ in members]
+    else:
+        for part in filter(None, (p.strip() for p in body.split(","))):
+            if part.startswith("model:"):
+                run, cutoff = split_member_spec(part[len("model:"):])
+                if cutoff is None:
+                    raise PitlmError(f"--family {name}: '{part}' needs its cutoff: model:RUN@YYYY-MM-DD")
+                pairs.append((part, cutoff))
+                continue
+            spec, at, when = part.rpartition("@")
+            if not at or not spec:
+                raise PitlmError(f"--family {name}: member '{part}' needs its cutoff date: SPEC@YYYY-MM-DD")
+            try:
+                cutoff = date.fromisoformat(when)
+            except ValueError:
+                raise PitlmError(f"--family {name}: '{when}' in '{part}' is not a date (YYYY-MM-DD)") from None
+            pairs.append((spec[len("hf:"):] if spec.startswith("hf:") else spec, cutoff))
+    cutoffs = [c for _, c in pairs]
+    repeated = sorted({c for c in cutoffs if cutoffs.count(c) > 1})
+    if repeated:
+        raise PitlmError(f"--family {name}: cutoff {repeated[0]} is given twice (one member per cutoff)")
+    return name, {member_name(name, c): (spec, c) for spec, c in sorted(pairs, key=lambda p: p[1])}
+
+
+def parse_families(items: Iterable[str], vol=None) -> dict[str, dict[str, tuple[str, date]]]:
+    out: dict[str, dict[str, tuple[str, date]]] = {}
+    for item in items:
+        name, members = parse_family(item, vol)
+        if name in out:
+            raise PitlmError(f"family name '{name}' given twice")
+        out[name] = members
+    return out
+
+
 # ---- one call for `pitlm eval --family` ----
 
 def family_report(result: EvalResult, members: Mapping[str, date | str], years: Iterable[int] | None = None,
@@ -271,9 +338,10 @@ def _num(v) -> str:
     return format_value(float("nan") if v is None else float(v))
 
 
-def family_summary_lines(report: dict) -> list[str]:
-    """The grep-able lines of a `family_report` (formats in the module doc)."""
-    lines = []
+def family_summary_lines(report: dict, prefix: str = "") -> list[str]:
+    """The grep-able lines of a `family_report` (formats in the module doc); `prefix` (e.g. 'NAME.') goes before
+    every key when an eval scores several families."""
+    lines = [f"family: {report['name']}"] if "name" in report and not prefix else []
     for key, name in (("slope", "family_slope"), ("slope_calibrated", "family_slope_calibrated")):
         if key in report:
             s = report[key]
@@ -290,4 +358,4 @@ def family_summary_lines(report: dict) -> list[str]:
         lines += [f"family_staircase_ok: {format_value(bool(st['ok']))}",
                   f"family_staircase_missed: {','.join(st['missed']) or 'none'}",
                   f"family_staircase_false_flags: {','.join(st['false_flags']) or 'none'}"]
-    return lines
+    return [prefix + line for line in lines]

@@ -28,6 +28,13 @@ log = logging.getLogger("pitlm.eval")
 class EvalConfig(StageConfig):
     market: str = Field(..., description="Market panel name on the volume (market/<name>/panel.parquet).")
     models: list[str] = Field(default_factory=list, description="NAME=SPEC entries (see pitlm/eval/models.py).")
+    family: list[str] = Field(default_factory=list, description="NAME=model:RUN (a chronological run's members) or "
+                              "NAME=SPEC@YYYY-MM-DD,... entries: families of PIT models, each member scored as a "
+                              "model NAME-YYYY-MM-DD; the knowledge matrix and slopes go to results.json "
+                              "(pitlm/eval/family.py).")
+    family_ground_truth: str = Field("auto", description="Where the families' ground truth comes from: auto (the "
+                                     "market's synthetic world, when the panel was built by `pitlm market world`), "
+                                     "none, or a world name on the volume.")
     base: str | None = Field(None, description="NAME of the base model: premium_reduction = premium(base) - "
                              "premium(arm).")
     control: str = Field("control:random-features", description="The knowledge-free control's SPEC.")
@@ -95,9 +102,10 @@ def resolve_models(cfg: EvalConfig, vol):
     """{name: ModelSpec} with the control first; checks names and the base."""
     from pitlm.eval.models import parse_named_specs, parse_spec
 
-    if not cfg.models:
-        raise PitlmError("give at least one model: --model NAME=SPEC (the control is added by itself)")
-    specs = parse_named_specs(cfg.models, vol, seed=cfg.seed)
+    if not cfg.models and not cfg.family:
+        raise PitlmError("give at least one model: --model NAME=SPEC or --family NAME=... (the control is added by "
+                         "itself)")
+    specs = parse_named_specs([*cfg.models, *family_models(cfg, vol)], vol, seed=cfg.seed)
     if cfg.control_name in specs:
         raise PitlmError(f"model name '{cfg.control_name}' is reserved for the control; pick another name")
     if cfg.base is not None and cfg.base not in specs:
@@ -106,6 +114,53 @@ def resolve_models(cfg: EvalConfig, vol):
     if not control.is_control:
         raise PitlmError(f"--control must be a control:... spec (knowledge-free), got '{cfg.control}'")
     return {cfg.control_name: control, **specs}
+
+
+def family_models(cfg: EvalConfig, vol) -> list[str]:
+    """The families' members as NAME=SPEC entries (checked: one-line errors before any work)."""
+    from pitlm.eval.family import parse_families
+
+    if cfg.family and "walk_forward" not in cfg.protocols:
+        raise PitlmError("--family needs the walk_forward protocol (the knowledge matrix is its per-year R2); add "
+                         "it to --protocol")
+    return [f"{m}={spec}" for members in parse_families(cfg.family, vol).values() for m, (spec, _) in members.items()]
+
+
+def family_world(cfg: EvalConfig, vol):
+    """The synthetic world that gives the families' ground truth, or None (a real market, or `none`)."""
+    import json
+
+    if cfg.family_ground_truth == "none":
+        return None
+    if cfg.family_ground_truth != "auto":
+        world = vol.entry("world", cfg.family_ground_truth)
+        if not (world / "ground_truth.parquet").is_file():
+            raise PitlmError(f"family_ground_truth={cfg.family_ground_truth}: {world} is not a built world")
+        return world
+    try:
+        manifest = json.loads(vol.path("market", cfg.market, "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    name = (manifest.get("config") or {}).get("world") if isinstance(manifest, dict) else None
+    world = vol.path("world", name) if isinstance(name, str) and name else None
+    return world if world is not None and (world / "ground_truth.parquet").is_file() else None
+
+
+def family_reports(cfg: EvalConfig, vol, result) -> tuple[dict[str, dict], list[str]]:
+    """Each family's report (knowledge matrix, slopes, with ground truth the staircase) and its summary lines."""
+    from pitlm.eval.family import family_report, family_summary_lines, known_shares, parse_families
+
+    families = parse_families(cfg.family, vol)
+    world = family_world(cfg, vol) if families else None
+    reports, lines = {}, []
+    for name, members in families.items():
+        cutoffs = {m: c for m, (_, c) in members.items()}
+        known = {m: known_shares(world, c) for m, c in cutoffs.items()} if world is not None else None
+        report = {"name": name, "ground_truth_world": str(world) if world is not None else None,
+                  **family_report(result, cutoffs, known_years_of=known)}
+        reports[name] = report
+        lines += family_summary_lines(report, prefix=f"{name}." if len(families) > 1 else "")
+    return reports, lines
 
 
 def matched_control(spec, reference: np.ndarray, match: str):
@@ -208,9 +263,13 @@ def run_eval(cfg: EvalConfig, vol, run, prepared=None) -> dict[str, Any]:
     result = evaluate(features, rows[["Date", "SecuritiesCode", "Target"]], pcfg, control=cfg.control_name,
                       base=cfg.base, show_progress=True)
     lines = list(result.summary_lines())
+    families, family_lines = family_reports(cfg, vol, result)
+    lines += family_lines
     results = eval_results(cfg, pcfg, rows, models, result.to_json(), lines, prompts_hash(prompts),
                            timings={"embed_seconds": round(t_stats - t0, 3),
                                     "stats_seconds": round(time.time() - t_stats, 3)})
+    if families:
+        results["family"] = families
     path = run.save_json("results.json", results)
     run.finish({**summary_from_lines(lines), "rows": len(rows), "models": len(specs), "results_json": str(path)},
                print_lines=False)
