@@ -177,6 +177,12 @@ def ic_groups(folds: PanelFolds) -> dict[str, list[int]]:
     return {"all": list(range(folds.n_folds))}
 
 
+def _ls_groups(folds: PanelFolds) -> list[str]:
+    """The out-of-fold groups whose long-short series are reported (legacy: its chronological test split only;
+    GroupKFold's "on" predictions mix dates and are not a backtest)."""
+    return [g for g in ic_groups(folds) if g != "on"]
+
+
 def run_layout(X: np.ndarray, panel: Panel, folds: PanelFolds, counts: np.ndarray, assign: np.ndarray,
                cfg: ProtocolConfig, advance=None) -> dict[str, np.ndarray]:
     """Fit and score every fold of one layout for every count vector: (C, F) arrays, plus (C, n_dates)
@@ -193,7 +199,7 @@ def run_layout(X: np.ndarray, panel: Panel, folds: PanelFolds, counts: np.ndarra
     if cfg.rank_ic:
         out.update({f"ic_{g}": np.full((C, panel.n_dates), np.nan) for g in ic_groups(folds)})
     if cfg.portfolio:
-        out.update({f"ls_{g}": np.full((C, panel.n_dates), np.nan) for g in ic_groups(folds)})
+        out.update({f"ls_{g}": np.full((C, panel.n_dates), np.nan) for g in _ls_groups(folds)})
     with eng.threads():
         # batches of at most a tenth of the draws, so that a progress bar moves (a batch's GEMMs are as fast)
         step = min(eng.draw_batch_size(), max(8, -(-len(counts) // 10)))
@@ -227,7 +233,7 @@ def _draw_loop(eng: ClusterRidge, panel: Panel, folds: PanelFolds, counts: np.nd
             for g, (pred, w) in zip(groups, oof, strict=True):
                 if ranker is not None:
                     out[f"ic_{g}"][sl] = ranker.batch(pred, w, eng.workers)
-                if book is not None:
+                if book is not None and f"ls_{g}" in out:
                     out[f"ls_{g}"][sl] = book.batch(pred, w, eng.workers)
         if advance is not None:
             advance(sl.stop - sl.start)
