@@ -288,6 +288,15 @@ def test_eval_family_prints_the_staircase_and_writes_the_matrix(cli, family_worl
         assert {y: fam["ground_truth"][m["name"]][str(y)] for y in fam["matrix"]["years"]} == {
             y: "known" if y < year else "unknown" for y in fam["matrix"]["years"]}
     assert set(res["models"]) == {"control", *(f"fam-{c}" for c in FAMILY_CUTOFFS)}
+    # the report shows the matrix as a heatmap and the premium against the cutoff
+    code, out, err = cli("--home", str(home), "report", Path(got["results_json"]).parent.name)
+    assert code == 0, err
+    rep = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+    page = Path(rep["report_html"]).read_text()
+    assert "Family &#x27;fam&#x27;: leakage against the model&#x27;s cutoff" in page
+    assert 'alt="knowledge matrix of fam"' in page and 'alt="premium vs cutoff of fam"' in page
+    assert "the staircase holds" in page
+    assert (Path(rep["report_html"]).parent / "knowledge_0_0.png").stat().st_size > 5000
 
 
 @pytest.mark.parametrize("family, message", [

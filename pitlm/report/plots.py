@@ -153,6 +153,82 @@ def long_short_plot(results: dict) -> plt.Figure | None:
     return fig
 
 
+def knowledge_heatmap(family: dict) -> plt.Figure:
+    """The knowledge matrix of a family (results.json `family.<NAME>`): member cutoff (rows) x walk-forward test
+    year (columns), colour = the cell's net R2 (diverging around 0), text = estimate and interval; a flagged cell
+    is outlined; with ground truth, a known cell is marked K and a partial one P."""
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.patches import Rectangle
+
+    matrix = family["matrix"]
+    members, years = matrix["members"], matrix["years"]
+    V = np.array([[np.nan if matrix["cells"][m["name"]][str(y)]["estimate"] is None
+                   else matrix["cells"][m["name"]][str(y)]["estimate"] for y in years] for m in members])
+    lim = float(np.nanmax(np.abs(V))) if np.isfinite(V).any() else 1.0
+    fig, ax = plt.subplots(figsize=(1.5 + 1.25 * len(years), 1.2 + 0.6 * len(members)))
+    im = ax.imshow(V, cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -lim or -1.0, lim or 1.0), aspect="auto")
+    truth = family.get("ground_truth") or {}
+    for i, m in enumerate(members):
+        for j, y in enumerate(years):
+            c = matrix["cells"][m["name"]][str(y)]
+            mark = {"known": " K", "partial": " P"}.get(truth.get(m["name"], {}).get(str(y)), "")
+            text = "n/a" if c["estimate"] is None else (
+                f"{c['estimate']:.2f}{mark}\n[{_fmt(c['ci_lo'])}, {_fmt(c['ci_hi'])}]")
+            ax.text(j, i, text, ha="center", va="center", fontsize=7)
+            if c["flagged"]:
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="black", lw=2))
+    ax.set_xticks(range(len(years)), [str(y) for y in years], fontsize=8)
+    ax.set_yticks(range(len(members)), [m["cutoff"] for m in members], fontsize=8)
+    ax.set_xlabel("walk-forward test year", fontsize=9)
+    ax.set_ylabel("member cutoff", fontsize=9)
+    ax.set_title(f"Knowledge matrix of {family.get('name', 'the family')}: net walk-forward R² "
+                 "(outlined: CI above 0" + ("; K known, P partly known" if truth else "") + ")", fontsize=9)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    return fig
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
+def family_slope_plot(family: dict, results: dict) -> plt.Figure | None:
+    """Each member's seed premium (legacy) and calibrated statistic against its cutoff, with their percentile
+    intervals, and the fitted family slopes."""
+    panels = [(k, t) for k, t in (("slope", "seed's leakage premium"), ("slope_calibrated", "net walk-forward R²"))
+              if k in family]
+    if not panels:
+        return None
+    proto = results["protocols"]["models"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels, strict=True):
+        slope = family[key]
+        stat = slope["statistic"]
+        x = np.array(slope["cutoff_years"])  # years since 2000-01-01: the slope's own x
+        ests, los, his = [], [], []
+        for m in slope["members"]:
+            entry = proto[m]["net" if stat.startswith("net_") else "metrics"].get(stat) or {}
+            ests.append(entry.get("estimate", np.nan))
+            los.append(entry.get("ci_lo", np.nan))
+            his.append(entry.get("ci_hi", np.nan))
+        ests, los, his = (np.array(v, dtype=float) for v in (ests, los, his))
+        ax.errorbar(x, ests, yerr=[ests - los, his - ests], fmt="o", color=CLEAR, capsize=3)
+        if slope.get("estimate") is not None:
+            xm, ym = x.mean(), np.nanmean(ests)
+            ax.plot(x, ym + slope["estimate"] * (x - xm), color=FLAG if (slope.get("ci_lo") or 0) > 0 else CONTROL,
+                    label=f"slope {slope['estimate']:.3g} / year [{_fmt(slope.get('ci_lo'))}, "
+                          f"{_fmt(slope.get('ci_hi'))}]")
+            ax.legend(fontsize=8)
+        ax.axhline(0, color="#999", lw=1)
+        ax.set_title(f"{title} vs member cutoff", fontsize=10)
+        cutoffs = {m["name"]: m["cutoff"] for m in family["matrix"]["members"]}
+        ax.set_xticks(x, [cutoffs.get(m, "") for m in slope["members"]], fontsize=8)
+        ax.set_xlabel("member cutoff", fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def loss_plot(curves: list[Any]) -> plt.Figure | None:
     curves = [c for c in curves if c.steps or c.val_steps]
     if not curves:

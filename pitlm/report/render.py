@@ -135,6 +135,8 @@ def eval_section(page: Page, run_id: str, results: dict, index: int) -> None:
     table = [[m] + [_ci(proto["models"][m]["metrics"].get(k)) for k in keys] for m in plots.model_order(results)]
     page.table(["model"] + keys, table)
     portfolio_section(page, results, index)
+    for j, (name, family) in enumerate((results.get("family") or {}).items()):
+        family_section(page, name, family, results, f"{index}_{j}")
     outside = proto.get("outside_ci") or []
     if outside:
         page.para("Point estimates outside their own percentile CI (bias; see the BCa/basic intervals in "
@@ -175,6 +177,30 @@ def portfolio_section(page: Page, results: dict, index: int) -> None:
             for k, v in (proto.get("comparisons") or {}).items() if "sharpe_gap" in k]
     if gaps:
         page.table([f"gap ({proto['roles'].get('base')} − arm)", "draw CI", "day CI"], gaps)
+
+
+def family_section(page: Page, name: str, family: dict, results: dict, key: str) -> None:
+    """A family of PIT models: the knowledge matrix (heatmap), the premium and calibrated statistic against the
+    cutoff with their slopes, and with ground truth the staircase verdict (pitlm/eval/family.py)."""
+    page.heading(f"Family '{name}': leakage against the model's cutoff", 3)
+    members = family["matrix"]["members"]
+    page.para(f"{len(members)} members (cutoffs {', '.join(m['cutoff'] for m in members)}), scored on the same rows "
+              f"and paired draws. Cell = {family['matrix']['statistic']} of a test year, net of "
+              f"'{family['matrix'].get('net_of')}'; {family['matrix']['rule']}.")
+    page.figure(plots.knowledge_heatmap({"name": name, **family}), f"knowledge_{key}", f"knowledge matrix of {name}")
+    page.figure(plots.family_slope_plot(family, results), f"family_slope_{key}", f"premium vs cutoff of {name}")
+    rows = [[label, family[k]["statistic"], _ci(family[k]), family[k].get("n_skipped")]
+            for k, label in (("slope", "family_slope"), ("slope_calibrated", "family_slope_calibrated"))
+            if k in family]
+    if rows:
+        page.table(["line", "statistic", "slope per year of cutoff [CI]", "draws skipped"], rows)
+    st = family.get("staircase")
+    if st:
+        verdict = ("the staircase holds: every known cell is flagged and no unknown one" if st["ok"] else
+                   f"the staircase fails: missed {', '.join(st['missed']) or 'none'}; false flags "
+                   f"{', '.join(st['false_flags']) or 'none'}")
+        page.para(f"Ground truth from {family.get('ground_truth_world')}: a member knows a year's planted moves when "
+                  f"the news reporting them was crawled by its cutoff. {st['judged']} cells judged; {verdict}.")
 
 
 def calibration_section(page: Page, run_id: str, cal: dict) -> None:
