@@ -29,6 +29,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -51,6 +52,9 @@ from pitlm.corpus.shards import INDEX, ShardIndex, dtype_for_vocab
 from pitlm.corpus.sources import Source, Unit, resolve_source
 from pitlm.corpus.tokenizer import backend_json, load_tokenizer, tokenizer_info
 from pitlm.corpus.workers import PackJob, TokenizeJob, WorkerPool, pack_shard, tokenize_job
+
+if TYPE_CHECKING:
+    from pitlm.corpus.executors import DatatrovePool
 from pitlm.errors import PitlmError
 from pitlm.log import progress
 from pitlm.volume import Volume, _fsync_dir, atomic_write_json, build_manifest, sha256_file
@@ -89,7 +93,7 @@ def _build_in(work: Path, final: Path, cfg: CorpusConfig, tok, tinfo: dict, sour
     periods = cfg.periods()
     try:
         phases = {}
-        with WorkerPool(cfg.workers, backend_json(tok)) as pool:
+        with make_pool(cfg, backend_json(tok), work) as pool:
             with _timed(phases, "scan"):
                 stats = _scan(pool, cfg, source, work, periods)
             with _timed(phases, "select"):
@@ -121,10 +125,24 @@ def _build_in(work: Path, final: Path, cfg: CorpusConfig, tok, tinfo: dict, sour
         shutil.rmtree(out / ".done", ignore_errors=True)
         _publish(out, final)
         shutil.rmtree(work, ignore_errors=True)
-    except PitlmError:
+    except PitlmError as e:
+        if getattr(e, "resumable", False):  # tasks of a datatrove stage did not finish: keep the work to resume
+            raise
         shutil.rmtree(work, ignore_errors=True)  # a user error leaves nothing half-written
         raise
     return manifest
+
+
+def make_pool(cfg: CorpusConfig, tokenizer_json: str | None, work: Path) -> WorkerPool | DatatrovePool:
+    """What runs the build's parallel stages: pitlm's multiprocessing pool (`--executor mp`), or a datatrove
+    executor (`local`, `slurm`, `ray`; pitlm.corpus.executors). Both give the same bytes."""
+    if cfg.executor == "mp":
+        return WorkerPool(cfg.workers, tokenizer_json)
+    try:
+        from pitlm.corpus.executors import DatatrovePool
+    except ImportError as e:
+        raise PitlmError(f"--executor {cfg.executor} needs datatrove ({e}): pip install 'pitlm[distributed]'") from None
+    return DatatrovePool(cfg, tokenizer_json, work / "datatrove")
 
 
 @contextlib.contextmanager
@@ -407,7 +425,7 @@ def _manifest(cfg: CorpusConfig, source: Source, tinfo: dict, stats: list[dict],
         docs=docs, docs_by_split={s: int((chosen["is_val"] == (s == "val")).sum()) for s in ("train", "val")},
         tokens=tokens, min_doc_date=min(chosen["date"]) if len(chosen) else None,
         max_doc_date=max(chosen["date"]) if len(chosen) else None, units=stats, shards=shards,
-        build={"workers": cfg.workers})
+        build={"workers": cfg.workers, "executor": cfg.executor, "tasks": cfg.tasks})
     manifest["payload"] = [{"path": e["file"], "sha256": e["sha256"], "bytes": e["bytes"]} for e in shards]
     return manifest
 

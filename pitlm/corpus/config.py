@@ -6,6 +6,7 @@ import datetime as dt
 import os
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import field_validator, model_validator
 
@@ -14,6 +15,8 @@ from pitlm.corpus.dates import parse_cutoff, parse_cutoffs, parse_dump
 from pitlm.errors import ConfigError
 
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+# how a corpus is built, not what: kept out of the manifest's config and of the resume key
+HOW_FIELDS = ("workers", "overwrite", "executor", "tasks", "ray_address", "slurm_partition", "slurm_time", "slurm_args")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -86,7 +89,7 @@ class SourceFilterConfig(StageConfig):
 
 
 class CorpusConfig(SourceFilterConfig):
-    """`pitlm corpus build`. `workers` and `overwrite` change how, not what, is built: they are kept out of the
+    """`pitlm corpus build`. `workers`, `overwrite` and the executor fields change how, not what, is built: they are kept out of the
     manifest and of the resume key.
 
     Periods: a build keeps documents crawled in (after, cutoff] (after = -inf by default). With `cutoffs`
@@ -104,11 +107,25 @@ class CorpusConfig(SourceFilterConfig):
     hub_oversample: float = 1.5  # hub dumps are read up to this times their share of the budget
     workers: int = max(1, min(8, os.cpu_count() or 1))
     overwrite: bool = False
+    # what runs the parallel stages (pitlm.corpus.executors); none of these changes a byte of the corpus
+    executor: Literal["mp", "local", "slurm", "ray"] = "mp"
+    tasks: int | None = None  # datatrove tasks per stage (default: workers); local/ray run `workers` at once
+    ray_address: str | None = None  # a Ray cluster (default: $RAY_ADDRESS, else a local ray.init())
+    slurm_partition: str | None = None  # default: $SLURM_JOB_PARTITION (inside a job), else the cluster's default
+    slurm_time: str = "24:00:00"  # per array task
+    slurm_args: list[str] | None = None  # extra #SBATCH options, e.g. ["--account=abc", "--mem-per-cpu=4G"]
 
     @field_validator("name")
     @classmethod
     def _name(cls, v):
         return check_name(v)
+
+    @field_validator("slurm_args", mode="before")
+    @classmethod
+    def _slurm_args(cls, v):
+        if v in (None, "", []):
+            return None
+        return [s.strip() for s in (v.split(",") if isinstance(v, str) else v) if str(s).strip()]
 
     @field_validator("tokenizer")
     @classmethod
@@ -154,10 +171,10 @@ class CorpusConfig(SourceFilterConfig):
             raise ValueError("must be in [0, 0.5)")
         return v
 
-    @field_validator("shard_tokens", "workers")
+    @field_validator("shard_tokens", "workers", "tasks")
     @classmethod
     def _positive(cls, v):
-        if v <= 0:
+        if v is not None and v <= 0:
             raise ValueError("must be positive")
         return v
 
@@ -175,7 +192,7 @@ class CorpusConfig(SourceFilterConfig):
         """What determines the built corpus (the manifest's config and the resume key). `cutoffs` and `after` are
         left out when unset, so a one-period build keeps the config (and resume key) it had before they existed."""
         unset = {k for k in ("cutoffs", "after") if getattr(self, k) is None}
-        return self.model_dump(mode="json", exclude={"workers", "overwrite", *unset})
+        return self.model_dump(mode="json", exclude={*HOW_FIELDS, *unset})
 
 
 class TokenizerConfig(SourceFilterConfig):
