@@ -7,10 +7,13 @@ rerun only does what is missing.
     1. world build      fictional companies, JPX-format prices with planted moves, a dated FineWeb-format corpus
     2. market world     the world's prices through the JPX loader -> market/demo/panel.parquet
     3. corpus tokenizer a byte-level BPE trained on documents <= cutoff (a later tokenizer is itself a leak)
-    4. corpus build x2  demo-all (every document: the leaky base's corpus), demo-pit (documents <= cutoff)
-    5. train x4         demo-scratch-leaky, demo-scratch-pit, demo-lora-pit, demo-full-pit (the seed's two arms
-                        in miniature: continued pretraining of the leaky base on PIT text)
-    6. eval             every model + the knowledge-free control, legacy / purged / walk-forward, paired bootstrap
+    4. corpus build x3  demo-all (every document: the leaky base's corpus), demo-pit (documents <= cutoff),
+                        demo-family (one scan, a crawl period per year end 2017..2021: nested PIT slices)
+    5. train x5         demo-scratch-leaky, demo-scratch-pit, demo-lora-pit, demo-full-pit (the seed's two arms
+                        in miniature: continued pretraining of the leaky base on PIT text), and demo-family: one
+                        chronological run that exports a PIT member at every year end (model:demo-family@<cutoff>)
+    6. eval             every model, the family's members + the knowledge-free control, legacy / purged /
+                        walk-forward, paired bootstrap; the family's knowledge matrix, slopes and staircase check
     7. report           HTML + PNGs + Markdown
 """
 
@@ -34,13 +37,18 @@ WORLD = "demo"
 TOKENIZER = "demo-bpe"
 CUTOFF = "2017-06-30"  # the seed's cutoff; the world's first news (about 2017) is published after it
 CORPORA = {"demo-all": "2099-12-31", "demo-pit": CUTOFF}
+FAMILY_CORPUS = ("demo-family", "yearly:2017..2021")  # news of year Y is crawled in Jan/Feb of Y+1
+FAMILY = ("family", "demo-family")  # eval family name -> chronological training recipe (= run name)
 MODELS = {  # eval name -> training recipe (= model run name); the first arm after the base is the eval's primary
     "base": "demo-scratch-leaky",  # (its premium_reduction is the seed's key: base - LoRA arm)
     "lora_pit": "demo-lora-pit",
     "full_pit": "demo-full-pit",
     "pit": "demo-scratch-pit",
 }
-HEADLINE = ("leakage_premium", "base_leakage_premium", "premium_reduction", "leakage_flagged", "base_leakage_flagged")
+HEADLINE = ("leakage_premium", "base_leakage_premium", "premium_reduction", "leakage_flagged", "base_leakage_flagged",
+            "family_slope", "family_slope_ci_lo", "family_slope_ci_hi", "family_slope_calibrated",
+            "family_slope_calibrated_ci_lo", "family_slope_calibrated_ci_hi", "family_staircase_ok",
+            "family_staircase_missed", "family_staircase_false_flags")
 
 
 @dataclass
@@ -63,11 +71,14 @@ def steps(vol: Volume, seed: int, eval_args: list[str]) -> list[Step]:
     for name, cutoff in CORPORA.items():
         out.append(Step(f"corpus:{name}", ["corpus", "build", name, "--source", f"world:{WORLD}", "--cutoff", cutoff,
                                            "--tokenizer", f"pit:{TOKENIZER}"], vol.path("corpus", name, "manifest.json")))
-    for recipe in MODELS.values():
+    name, cutoffs = FAMILY_CORPUS
+    out.append(Step(f"corpus:{name}", ["corpus", "build", name, "--source", f"world:{WORLD}", "--cutoffs", cutoffs,
+                                       "--tokenizer", f"pit:{TOKENIZER}"], vol.path("corpus", name, "manifest.json")))
+    for recipe in [*MODELS.values(), FAMILY[1]]:
         out.append(Step(f"train:{recipe}", ["train", "--recipe", recipe], vol.path("models", recipe, "manifest.json")))
     models = [a for name, recipe in MODELS.items() for a in ("--model", f"{name}=model:{recipe}")]
     out.append(Step("eval", ["eval", "--recipe", "demo-eval", "--market", WORLD, *models, "--base", "base",
-                             *eval_args], None))
+                             "--family", f"{FAMILY[0]}=model:{FAMILY[1]}", *eval_args], None))
     return out
 
 
@@ -142,9 +153,10 @@ def run_demo(vol: Volume, seed: int = 0, fresh: bool = False, eval_args: list[st
             state["eval"] = {"argv": step.argv, "run": Path(results).parent.name, "stdout": step.stdout}
             atomic_write_json(state_path, state)
     eval_run = state["eval"]["run"]
-    train_runs = [latest_run(vol, "train", {"run_name": recipe}) for recipe in MODELS.values()]
+    train_runs = [latest_run(vol, "train", {"run_name": recipe}) for recipe in [*MODELS.values(), FAMILY[1]]]
     report_argv = ["report", eval_run, *[str(r) for r in train_runs if r is not None],
-                   *[a for c in CORPORA for a in ("--corpus", c)], "--title", "pitlm demo: leakage on a synthetic world"]
+                   *[a for c in [*CORPORA, FAMILY_CORPUS[0]] for a in ("--corpus", c)],
+                   "--title", "pitlm demo: leakage on a synthetic world"]
     report = Step("report", report_argv, None)
     run_step(report, env)
     timings["report"] = round(report.seconds, 1)

@@ -221,7 +221,8 @@ def corpus_section(page: Page, corpora: dict[str, dict]) -> None:
         tokens = m.get("tokens") or {}
         docs = m.get("docs") or {}
         drops = ", ".join(f"{k}={v}" for k, v in docs.items() if k.startswith("dropped") and v)
-        rows.append([name, m.get("cutoff", "?"), tokens.get("train", "?"), tokens.get("val", "?"),
+        cutoff = ", ".join(m["cutoffs"]) if len(m.get("cutoffs") or []) > 1 else m.get("cutoff", "?")  # nested
+        rows.append([name, cutoff, tokens.get("train", "?"), tokens.get("val", "?"),
                      docs.get("kept", "?"), drops or "none", f"{m.get('min_doc_date')} .. {m.get('max_doc_date')}",
                      f"{len(m.get('dumps_used') or [])} used, {len(m.get('dumps_skipped') or [])} skipped (after cutoff)"])
     page.table(["corpus", "cutoff", "train tokens", "val tokens", "docs kept", "dropped (docs)", "doc dates", "dumps"],
