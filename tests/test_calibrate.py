@@ -65,3 +65,66 @@ def test_calibrate_cli_tiny_run(cli):
 def test_calibrate_bad_input(cli, args, message):
     code, _, err = cli("calibrate", *args)
     assert code != 0 and message in err
+
+
+def test_family_rates_by_cell_type_by_hand():
+    from pitlm.eval.calibrate import CalibrateConfig, family_rates, wilson
+
+    def cell(t, y, flagged):
+        return {"type": t, "year": y, "flagged": flagged}
+
+    records = [
+        {"kind": "planted", "cells": [cell("known", 2018, True), cell("known", 2019, True),
+                                      cell("unknown", 2020, False), cell("unknown", 2021, False)]},
+        {"kind": "planted", "cells": [cell("known", 2018, False), cell("known", 2019, True),
+                                      cell("unknown", 2020, True), cell("unknown", 2021, False)]},
+        {"kind": "null", "cells": [cell("null", y, False) for y in (2018, 2019, 2020, 2021)]},
+        {"kind": "null", "cells": [cell("null", 2018, True)] + [cell("null", y, False) for y in (2019, 2020, 2021)]},
+    ]
+    fam = family_rates(records, CalibrateConfig())
+    assert fam["types"]["known"] == {"cells": 4, "flagged": 3, "rate": 0.75, "rate_ci": wilson(3, 4), "meaning": "power"}
+    assert fam["types"]["unknown"]["rate"] == 0.25 and fam["types"]["null"]["rate"] == 1 / 8
+    assert fam["power_by_year"]["2018"]["rate"] == 0.5 and fam["power_by_year"]["2019"]["rate"] == 1.0
+    assert fam["staircase_exact_planted"] == 0.5 and fam["null_worlds_without_flags"] == 0.5
+    assert not fam["calibrated"]  # unknown cells flagged at 25% > the 10% limit
+
+
+def test_calibrate_family_cli_tiny_run(cli):
+    """Each world's oracle family: member knows_K keeps the planted signal in the years <= K; the cells of a planted
+    world are typed known / unknown by that, a null world's all null."""
+    code, out, err = cli("calibrate", "--family", "--worlds", "1", "--n-boot", "20", "--set", "world.n_companies=12",
+                         "--set", "dates_per_stock=40", "--set", "features_dim=16")
+    assert code == 0, err
+    got = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+    report = json.loads(Path(got["calibration_json"]).read_text())
+    null, planted = report["worlds"]
+    members = sorted({c["member"] for c in planted["cells"]})
+    assert members == ["knows_2017", "knows_2018", "knows_2019", "knows_2020"]
+    assert {c["year"] for c in planted["cells"]} == {2018, 2019, 2020, 2021}
+    assert all(c["type"] == ("known" if c["year"] <= c["knows_through"] else "unknown") for c in planted["cells"])
+    assert {c["type"] for c in null["cells"]} == {"null"}
+    assert int(got["family_cells_known"]) == 6 and int(got["family_cells_unknown"]) == 10
+    assert int(got["family_cells_null"]) == 16 and got["family_calibrated"] in ("true", "false")
+    assert 0 <= float(got["family_power_known"]) <= 1 and "family_power_known_2018" in got
+    assert "cell type" in out and "power by test year" in out
+
+
+def test_family_oracles_know_the_planted_moves_up_to_their_year_only():
+    import numpy as np
+    import pandas as pd
+
+    from pitlm.eval.calibrate import CalibrateConfig, family_features
+
+    rng = np.random.default_rng(0)
+    dates = pd.to_datetime(rng.choice(pd.bdate_range("2017-01-04", "2020-12-03"), 2000))
+    rows = pd.DataFrame({"Date": dates, "planted_target": rng.normal(0, 0.01, 2000)})
+    cfg = CalibrateConfig(knowledge_noise=0.1)
+    feats = family_features(8, rows, cfg, 0.01, 0, [f"p{i}" for i in range(2000)])
+    assert list(feats) == ["knows_2017", "knows_2018", "knows_2019", "control"]
+    year = rows["Date"].dt.year.to_numpy()
+    for name, k in (("knows_2017", 2017), ("knows_2018", 2018), ("knows_2019", 2019)):
+        q = feats[name][:, 0]
+        for y in range(2017, 2021):
+            r = np.corrcoef(q[year == y], rows["planted_target"][year == y])[0, 1]
+            assert (abs(r) > 0.95) if y <= k else (abs(r) < 0.15), (name, y, r)  # the sign is w[0]'s
+    assert feats["control"].shape == feats["knows_2017"].shape

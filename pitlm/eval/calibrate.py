@@ -16,6 +16,15 @@ eval sample is drawn as `pitlm eval` draws it and two "models" are scored on the
   own design. With `control_design=nested` the oracle contains the control's features, so oracle - control
   isolates exactly what the knowledge adds; in a null world the knowledge columns are pure noise.
 
+With `--family` it calibrates instead the per-cell test of the knowledge matrix (`pitlm eval --family`,
+pitlm/eval/family.py): each world gets a family of oracles, member m_K knowing the planted moves of the years
+<= K only (K = each year from the world's first to its second-to-last: q as above in those years, knowledge noise
+alone after), scored with the matched control on the walk-forward protocol. Every (member, test year) cell is
+flagged when the lower end of its 95% interval of net walk-forward R2 lies above 0, and has a type: `known`
+(planted world, y <= K: power), `unknown` (planted world, y > K: the member does not know a move that exists,
+false positives) and `null` (null twin: nothing to know, false positives). Reported: the flagged share per type
+over all worlds with Wilson intervals, power per test year, and how often a world's whole staircase is exact.
+
 Per protocol, a world is *flagged* when the lower end of the 95% decision interval of the oracle's leakage
 statistic net of the control is above 0 (legacy: `net_leakage_premium`; purged: `net_r2_purged`; walk_forward:
 `net_r2_walk_forward`). FPR = flagged share of null worlds, power = flagged share of planted worlds; a protocol is
@@ -48,6 +57,8 @@ STATISTIC = {"legacy": "leakage_premium", "purged": "r2_purged", "walk_forward":
 
 
 class CalibrateConfig(StageConfig):
+    family: bool = Field(False, description="Calibrate the knowledge matrix's per-cell test (walk-forward R2 per "
+                         "test year of a family of oracles with staircase knowledge) instead of the protocols.")
     worlds: int = Field(20, ge=1, description="Null and planted worlds each (paired twins).")
     seed: int = Field(0, description="World seeds are seed .. seed+worlds-1; also the bootstrap seed.")
     protocols: list[Literal["legacy", "purged", "walk_forward"]] = ["legacy", "purged", "walk_forward"]
@@ -123,6 +134,99 @@ def score_world(rows: pd.DataFrame, cfg: CalibrateConfig, pcfg, planted_daily: f
     return out
 
 
+def family_members(world_years: list[int]) -> dict[str, int]:
+    """The oracle family of a world: member name -> the last year it knows (each year but the world's last)."""
+    return {f"knows_{k}": k for k in world_years[:-1]}
+
+
+def family_features(control_dim: int, rows: pd.DataFrame, cfg: CalibrateConfig, planted_daily: float,
+                    world_seed: int, prompts: list[str]) -> dict[str, np.ndarray]:
+    """The control (matched to the first member, as `pitlm eval` matches it to its primary model) and one
+    `oracle_features` embedding per member with the planted signal kept in the years it knows."""
+    from pitlm.eval.embed import random_features
+    from pitlm.eval.pipeline import match_control
+
+    control = random_features(prompts, control_dim, seed=cfg.seed)
+    year = rows["Date"].dt.year.to_numpy()
+    planted = rows["planted_target"].to_numpy()
+    feats = {}
+    for name, k in family_members(sorted(np.unique(year).tolist())).items():
+        feats[name] = oracle_features(control, np.where(year <= k, planted, 0.0), cfg, planted_daily, world_seed)
+    first = next(iter(feats.values()))
+    feats["control"], _ = match_control(random_features(prompts, first.shape[1], seed=cfg.seed + 1), first,
+                                        cfg.control_match)
+    return feats
+
+
+def score_family_world(rows: pd.DataFrame, cfg: CalibrateConfig, pcfg, planted_daily: float, world_seed: int,
+                       kind: str) -> list[dict]:
+    """One world's knowledge-matrix cells: member, test year, type (known | unknown | null), flagged, estimate."""
+    from datetime import date
+
+    from pitlm.eval.family import knowledge_matrix
+    from pitlm.eval.pipeline import design_matrix
+    from pitlm.eval.prompts import build_prompts
+    from pitlm.eval.protocols import evaluate
+
+    prompts = build_prompts(rows, cfg.template)
+    feats = family_features(cfg.features_dim, rows, cfg, planted_daily, world_seed, prompts)
+    members = family_members(sorted(rows["Date"].dt.year.unique().tolist()))
+    features = {name: design_matrix(X, rows) for name, X in feats.items()}
+    result = evaluate(features, rows[["Date", "SecuritiesCode", "Target"]], pcfg, control="control")
+    matrix = knowledge_matrix(result, {m: date(k, 12, 31) for m, k in members.items()})
+    cells = []
+    for m, k in members.items():
+        for y in matrix["years"]:
+            c = matrix["cells"][m][str(y)]
+            cells.append({"member": m, "knows_through": k, "year": y, "flagged": c["flagged"],
+                          "estimate": c["estimate"], "ci_lo": c["ci_lo"],
+                          "type": "null" if kind == "null" else ("known" if y <= k else "unknown")})
+    return cells
+
+
+def family_rates(records: list[dict], cfg: CalibrateConfig) -> dict[str, Any]:
+    """Flagged share per cell type (FPR for unknown and null cells, power for known ones) with Wilson intervals,
+    power per test year, and the share of planted (null) worlds whose staircase is exact (no cell flagged)."""
+    cells = [c for r in records for c in r["cells"]]
+    out: dict[str, Any] = {"types": {}}
+    for t in ("known", "unknown", "null"):
+        flags = [c["flagged"] for c in cells if c["type"] == t]
+        k = int(sum(flags))
+        out["types"][t] = {"cells": len(flags), "flagged": k, "rate": k / len(flags) if flags else float("nan"),
+                           "rate_ci": wilson(k, len(flags)), "meaning": "power" if t == "known" else "fpr"}
+    years = sorted({c["year"] for c in cells})
+    out["power_by_year"] = {}
+    for y in years:
+        flags = [c["flagged"] for c in cells if c["type"] == "known" and c["year"] == y]
+        if flags:
+            out["power_by_year"][str(y)] = {"cells": len(flags), "rate": sum(flags) / len(flags),
+                                            "rate_ci": wilson(int(sum(flags)), len(flags))}
+    planted = [r for r in records if r["kind"] == "planted"]
+    null = [r for r in records if r["kind"] == "null"]
+    out["staircase_exact_planted"] = float(np.mean([all(c["flagged"] == (c["type"] == "known") for c in r["cells"])
+                                                    for r in planted])) if planted else float("nan")
+    out["null_worlds_without_flags"] = float(np.mean([not any(c["flagged"] for c in r["cells"]) for r in null])) \
+        if null else float("nan")
+    out["fpr_limit"] = cfg.fpr_limit
+    out["calibrated"] = all(out["types"][t]["rate"] <= cfg.fpr_limit for t in ("unknown", "null")
+                            if out["types"][t]["cells"])
+    return out
+
+
+def format_family_table(fam: dict[str, Any]) -> str:
+    lines = [f"{'cell type':<10} {'cells':>6} {'flagged':>8} {'rate':>6} {'95% CI':>14}  meaning", "-" * 60]
+    for t, r in fam["types"].items():
+        lines.append(f"{t:<10} {r['cells']:>6} {r['flagged']:>8} {r['rate']:>6.3f} "
+                     f"[{r['rate_ci'][0]:.3f}, {r['rate_ci'][1]:.3f}]  {r['meaning']}")
+    lines.append("power by test year: " + ", ".join(f"{y} {r['rate']:.2f} ({r['cells']} cells)"
+                                                   for y, r in fam["power_by_year"].items()))
+    lines.append(f"exact staircase in {fam['staircase_exact_planted']:.0%} of planted worlds; no flag in "
+                 f"{fam['null_worlds_without_flags']:.0%} of null worlds; "
+                 f"{'calibrated' if fam['calibrated'] else 'NOT calibrated'} (FPR <= {fam['fpr_limit']:.0%} for "
+                 "unknown and null cells)")
+    return "\n".join(lines)
+
+
 @contextmanager
 def quiet(logger: logging.Logger):
     """Raise a logger to WARNING for a block (unless it is at DEBUG, i.e. --verbose)."""
@@ -188,11 +292,12 @@ def run_calibrate(cfg: CalibrateConfig, run=None) -> dict[str, Any]:
     from pitlm.market.features import add_features, sample_rows
     from pitlm.world import WorldConfig, generate_market
 
-    pcfg = protocol_config(cfg.protocols, {**PROTOCOL_DEFAULTS, **cfg.protocol}, cfg.seed)
+    protocols = ["walk_forward"] if cfg.family else cfg.protocols
+    pcfg = protocol_config(protocols, {**PROTOCOL_DEFAULTS, **cfg.protocol}, cfg.seed)
     base = build_config(WorldConfig, {**WORLD_DEFAULTS, **cfg.world})
     strength = cfg.leak_strength if cfg.leak_strength is not None else base.leak_strength
     log.info("calibrating %s over %d null + %d planted worlds (strength %g, %d draws each)",
-             ",".join(pcfg.protocols), cfg.worlds, cfg.worlds, strength, pcfg.n_boot)
+             "the knowledge matrix's cells" if cfg.family else ",".join(pcfg.protocols), cfg.worlds, cfg.worlds, strength, pcfg.n_boot)
     t0 = time.time()
     records = []
     jobs = [(s, kind) for s in range(cfg.seed, cfg.seed + cfg.worlds) for kind in ("null", "planted")]
@@ -204,14 +309,19 @@ def run_calibrate(cfg: CalibrateConfig, run=None) -> dict[str, Any]:
                           on=["Date", "SecuritiesCode"], how="left", validate="one_to_one")
         t1 = time.time()
         with quiet(logging.getLogger("pitlm.eval")):  # one line per fold layout x 40 worlds drowns the progress bar
-            scores = score_world(rows, cfg, pcfg, base.planted_daily, world_seed)
+            if cfg.family:
+                scores = score_family_world(rows, cfg, pcfg, base.planted_daily, world_seed, kind)
+            else:
+                scores = score_world(rows, cfg, pcfg, base.planted_daily, world_seed)
         rec = {"world_seed": world_seed, "kind": kind, "leak_strength": wcfg.leak_strength, "rows": len(rows),
-               "protocols": scores,
-               "seconds": round(time.time() - t1, 2)}
+               "cells" if cfg.family else "protocols": scores, "seconds": round(time.time() - t1, 2)}
         records.append(rec)
         if run is not None:
-            run.log_metrics(**{k: v for k, v in rec.items() if k != "protocols"},
-                            **{f"{p}_flagged": r["flagged"] for p, r in rec["protocols"].items()})
+            flags = ({"cells_flagged": sum(c["flagged"] for c in scores)} if cfg.family else
+                     {f"{p}_flagged": r["flagged"] for p, r in scores.items()})
+            run.log_metrics(**{k: v for k, v in rec.items() if k not in ("protocols", "cells")}, **flags)
+    if cfg.family:
+        return _finish_family(cfg, pcfg, base, strength, records, t0, run)
     table = rates(records, list(pcfg.protocols), cfg)
     print(format_table(table, cfg))
     report = {"config": cfg.model_dump(mode="json"), "protocol_resolved": pcfg.model_dump(mode="json"),
@@ -225,6 +335,33 @@ def run_calibrate(cfg: CalibrateConfig, run=None) -> dict[str, Any]:
                         f"control_raw_rejection_null_{p}": r["control_raw_rejection_null"]})
     summary.update({"worlds": cfg.worlds, "rows_per_world": int(np.mean([r["rows"] for r in records])),
                     "n_boot": pcfg.n_boot, "leak_strength": strength, "wall_seconds": report["wall_seconds"]})
+    if run is not None:
+        path = run.save_json("calibration.json", report)
+        summary["calibration_json"] = str(path)
+        run.finish(summary)
+    return report
+
+
+def _finish_family(cfg: CalibrateConfig, pcfg, base, strength: float, records: list[dict], t0: float,
+                   run) -> dict[str, Any]:
+    fam = family_rates(records, cfg)
+    print(format_family_table(fam))
+    report = {"config": cfg.model_dump(mode="json"), "protocol_resolved": pcfg.model_dump(mode="json"),
+              "world_config": base.model_dump(mode="json"), "leak_strength": strength, "family": fam,
+              "worlds": records, "wall_seconds": round(time.time() - t0, 2),
+              "oracle": "family of oracle:planted members, member knows_K keeping the planted signal in years <= K; "
+                        "see pitlm/eval/calibrate.py"}
+    summary: dict[str, Any] = {}
+    for t, r in fam["types"].items():
+        key = "power" if t == "known" else "fpr"
+        summary.update({f"family_{key}_{t}": r["rate"], f"family_{key}_{t}_ci_lo": r["rate_ci"][0],
+                        f"family_{key}_{t}_ci_hi": r["rate_ci"][1], f"family_cells_{t}": r["cells"]})
+    for y, r in fam["power_by_year"].items():
+        summary[f"family_power_known_{y}"] = r["rate"]
+    summary.update({"family_staircase_exact_planted": fam["staircase_exact_planted"],
+                    "family_calibrated": fam["calibrated"], "worlds": cfg.worlds,
+                    "rows_per_world": int(np.mean([r["rows"] for r in records])), "n_boot": pcfg.n_boot,
+                    "leak_strength": strength, "wall_seconds": report["wall_seconds"]})
     if run is not None:
         path = run.save_json("calibration.json", report)
         summary["calibration_json"] = str(path)

@@ -1,4 +1,4 @@
-"""CLI of the eval stage: `pitlm eval`, `pitlm calibrate`, `pitlm bench embed`, `pitlm bench stats`.
+"""CLI of the eval stage: `pitlm eval`, `pitlm calibrate`, `pitlm probe`, `pitlm bench embed`, `pitlm bench stats`.
 
 Thin: flags -> config -> the library function; torch/transformers are imported inside the commands.
 """
@@ -66,6 +66,7 @@ def calibrate_command(
     worlds: Annotated[int | None, typer.Option("--worlds", "-k", help="Null and planted worlds each (default 20).")] = None,
     protocol: ProtocolOpt = None,
     leak_strength: Annotated[float | None, typer.Option("--leak-strength", help="Planted worlds' strength (default: the world default).")] = None,
+    family: Annotated[bool | None, typer.Option("--family", help="Calibrate the knowledge matrix's per-cell test (a family of staircase oracles, walk-forward) instead of the protocols.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="First world seed (worlds use seed..seed+K-1).")] = None,
     n_boot: Annotated[int | None, typer.Option("--n-boot", help="Bootstrap draws per world (default 200).")] = None,
     recipe: RecipeOpt = None,
@@ -80,10 +81,46 @@ def calibrate_command(
     if n_boot is not None:
         sets.append(f"protocol.n_boot={n_boot}")
     cfg = load_config(CalibrateConfig, recipe, sets, worlds=worlds, protocols=_protocols(protocol),
-                      leak_strength=leak_strength, seed=seed)
+                      leak_strength=leak_strength, seed=seed, family=family)
     vol = guarded_volume(ctx, "calibrate")
     with start_run(vol, "calibrate", cfg) as run:
         run_calibrate(cfg, run)
+
+
+def probe_command(
+    ctx: typer.Context,
+    market: Annotated[str | None, typer.Option("--market", help="Market panel name on the volume (market/<name>/).")] = None,
+    model: ModelOpt = None,
+    probe: Annotated[str | None, typer.Option("--probe", help="Comma-separated: mink,entity,lap (default all).")] = None,
+    control: Annotated[str | None, typer.Option("--control", help="The LM probes' control SPEC (default: "
+                       "control:random-init:<each model's dir>, its untrained twin).")] = None,
+    move: Annotated[str | None, typer.Option("--move", help="target (the row's Target) | planted (a synthetic "
+                    "world's planted move).")] = None,
+    template: Annotated[str | None, typer.Option("--template", help="Statement prefix / named prompt (default bare).")] = None,
+    max_stocks: Annotated[int | None, typer.Option("--max-stocks", help="Top stocks by row count.")] = None,
+    dates_per_stock: Annotated[int | None, typer.Option("--dates-per-stock", help="Random dates per stock.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Sampling and bootstrap seed.")] = None,
+    n_boot: Annotated[int | None, typer.Option("--n-boot", help="Bootstrap draws (default 200).")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda[:i].")] = None,
+    recipe: RecipeOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Knowledge probes per (stock, date) row: Min-K% / Min-K%++ of the realised move's statement and the
+    direction accuracy (mink), named vs anonymised leakage (entity), the look-ahead-propensity interaction (lap),
+    net of a knowledge-free control, on the eval's paired stock-clustered draws."""
+    from pitlm.config import load_config
+    from pitlm.eval.probe import ProbeConfig, run_probe
+    from pitlm.runs import start_run
+
+    sets = list(overrides or [])
+    if n_boot is not None:
+        sets.append(f"protocol.n_boot={n_boot}")
+    cfg = load_config(ProbeConfig, recipe, sets, market=market, models=model or None, probes=_protocols(probe),
+                      control=control, move=move, template=template, max_stocks=max_stocks,
+                      dates_per_stock=dates_per_stock, seed=seed, device=device)
+    vol = guarded_volume(ctx, "probe")
+    with start_run(vol, "probe", cfg) as run:
+        run_probe(cfg, vol, run)
 
 
 def bench_embed_command(
@@ -109,5 +146,6 @@ def bench_embed_command(
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     app.command("eval")(eval_command)
     app.command("calibrate")(calibrate_command)
+    app.command("probe")(probe_command)
     bench_app.command("embed")(bench_embed_command)
     bench_app.command("stats")(bench_stats)
