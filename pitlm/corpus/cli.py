@@ -56,7 +56,21 @@ def build_cmd(ctx: typer.Context,
                                                                 "required for hub sources).")] = None,
               val_fraction: Annotated[float | None, typer.Option("--val-fraction", help="Share of documents held out "
                                                                 "for validation (default 0.005).")] = None,
-              workers: Annotated[int | None, typer.Option("--workers", help="Worker processes (default: cores, <= 8).")] = None,
+              workers: Annotated[int | None, typer.Option("--workers", help="Worker processes (default: cores, <= 8); "
+                                                          "local/ray: tasks running at once.")] = None,
+              executor: Annotated[str | None, typer.Option("--executor", help="mp (multiprocessing, default) | local "
+                                                           "| slurm | ray: datatrove's executors, the same bytes.")] = None,
+              tasks: Annotated[int | None, typer.Option("--tasks", help="datatrove tasks per stage (default: "
+                                                        "--workers); slurm: the array size.")] = None,
+              ray_address: Annotated[str | None, typer.Option("--ray-address", help="ray: a cluster (default: "
+                                                              "$RAY_ADDRESS, else a local ray.init()).")] = None,
+              slurm_partition: Annotated[str | None, typer.Option("--slurm-partition", help="slurm: partition of "
+                                                                  "the arrays (default: this job's, if any).")] = None,
+              slurm_time: Annotated[str | None, typer.Option("--slurm-time", help="slurm: time limit per array "
+                                                             "task (default 24:00:00).")] = None,
+              slurm_arg: Annotated[list[str] | None, typer.Option("--slurm-arg", help="slurm: extra #SBATCH option "
+                                                                  "of the arrays, e.g. --slurm-arg=--account=abc "
+                                                                  "(repeatable).")] = None,
               lang: LangOpt = None, min_chars: MinCharsOpt = None,
               min_language_score: Annotated[float | None, typer.Option("--min-language-score")] = None,
               dumps: DumpsOpt = None, seed: SeedOpt = None,
@@ -75,6 +89,8 @@ def build_cmd(ctx: typer.Context,
     cfg = load_config(CorpusConfig, recipe, set_, name=name, tokenizer=tokenizer, target_tokens=target_tokens,
                       val_fraction=val_fraction, workers=workers, min_language_score=min_language_score,
                       shard_tokens=shard_tokens, overwrite=overwrite or None, cutoffs=cutoffs, after=after,
+                      executor=executor, tasks=tasks, ray_address=ray_address, slurm_partition=slurm_partition,
+                      slurm_time=slurm_time, slurm_args=slurm_arg or None,
                       **_source_fields(source, cutoff, lang, min_chars, dumps, seed))
     vol = guarded_volume(ctx, "corpus build")
     with start_run(vol, "corpus", cfg) as run:
@@ -85,7 +101,8 @@ def build_cmd(ctx: typer.Context,
         summary.update({f"docs_{k}": v for k, v in m["docs"].items() if k.startswith("dropped_")})
         summary.update(tokens_train=m["tokens"]["train"], tokens_val=m["tokens"]["val"], shards=len(m["shards"]),
                        dtype=m["dtype"], min_doc_date=m["min_doc_date"], max_doc_date=m["max_doc_date"],
-                       vocab_sha256=m["tokenizer"]["vocab_sha256"], wall_seconds=m["wall_seconds"])
+                       vocab_sha256=m["tokenizer"]["vocab_sha256"], executor=cfg.executor,
+                       tasks=cfg.tasks or cfg.workers, wall_seconds=m["wall_seconds"])
         if cfg.nested:
             summary.update(cutoffs=",".join(m["cutoffs"]), periods=len(m["periods"]))
         for sl in m["slices"]:  # per cutoff, e.g. tokens_train@2018-12-31: N

@@ -202,7 +202,9 @@ class DatatrovePool:
         address = self.cfg.ray_address or os.environ.get("RAY_ADDRESS")
         kwargs = {"address": address} if address else {"num_cpus": self.cfg.workers, "include_dashboard": False,
                                                        "object_store_memory": 200 * 2**20}
-        # the tasks import pitlm: workers on other nodes need it installed (or a runtime_env set by the cluster)
+        if address:  # the tasks import pitlm and write into the build directory on the volume
+            log.warning("ray cluster %s: every node needs pitlm installed and %s mounted at the same path", address,
+                        self.root.parent.parent)
         ray.init(log_to_driver=False, logging_level=logging.WARNING, **kwargs)
         self._ray_started = True
 
@@ -236,11 +238,15 @@ class DatatrovePool:
         self._check(stage, fn, jobs, tasks)
 
     def _executor(self, step, tasks: int, logs: Path):
-        cls = EXECUTOR_CLASSES[self.kind]
         if self.kind == "local":
-            return cls(pipeline=[step], tasks=tasks, workers=min(self.cfg.workers, tasks), logging_dir=str(logs))
-        return cls(pipeline=[step], tasks=tasks, workers=-1, logging_dir=str(logs), cpus_per_task=1,
-                   mem_per_cpu_gb=1)
+            return LocalExecutor(pipeline=[step], tasks=tasks, workers=min(self.cfg.workers, tasks),
+                                 logging_dir=str(logs))
+        logger.remove()  # datatrove warns on every stage that the logging dir must be shared (said once, above)
+        try:
+            return RayExecutor(pipeline=[step], tasks=tasks, workers=-1, logging_dir=str(logs), cpus_per_task=1,
+                               mem_per_cpu_gb=1)
+        finally:
+            quiet_datatrove()
 
     def _run_slurm(self, step, tasks: int, logs: Path, advance: Callable[[int], None]) -> None:
         cfg = self.cfg
@@ -248,7 +254,7 @@ class DatatrovePool:
         bindir = Path(sys.executable).parent
         ex = SlurmExecutor(
             pipeline=[step], tasks=tasks, time=cfg.slurm_time, partition=cfg.slurm_partition
-            or os.environ.get("SLURM_JOB_PARTITION"), cpus_per_task=1, mem_per_cpu_gb=cfg.slurm_mem_per_cpu_gb,
+            or os.environ.get("SLURM_JOB_PARTITION"), cpus_per_task=1, mem_per_cpu_gb=2,
             job_name=f"pitlm-corpus-{cfg.name}", qos=None, logging_dir=str(logs), sbatch_args=sbatch,
             env_command=f'export PATH="{bindir}:$PATH"', with_srun=False)
         try:

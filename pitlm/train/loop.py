@@ -33,6 +33,7 @@ from pitlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_chec
 from pitlm.train.config import TrainConfig, check_config, micro_batch_size
 from pitlm.train.data import PackedWindows
 from pitlm.train.merge import export_hf_model, export_lora, merge_adapter, merge_checkpoint
+from pitlm.train.mfu import count_flops, mfu_fields, peak_bf16_tflops
 from pitlm.train.model import (
     apply_lora,
     build_model_config,
@@ -222,9 +223,13 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _unwrapped_config(model: nn.Module):
+def _unwrapped_model(model: nn.Module) -> nn.Module:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.config
+    return getattr(inner, "_orig_mod", inner)
+
+
+def _unwrapped_config(model: nn.Module):
+    return _unwrapped_model(model).config
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -444,6 +449,12 @@ def _train(cfg: TrainConfig, vol, md: ModelDir, env: DistEnv, run: Run | None,
         "total_params": s.total_params, "steps": total_steps, "tokens_seen": tokens_seen, "mode": cfg.mode,
         "world_size": env.world_size, "model_dir": str(md.root),
     }
+    if cfg.mode == "scratch" and env.device.type == "cuda":  # the formula and the peak of pitlm/train/mfu.py
+        peak = peak_bf16_tflops(torch.cuda.get_device_name(env.device))
+        fields = mfu_fields(count_flops(_unwrapped_model(s.model), cfg.seq_len),
+                            summary["tokens_per_second"] / env.world_size, peak)
+        summary.update({"mfu": fields["mfu"], "achieved_tflops_per_gpu": fields["achieved_tflops"],
+                        "peak_tflops": peak})
     if sched.chronological:
         summary["schedule"] = "chronological"
         summary["members"] = len(boundaries)
