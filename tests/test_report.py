@@ -112,3 +112,49 @@ def test_forest_colours_only_intervals_above_zero_as_flagged():
         colours = [to_hex(line.get_color()) for line in ax.get_lines()[0:6:2]]  # the interval lines, in row order
         plt.close(fig)
         assert colours == [to_hex(c) for c in expected], (one_sided, colours)
+
+
+def _probe_results(n_boot=40, seed=1):
+    """A probe results.json with summaries from pitlm.eval.probe.summarise_probe: 'leaky' knows (every draw of its
+    Min-K% margin and entity gap above its control's), 'blind' does not (its draws straddle the control's)."""
+    from pitlm.eval.bootstrap import summarize
+    from pitlm.eval.probe import summarise_probe
+
+    rng = np.random.default_rng(seed)
+    draws = lambda mean: mean + 0.1 * rng.standard_normal(1 + n_boot)  # noqa: E731  [estimate, draws...]
+    control = draws(0.0)
+    lm = {m: {"spec": m, "control": "random-init", "stats": {
+        "mink": summarise_probe(draws(mean), control, n_boot, 0.95),
+        "direction_accuracy": summarise_probe(0.5 + draws(mean), 0.5 + control, n_boot, 0.95)}}
+        for m, mean in (("leaky", 1.0), ("blind", 0.0))}
+    entity = {}
+    for m, mean in (("leaky", 0.5), ("blind", 0.0)):
+        s = {k: summarize(draws(v), n_boot, 0.95) for k, v in (("named", mean), ("anonymised", 0.0), ("gap", mean))}
+        entity[m] = {"statistic": "net_r2_purged", **s, "templates": ["bare", "bare-anonymised"],
+                     "flagged": {k: bool(s[k]["ci_lo"] > 0) for k in s}}
+    return {"stage": "probe", "config": {"market": "sim", "move": "target"},
+            "rows": {"n": 100, "with_move": 90, "template": "bare"}, "summary": {"bootstrap_draws": n_boot},
+            "probes": {"lm": lm, "entity": entity}}
+
+
+def test_report_shows_probes_beside_the_regression_verdict(cli, home, eval_run):
+    run_id, _ = eval_run
+    vol = Volume.resolve(home)
+    results = _probe_results()
+    assert results["probes"]["lm"]["leaky"]["stats"]["mink"]["flagged"]
+    assert not results["probes"]["lm"]["blind"]["stats"]["mink"]["flagged"]
+    with start_run(vol, "probe") as run:
+        run.save_json("results.json", results)
+    out = home / "rep"
+    code, stdout, err = cli("report", run_id, run.id, "--out", str(out))
+    assert code == 0, err
+    assert "probes_flagged_leaky: mink,direction_accuracy,entity_gap" in stdout, stdout
+    assert "probes_flagged_blind: none" in stdout
+    md = (out / "report.md").read_text()
+    assert "## Knowledge probes" in md and "![knowledge probes" in md and (out / "probes_0.png").is_file()
+    table = {line.split(" | ")[0].strip("| "): line for line in md.splitlines() if line.startswith("| leaky")
+             or line.startswith("| blind")}
+    # the leaky model's row: the eval's verdict for the same name, then each probe's net estimate, flagged
+    assert "leakage detected" in table["leaky"] and table["leaky"].count("▲") == 3
+    assert "not detected" in table["blind"] and "▲" not in table["blind"]
+    assert "No probe calibration in this report" in md

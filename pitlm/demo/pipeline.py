@@ -14,7 +14,10 @@ rerun only does what is missing.
                         chronological run that exports a PIT member at every year end (model:demo-family@<cutoff>)
     6. eval             every model, the family's members + the knowledge-free control, legacy / purged /
                         walk-forward, paired bootstrap; the family's knowledge matrix, slopes and staircase check
-    7. report           HTML + PNGs + Markdown
+    7. probe            the leaky base and the PIT model: Min-K% / Min-K%++ of the planted move's statement, the
+                        direction accuracy, the LAP interaction and the named-vs-anonymised entity gap, each net of
+                        its knowledge-free control, on the eval's rows and draws
+    8. report           HTML + PNGs + Markdown
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ MODELS = {  # eval name -> training recipe (= model run name); the first arm aft
     "full_pit": "demo-full-pit",
     "pit": "demo-scratch-pit",
 }
+PROBED = ("base", "pit")  # the probe step's models: the leaky base and the PIT model (eval names)
 HEADLINE = ("leakage_premium", "base_leakage_premium", "premium_reduction", "leakage_flagged", "base_leakage_flagged",
             "family_slope", "family_slope_ci_lo", "family_slope_ci_hi", "family_slope_calibrated",
             "family_slope_calibrated_ci_lo", "family_slope_calibrated_ci_hi", "family_staircase_ok",
@@ -79,6 +83,8 @@ def steps(vol: Volume, seed: int, eval_args: list[str]) -> list[Step]:
     models = [a for name, recipe in MODELS.items() for a in ("--model", f"{name}=model:{recipe}")]
     out.append(Step("eval", ["eval", "--recipe", "demo-eval", "--market", WORLD, *models, "--base", "base",
                              "--family", f"{FAMILY[0]}=model:{FAMILY[1]}", *eval_args], None))
+    probed = [a for name in PROBED for a in ("--model", f"{name}=model:{MODELS[name]}")]
+    out.append(Step("probe", ["probe", "--recipe", "demo-probe", "--market", WORLD, *probed], None))
     return out
 
 
@@ -133,12 +139,12 @@ def run_demo(vol: Volume, seed: int = 0, fresh: bool = False, eval_args: list[st
     plan = steps(vol, seed, eval_args)
     timings: dict[str, float] = {}
     for step in plan:
-        if step.name == "eval":
-            prior = state.get("eval")
+        if step.done is None:  # eval, probe: done when the same command wrote its results.json
+            prior = state.get(step.name)
             if prior and prior["argv"] == step.argv and vol.path("runs", prior["run"], "results.json").is_file():
                 step.skipped = True
                 step.stdout = prior["stdout"]
-                log.info("demo step eval: done already (%s)", prior["run"])
+                log.info("demo step %s: done already (%s)", step.name, prior["run"])
                 continue
         elif step.done is not None and step.done.exists() and not fresh:
             step.skipped = True
@@ -148,13 +154,13 @@ def run_demo(vol: Volume, seed: int = 0, fresh: bool = False, eval_args: list[st
             step.argv = [*step.argv, "--overwrite"]
         run_step(step, env)
         timings[step.name] = round(step.seconds, 1)
-        if step.name == "eval":
+        if step.done is None:
             results = summary_of(step)["results_json"]
-            state["eval"] = {"argv": step.argv, "run": Path(results).parent.name, "stdout": step.stdout}
+            state[step.name] = {"argv": step.argv, "run": Path(results).parent.name, "stdout": step.stdout}
             atomic_write_json(state_path, state)
-    eval_run = state["eval"]["run"]
+    eval_run, probe_run = state["eval"]["run"], state["probe"]["run"]
     train_runs = [latest_run(vol, "train", {"run_name": recipe}) for recipe in [*MODELS.values(), FAMILY[1]]]
-    report_argv = ["report", eval_run, *[str(r) for r in train_runs if r is not None],
+    report_argv = ["report", eval_run, probe_run, *[str(r) for r in train_runs if r is not None],
                    *[a for c in [*CORPORA, FAMILY_CORPUS[0]] for a in ("--corpus", c)],
                    "--title", "pitlm demo: leakage on a synthetic world"]
     report = Step("report", report_argv, None)
@@ -171,5 +177,7 @@ def run_demo(vol: Volume, seed: int = 0, fresh: bool = False, eval_args: list[st
     summary.update({"steps_run": sum(not s.skipped for s in plan) + 1, "steps_skipped": sum(s.skipped for s in plan),
                     "demo_seconds": round(time.time() - t0, 1), "eval_run": eval_run,
                     "report_html": rep.get("report_html"), "report_md": rep.get("report_md")})
+    for name in PROBED:
+        summary[f"probes_flagged_{name}"] = rep.get(f"probes_flagged_{name}", "n/a")
     summary["step_seconds"] = timings
     return summary

@@ -1,7 +1,7 @@
 """Gather what a report shows from run directories and manifests on the volume.
 
-A report takes run ids (or run directories): eval runs (results.json), calibrate runs (calibration.json) and
-train runs (metrics.jsonl + config.yaml). Corpus manifests are found from the train runs' configs, or named.
+A report takes run ids (or run directories): eval and probe runs (results.json, told apart by its 'stage'),
+calibrate runs (calibration.json) and train runs (metrics.jsonl + config.yaml). Corpus manifests are found from the train runs' configs, or named.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class TrainCurve:
 @dataclass
 class ReportData:
     evals: list[tuple[str, dict]] = field(default_factory=list)           # (run_id, results.json)
+    probes: list[tuple[str, dict]] = field(default_factory=list)          # (run_id, results.json of pitlm probe)
     calibrations: list[tuple[str, dict]] = field(default_factory=list)    # (run_id, calibration.json)
     curves: list[TrainCurve] = field(default_factory=list)
     corpora: dict[str, dict] = field(default_factory=dict)                # name -> manifest.json
@@ -107,7 +108,8 @@ def collect(vol: Volume, refs: list[str], corpora: list[str] | None = None) -> R
         d = resolve_run(vol, ref)
         found = False
         if (d / "results.json").is_file():
-            data.evals.append((d.name, _read_json(d / "results.json")))
+            results = _read_json(d / "results.json")
+            (data.probes if results.get("stage") == "probe" else data.evals).append((d.name, results))
             found = True
         if (d / "calibration.json").is_file():
             data.calibrations.append((d.name, _read_json(d / "calibration.json")))
@@ -122,6 +124,6 @@ def collect(vol: Volume, refs: list[str], corpora: list[str] | None = None) -> R
         manifest = vol.path("corpus", name, "manifest.json")
         if manifest.is_file():
             data.corpora[name] = _read_json(manifest)
-    if not (data.evals or data.calibrations or data.curves):
-        raise PitlmError("nothing to report: give eval, calibrate or train run ids")
+    if not (data.evals or data.probes or data.calibrations or data.curves):
+        raise PitlmError("nothing to report: give eval, probe, calibrate or train run ids")
     return data

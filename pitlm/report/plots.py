@@ -245,3 +245,37 @@ def loss_plot(curves: list[Any]) -> plt.Figure | None:
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     return fig
+
+
+PROBE_TITLES = {"mink": "Min-K% (realised − opposite)", "minkpp": "Min-K%++ (realised − opposite)",
+                "direction_accuracy": "direction accuracy", "lap_interaction": "LAP interaction (f × l)",
+                "entity_gap": "entity gap (named − anonymised)"}
+
+
+def probe_rows(results: dict) -> dict[str, list[tuple[str, dict | None, bool]]]:
+    """Per probe statistic: (model, its net summary, False) rows, from a `pitlm probe` results.json."""
+    probes = results.get("probes") or {}
+    out: dict[str, list[tuple[str, dict | None, bool]]] = {}
+    for name, entry in (probes.get("lm") or {}).items():
+        for stat, s in entry["stats"].items():
+            out.setdefault(stat, []).append((name, s["net"], False))
+    for name, e in (probes.get("entity") or {}).items():
+        out.setdefault("entity_gap", []).append((name, e["gap"], False))
+    order = list(PROBE_TITLES)  # results.json stores keys sorted: show the probes in one fixed order
+    return dict(sorted(out.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+
+
+def probe_plot(results: dict) -> plt.Figure | None:
+    """Each knowledge probe's statistic net of its knowledge-free control, per model, with 95% CIs (red: above
+    0, the direction knowledge pushes every one of them)."""
+    panels = probe_rows(results)
+    if not panels:
+        return None
+    n_models = max(len(rows) for rows in panels.values())
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 0.5 * n_models + 1.6), squeeze=False)
+    for ax, (stat, rows) in zip(axes[0], panels.items(), strict=True):
+        _interval_rows(ax, rows, PROBE_TITLES.get(stat, stat), "model − control", one_sided=True)
+    fig.suptitle("Knowledge probes, net of the knowledge-free control (95% bootstrap CIs; red = CI above 0)",
+                 fontsize=10)
+    fig.tight_layout()
+    return fig

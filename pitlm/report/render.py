@@ -203,6 +203,53 @@ def family_section(page: Page, name: str, family: dict, results: dict, key: str)
                   f"the news reporting them was crawled by its cutoff. {st['judged']} cells judged; {verdict}.")
 
 
+def _flag_cell(s: dict | None, flagged: bool | None) -> str:
+    return "n/a" if not s else _ci(s) + (" ▲" if flagged else "")
+
+
+def probe_section(page: Page, run_id: str, results: dict, index: int, regression: dict[str, dict],
+                  calibrated: dict[str, bool]) -> None:
+    """Knowledge probes beside the regression verdict: per model each probe's statistic net of its control
+    (pitlm/eval/probe.py), the eval's verdict for the same model name where the report has one, and which probe
+    tests `pitlm calibrate --probe` found calibrated."""
+    rows_info = results.get("rows", {})
+    cfg = results.get("config", {})
+    page.heading(f"Knowledge probes ({run_id})")
+    page.para(f"Market '{cfg.get('market')}': {rows_info.get('n')} rows ({rows_info.get('with_move')} with a move, "
+              f"move = {cfg.get('move')}), template '{rows_info.get('template')}'; the eval's paired stock-clustered "
+              f"draws ({results.get('summary', {}).get('bootstrap_draws')}). Each statistic is the model's minus its "
+              "knowledge-free control's, per draw; ▲ = 95% CI above 0 (flagged).")
+    page.figure(plots.probe_plot(results), f"probes_{index}", "knowledge probes net of control")
+    panels = plots.probe_rows(results)
+    probes = results.get("probes") or {}
+    lm, entity = probes.get("lm") or {}, probes.get("entity") or {}
+    models = list(dict.fromkeys([*lm, *entity]))
+    headers = ["model", "regression verdict (eval)"] + [plots.PROBE_TITLES.get(k, k) for k in panels]
+    table = []
+    for m in models:
+        cells = [m, regression[m]["text"].split(";")[0] if m in regression else
+                 (_flag_cell(entity[m]["named"], entity[m]["flagged"]["named"]) + " (named, net)" if m in entity
+                  else "n/a")]
+        for stat in panels:
+            if stat == "entity_gap":
+                e = entity.get(m)
+                cells.append(_flag_cell(e["gap"], e["flagged"]["gap"]) if e else "n/a")
+            else:
+                s = (lm.get(m) or {}).get("stats", {}).get(stat)
+                cells.append(_flag_cell(s["net"], s["flagged"]) if s else "n/a")
+        table.append(cells)
+    page.table(headers, table)
+    if calibrated:
+        bad = [k for k, ok in calibrated.items() if not ok]
+        page.para("Calibration of the probe tests (`pitlm calibrate --probe`): "
+                  + (f"NOT calibrated (false-positive rate above the limit): {', '.join(bad)} — their flags are "
+                     "not evidence of knowledge; " if bad else "")
+                  + f"calibrated: {', '.join(k for k, ok in calibrated.items() if ok) or 'none'}.")
+    else:
+        page.para("No probe calibration in this report: run `pitlm calibrate --probe mink,entity,lap` and add its "
+                  "run to know each probe test's false-positive rate before trusting a flag.")
+
+
 def calibration_section(page: Page, run_id: str, cal: dict) -> None:
     page.heading(f"Calibration ({run_id})")
     page.para(f"{cal['config'].get('worlds')} null worlds (leak_strength 0) and as many planted worlds (strength "
@@ -236,6 +283,11 @@ def render(data: ReportData, out_dir: Path, title: str = "pitlm report") -> dict
     page.md.append(f"# {title}\n")
     for i, (run_id, results) in enumerate(data.evals):
         eval_section(page, run_id, results, i)
+    regression = {v["model"]: v for _, results in data.evals for v in verdicts(results)}
+    calibrated = {s: bool(r.get("calibrated")) for _, cal in data.calibrations
+                  for s, r in (cal.get("probes") or {}).items()}
+    for i, (run_id, results) in enumerate(data.probes):
+        probe_section(page, run_id, results, i, regression, calibrated)
     for run_id, cal in data.calibrations:
         calibration_section(page, run_id, cal)
     if data.curves:
