@@ -191,3 +191,50 @@ def test_dump_not_in_source_gives_one_line(cli, home, data, tmp_path, dumps):
     assert "Traceback" not in err
     corpus = home / "corpus"
     assert not corpus.is_dir() or not list(corpus.iterdir())
+
+
+def test_bench_corpus_executors_compare_shards_and_project(cli, home):
+    pytest.importorskip("datatrove")
+    code, out, err = cli("bench", "corpus", "--docs", "200", "--workers", "2", "--vocab-size", "300",
+                         "--executor", "mp,local", "--project-tokens", "100B", "--project-cores-per-node", "64",
+                         "--project-hours", "1000")
+    assert code == 0, err
+    s = lines(out)
+    assert s["executors"] == "mp,local" and s["identical"] == "true"
+    assert s["identical_mp"] == s["identical_local"] == "true"
+    for ex in ("mp", "local"):
+        for n in (1, 2):
+            rate = int(s["tokens"]) / float(s[f"seconds_{ex}_w{n}"])
+            assert int(s[f"tokens_per_second_{ex}_w{n}"]) == pytest.approx(rate, rel=1e-3)
+        assert float(s[f"parallel_efficiency_{ex}"]) == pytest.approx(float(s[f"speedup_{ex}"]) / 2, abs=1e-3)
+    assert s["tokens_per_second_1"] == s["tokens_per_second_mp_w1"]  # the unsuffixed keys stay mp's
+    assert s["projection_executor"] == "local" and s["projection_tokens"] == "100000000000"
+    assert s["projection_tokens_per_second_per_core"] == s["tokens_per_second_local_w1"]
+    serial, wall = float(s["projection_serial_hours"]), float(s["projection_wall_hours"])
+    assert int(s["projection_nodes"]) >= 1 and serial <= wall <= 1000
+    assert s["projection_note"].startswith("a projection, not a measurement")
+
+
+def test_bench_projection_by_hand():
+    from pitlm.corpus.bench import Projection, project
+
+    # 1M tokens measured in 10 s at 1 worker, 1 s of it the serial select; efficiency 0.5 at N workers.
+    # 1B tokens: serial 1,000 s; parallel 1,000 x 9 / 0.5 = 18,000 core-s; 1 h on 4-core nodes leaves 2,600 s
+    p = project(Projection(1e9, 4, 1.0), 10**6, 10.0, 1.0, 0.5)
+    assert p["projection_nodes"] == 2 and p["projection_core_hours"] == 5.0
+    assert p["projection_wall_hours"] == round((1000 + 18000 / 8) / 3600, 2)
+    assert project(Projection("1B", 4, 1.0), 10**6, 10.0, 1.0, 1.7)["projection_parallel_efficiency"] == 1.0
+    assert project(Projection(1e9, 4, 0.2), 10**6, 10.0, 1.0, 0.5)["projection_nodes"] == "unreachable"
+
+
+@pytest.mark.parametrize("args, expect", [
+    (("--executor", "mp,slurm"), "--executor slurm cannot be benchmarked here"),
+    (("--executor", "mp,spark"), "expected a comma-separated list of mp, local, ray"),
+    (("--project-hours", "0"), "projection needs --project-tokens > 0"),
+    (("--project-tokens", "lots"), "bad token count 'lots'"),
+    (("--workers", "1"), "--workers >= 2"),
+])
+def test_bench_corpus_bad_input_is_one_line(cli, home, args, expect):
+    code, out, err = cli("bench", "corpus", "--docs", "50", *args)
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: ") and expect in err, err
+    assert "Traceback" not in err and out == ""

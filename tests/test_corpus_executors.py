@@ -30,7 +30,9 @@ VOLATILE = {"created_utc", "host", "wall_seconds", "build", "versions"}
 # records it in $FAKE_DIR/arrays.jsonl and starts a detached runner that waits for --dependency jobs, then runs
 # every array task at once (SLURM_ARRAY_TASK_ID, output to the #SBATCH --output path with %A/%a filled in).
 # $FAKE_SLURM_KILL=PATTERN:TASK:SECONDS SIGKILLs that task of the first array whose script contains PATTERN,
-# SECONDS after it started. Scripts running datatrove's merge_stats are recorded but not run.
+# SECONDS after it started. Scripts running datatrove's merge_stats are recorded but not run. A job runs with
+# SLURM_JOB_PARTITION set from its #SBATCH --partition (else "default"), as Slurm does; each submission records
+# the submitter's SLURM_JOB_ID, SLURM_JOB_PARTITION and PITLM_HOME (what --export=ALL hands the job).
 FAKE_SLURM = f"#!{sys.executable}\n" + r'''
 import json, os, re, signal, subprocess, sys, time
 from pathlib import Path
@@ -53,7 +55,8 @@ if tool == "sbatch" and args[0] == "--run":
     procs = []
     for i in range(lo, hi + 1):
         env = {**os.environ, "SLURM_JOB_ID": job["id"], "SLURM_ARRAY_JOB_ID": job["id"], "SLURM_NODELIST": "localhost",
-               "RUN_OFFSET": job["offset"], **({"SLURM_ARRAY_TASK_ID": str(i)} if job["array"] else {})}
+               "SLURM_JOB_PARTITION": job["partition"], "RUN_OFFSET": job["offset"],
+               **({"SLURM_ARRAY_TASK_ID": str(i)} if job["array"] else {})}
         log = open(out.replace("%A", job["id"]).replace("%a", str(i)), "ab")
         procs.append((i, subprocess.Popen(["bash", job["script"]], env=env, stdout=log, stderr=subprocess.STDOUT,
                                           start_new_session=True)))
@@ -81,10 +84,12 @@ elif tool == "sbatch":
         (d / "killed").write_text(jid)
     job = {"id": jid, "script": str(copy), "args": args, "array": [int(m[1]), int(m[2])] if m else None,
            "deps": [x.split(":")[1] for x in deps.split(",") if x], "kill": kill,
-           "offset": re.search(r"RUN_OFFSET=(\d+)", export)[1] if "RUN_OFFSET" in export else "0"}
+           "offset": re.search(r"RUN_OFFSET=(\d+)", export)[1] if "RUN_OFFSET" in export else "0",
+           "partition": (re.findall(r"^#SBATCH --partition=(\S+)$", script, re.M) or ["default"])[-1]}
     (d / f"{jid}.json").write_text(json.dumps(job))
+    submitter = {k: os.environ.get(k) for k in ("SLURM_JOB_ID", "SLURM_JOB_PARTITION", "PITLM_HOME")}
     with open(d / "arrays.jsonl", "a") as f:
-        f.write(json.dumps({k: job[k] for k in ("id", "args", "array")} | {"script": script}) + "\n")
+        f.write(json.dumps({k: job[k] for k in ("id", "args", "array")} | {"script": script, "env": submitter}) + "\n")
     if "merge_stats" in script:
         (d / f"{jid}.rc").write_text("0")
     else:
@@ -216,3 +221,36 @@ def test_bad_input_is_one_line_and_leaves_nothing(data, tmp_path, monkeypatch):
     assert "\n" not in str(e.value)
     assert list((home / "corpus").iterdir()) == [home / "corpus" / ".c.lock"] or not any(
         p.name.startswith(".c.build") or p.name == "c" for p in (home / "corpus").iterdir())
+
+
+def test_submit_slurm_driver_submits_the_arrays_from_inside_its_job(data, reference, cli, home, tmp_path, fake_slurm):
+    """`pitlm submit --backend slurm -- corpus build ... --executor slurm`: the driver job (one CPU, no GPU, the
+    volume as PITLM_HOME) submits every stage's array from inside itself, on its own partition, and the corpus on
+    the volume has the multiprocessing build's bytes."""
+    volume = tmp_path / "shared"
+    build_cmd = ["corpus", "build", "c", "--source", data["src"], "--cutoffs", CUTOFFS, "--tokenizer", data["tok"],
+                 "--shard-tokens", "3000", "--val-fraction", "0.1", "--target-tokens", "6k", "--workers", "1",
+                 "--executor", "slurm", "--tasks", "2"]
+    submit = ["submit", "--backend", "slurm", "--poll-interval", "0.2", "--timeout", "180", "--volume", str(volume)]
+    code, out, err = cli(*submit, "--gpus", "1", "--", *build_cmd)
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: `corpus build --executor slurm` runs as")
+    assert fake_slurm() == [] and not list(home.glob("runs/job-*"))  # refused before anything was written or sent
+
+    code, out, err = cli(*submit, "--partition", "cpu", "--", *build_cmd)
+    s = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+    assert code == 0, err
+    assert s["job_state"] == "succeeded" and s["executor"] == "slurm" and s["tasks"] == "2"
+    script = (home / "runs" / s["job_id"] / "job.sbatch").read_text().splitlines()
+    assert "#SBATCH --cpus-per-task=1" in script and "#SBATCH --partition=cpu" in script
+    assert f"export PITLM_HOME={volume}" in script and not any("--gres" in line for line in script)
+    driver, *arrays = fake_slurm()
+    assert driver["id"] == s["job_native_id"] and driver["array"] is None and driver["env"]["SLURM_JOB_ID"] is None
+    pipelines = [a for a in arrays if "merge_stats" not in a["script"]]
+    assert [a["array"] for a in pipelines][:1] == [[0, 1]] and len(pipelines) >= 3  # scan, tokenize.., pack
+    for a in arrays:  # submitted by the driver job, with the volume, onto its partition
+        assert a["env"] == {"SLURM_JOB_ID": driver["id"], "SLURM_JOB_PARTITION": "cpu", "PITLM_HOME": str(volume)}
+        assert "#SBATCH --partition=cpu" in a["script"].splitlines()
+    files, manifest = reference
+    assert corpus_files(volume / "corpus" / "c") == files and not (home / "corpus" / "c").exists()
+    m = json.loads((volume / "corpus" / "c" / "manifest.json").read_text())
+    assert {k: v for k, v in m.items() if k not in VOLATILE} == manifest

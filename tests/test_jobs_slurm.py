@@ -81,3 +81,33 @@ def test_multi_cluster_id_and_async_wait(cli, home, fake_tools, monkeypatch):
     assert code == 0, err
     assert out.splitlines()[1].split()[:4] == [job_id, "slurm", "succeeded", "0"]
     assert fake_tools("squeue")[0] == ["-h", "-j", "1001", "-o", "%T", "-M", "cluster-b"]
+
+
+def test_corpus_build_executor_is_read_as_the_build_reads_it(tmp_path):
+    from pitlm.jobs.slurm import corpus_build_executor
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("executor: slurm\ntasks: 64\n")
+    build = ["corpus", "build", "c", "--source", "fineweb"]
+    for extra, expect in [((), "mp"), (("--executor", "slurm"), "slurm"), (("--executor=ray",), "ray"),
+                          (("--recipe", str(recipe)), "slurm"), (("-r", str(recipe), "--executor", "local"), "local"),
+                          (("--executor", "slurm", "--set", "executor=mp"), "mp"), (("--set=executor=slurm",), "slurm"),
+                          (("--recipe", "no-such-recipe"), "mp")]:
+        assert corpus_build_executor([*build, *extra]) == expect, extra
+    assert corpus_build_executor(["--home", "corpus", "corpus", "build", "c", "--executor", "slurm"]) == "slurm"
+    assert corpus_build_executor(["corpus", "tokenizer", "t", "--executor", "slurm"]) is None
+    assert corpus_build_executor(["train", "--executor", "slurm"]) is None
+
+
+def test_corpus_driver_script_and_refusal(cli, home, fake_tools, monkeypatch):
+    monkeypatch.setenv("FAKE_SBATCH_NORUN", "1")
+    build = ["corpus", "build", "c", "--source", "s", "--cutoff", "2017-06-30", "--tokenizer", "gpt2"]
+    code, out, err = slurm(cli, "--async", "--", *build, "--executor", "slurm")
+    assert code == 0, err
+    script = (home / "runs" / summary(out)["job_id"] / "job.sbatch").read_text().splitlines()
+    assert "#SBATCH --cpus-per-task=1" in script and not any("--gres" in line for line in script)
+    code, out, err = slurm(cli, "--async", "--", *build)  # mp: the build's workers run in the job itself
+    assert code == 0 and "#SBATCH --cpus-per-task=1" not in (home / "runs" / summary(out)["job_id"] / "job.sbatch").read_text()
+    code, out, err = slurm(cli, "--async", "--nodes", "2", "--", *build, "--executor", "slurm")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: `corpus build --executor slurm` runs as a")
+    assert len(fake_tools("sbatch")) == 2

@@ -178,12 +178,25 @@ def audit_tokenizer_cmd(ctx: typer.Context,
 
 def bench_cmd(docs: Annotated[int, typer.Option(help="Generated documents (~1.3 k characters each).")] = 40_000,
               workers: Annotated[int | None, typer.Option("--workers", help="N (default: cores, at least 2).")] = None,
-              vocab_size: Annotated[int, typer.Option("--vocab-size")] = 4096) -> None:
-    """Corpus build throughput at 1 and N workers on a generated corpus (and that both give identical shards)."""
-    from pitlm.corpus.bench import bench_corpus
+              vocab_size: Annotated[int, typer.Option("--vocab-size")] = 4096,
+              executor: Annotated[str, typer.Option("--executor", help="Executors to time, comma-separated: mp, "
+                                                    "local, ray (slurm is left out: it needs a cluster).")] = "mp",
+              project_tokens: Annotated[str, typer.Option("--project-tokens", help="Projection (local or ray "
+                                                          "measured): tokens of the large build, e.g. 100e9 or "
+                                                          "100B.")] = "100e9",
+              project_cores_per_node: Annotated[int, typer.Option("--project-cores-per-node",
+                                                                  help="Projection: cores per node.")] = 64,
+              project_hours: Annotated[float, typer.Option("--project-hours", help="Projection: wall time to fit "
+                                                           "the build in, hours.")] = 24.0) -> None:
+    """Corpus build throughput at 1 and N workers on a generated corpus, per executor (and that every build gives
+    identical shards); with local or ray, a projection of the nodes a large build needs."""
+    from pitlm.corpus.bench import Projection, bench_corpus, parse_executors
     from pitlm.log import emit_summary
 
-    emit_summary(bench_corpus(docs=docs, workers=workers, vocab_size=vocab_size))
+    executors = parse_executors(executor)
+    projection = Projection(project_tokens, project_cores_per_node, project_hours)
+    emit_summary(bench_corpus(docs=docs, workers=workers, vocab_size=vocab_size, executors=executors,
+                              projection=projection))
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:

@@ -273,7 +273,7 @@ class Backend(Protocol):
     default_poll_s: float
     log_is_local: bool  # the job writes job.log itself (local, Slurm on a shared filesystem)
 
-    def check(self, stage: str, opts: SubmitOptions) -> None: ...
+    def check(self, stage: str, opts: SubmitOptions, command: list[str]) -> None: ...
     def submit(self, job: Job, opts: SubmitOptions) -> None: ...
     def poll(self, job: Job) -> tuple[str, str | None]: ...
     def collect(self, job: Job) -> str | None: ...  # the log text when fetched remotely, else None
@@ -305,7 +305,7 @@ def submit_job(vol: Volume, backend_name: str, command: list[str], opts: SubmitO
     """Validate (refusals happen before anything is written), create the run directory, submit, save job.json."""
     backend = get_backend(backend_name)
     stage = command_stage(command)
-    backend.check(stage, opts)
+    backend.check(stage, opts, list(command))
     vol.ensure()
     directory = vol.path("runs", new_run_id(f"job-{stage}"))
     directory.mkdir(parents=True)

@@ -39,7 +39,7 @@ class LocalBackend:
     def __init__(self) -> None:
         self._procs: dict[str, subprocess.Popen] = {}
 
-    def check(self, stage: str, opts: SubmitOptions) -> None:
+    def check(self, stage: str, opts: SubmitOptions, command: list[str]) -> None:
         if opts.volume:
             raise PitlmError("--volume is for the vessl and slurm backends; a local job uses this PITLM_HOME "
                              "(set it with --home or PITLM_HOME)")

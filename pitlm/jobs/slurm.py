@@ -2,6 +2,11 @@
 a torchrun launch line for multi-GPU training), submits it with `sbatch --parsable`, follows it with `squeue` and,
 once it has left the queue, `sacct` (state and exit code). Slurm writes the log straight into the run directory,
 so the run directory must be on a filesystem the compute nodes share (the usual home/project filesystem).
+
+`pitlm submit --backend slurm -- corpus build NAME ... --executor slurm` submits a driver: one CPU, no GPU, that
+runs the build's reduce steps and submits each parallel stage as a datatrove array from inside the job (sbatch
+passes the driver's environment on, PITLM_HOME and PATH included; the arrays' partition defaults to the driver's,
+$SLURM_JOB_PARTITION). The driver must outlive the arrays: if its --time runs out first, the same command resumes.
 """
 
 from __future__ import annotations
@@ -11,8 +16,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from pitlm.errors import PitlmError
-from pitlm.jobs.core import Job, SubmitOptions, command_lines, exit_marker, forward_env, run_tool
+from pitlm.config import load_recipe, parse_override
+from pitlm.errors import ConfigError, PitlmError
+from pitlm.jobs.core import Job, SubmitOptions, command_lines, command_stage, exit_marker, forward_env, run_tool
 from pitlm.secrets import is_secret_name
 
 SBATCH_SCRIPT = """\
@@ -20,7 +26,7 @@ SBATCH_SCRIPT = """\
 #SBATCH --job-name={name}
 #SBATCH --nodes={nodes}
 #SBATCH --ntasks-per-node=1
-{gres}#SBATCH --time={time}
+{gres}{cpus}#SBATCH --time={time}
 {partition}#SBATCH --output={log}
 #SBATCH --export=ALL
 # pitlm job {run_id}: pitlm {command}
@@ -47,12 +53,44 @@ def map_state(raw: str) -> str:
     return SLURM_STATES.get(raw.split()[0].rstrip("+").upper(), "unknown") if raw.strip() else "unknown"
 
 
+def corpus_build_executor(command: list[str]) -> str | None:
+    """The executor a `pitlm corpus build` command will run on, read as load_config reads it (recipe, then
+    --executor, then --set executor=...); None for any other command. A recipe that cannot be read here counts as
+    unset (the job itself reports it)."""
+    stage = command_stage(command)
+    i = next(i for i, a in enumerate(command) if a == stage and (i == 0 or command[i - 1] != "--home"))
+    if stage != "corpus" or command[i + 1:i + 2] != ["build"]:
+        return None
+    recipe = flag = setting = None
+    args = iter(command[i + 2:])
+    for a in args:
+        name, eq, value = a.partition("=")
+        if name not in ("--recipe", "-r", "--executor", "--set"):
+            continue
+        value = value if eq else next(args, "")
+        if name == "--executor":
+            flag = value
+        elif name == "--set" and value.split("=", 1)[0].strip() == "executor":
+            setting = parse_override(value)[1]
+        elif name != "--set":
+            recipe = value
+    from_recipe = None
+    if recipe:
+        try:
+            from_recipe = load_recipe(recipe).get("executor")
+        except ConfigError:
+            pass
+    return str(next((v for v in (setting, flag, from_recipe) if v not in (None, "")), "mp"))
+
+
 def sbatch_script(job: Job, opts: SubmitOptions, home: str) -> str:
     python = opts.python or sys.executable
     q = shlex.quote
+    driver = corpus_build_executor(job.command) == "slurm"  # waits on the arrays: one core is plenty
     header = SBATCH_SCRIPT.format(
         name=f"pitlm-{job.run_id}", nodes=opts.nodes, time=opts.time_limit, log=q(str(job.log_path)),
         gres=f"#SBATCH --gres=gpu:{opts.gpus}\n" if opts.gpus else "",
+        cpus="#SBATCH --cpus-per-task=1\n" if driver else "",
         partition=f"#SBATCH --partition={opts.partition}\n" if opts.partition else "",
         run_id=job.run_id, command=shlex.join(job.command), home=q(home), bindir=q(str(Path(python).parent)),
         cwd=q(os.getcwd()))
@@ -67,9 +105,13 @@ class SlurmBackend:
     def __init__(self) -> None:
         self._misses: dict[str, int] = {}
 
-    def check(self, stage: str, opts: SubmitOptions) -> None:
+    def check(self, stage: str, opts: SubmitOptions, command: list[str]) -> None:
         if opts.nodes < 1 or (opts.gpus is not None and opts.gpus < 0):
             raise PitlmError("--nodes must be >= 1 and --gpus >= 0")
+        if (opts.nodes > 1 or opts.gpus) and corpus_build_executor(command) == "slurm":
+            raise PitlmError("`corpus build --executor slurm` runs as a one-CPU driver that submits the stages' "
+                             "arrays and waits: drop --nodes/--gpus (the arrays' size is --tasks, their options "
+                             "--slurm-arg)")
 
     def submit(self, job: Job, opts: SubmitOptions) -> None:
         home = opts.volume or str(job.dir.parents[1])  # default: this PITLM_HOME (a shared filesystem)

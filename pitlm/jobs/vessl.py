@@ -139,7 +139,7 @@ class VesslBackend:
     def __init__(self) -> None:
         self._source: dict | None = None
 
-    def check(self, stage: str, opts: SubmitOptions) -> None:
+    def check(self, stage: str, opts: SubmitOptions, command: list[str]) -> None:
         if stage in WRITING_STAGES and not opts.volume and not opts.allow_ephemeral:
             raise PitlmError(f"`pitlm {stage}` writes to PITLM_HOME, and without --volume a VESSL job writes to the "
                              "pod's ephemeral disk: everything is lost when the job ends (the seed lost a $329 run "
