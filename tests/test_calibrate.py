@@ -128,3 +128,88 @@ def test_family_oracles_know_the_planted_moves_up_to_their_year_only():
             r = np.corrcoef(q[year == y], rows["planted_target"][year == y])[0, 1]
             assert (abs(r) > 0.95) if y <= k else (abs(r) < 0.15), (name, y, r)  # the sign is w[0]'s
     assert feats["control"].shape == feats["knows_2017"].shape
+
+
+# ---- `pitlm calibrate --probe` (pitlm/eval/probecal.py) ----
+
+def test_probe_rates_from_the_worlds_flags_by_hand():
+    from pitlm.eval.probecal import format_probe_table, probe_rates, probe_summary
+
+    def world(kind, mink, lap, net=0.1, raw=False):
+        return {"kind": kind, "probes": {
+            "mink": {"flagged": mink, "oracle_raw_flagged": raw, "net_estimate": net},
+            "lap_interaction": {"flagged": lap, "oracle_raw_flagged": False, "net_estimate": float("nan")}}}
+
+    records = [world("null", False, True, net=-0.2, raw=True), world("null", False, False, net=0.0),
+               world("null", False, False, net=0.2), world("null", True, False, net=0.4),
+               world("planted", True, False, net=1.0), world("planted", True, True, net=2.0),
+               world("planted", True, False, net=3.0), world("planted", False, False, net=2.0)]
+    records[1]["probes"]["lap_interaction"]["net_estimate"] = 0.5  # nanmean over the one finite null estimate
+    t = probe_rates(records, CalibrateConfig())
+    assert list(t) == ["mink", "lap_interaction"]
+    mink, lap = t["mink"], t["lap_interaction"]
+    assert mink["probe"] == "mink" and lap["probe"] == "lap" and mink["statistic"] == "net_mink"
+    assert mink["worlds"] == 4 and mink["fpr"] == 1 / 4 and mink["power"] == 3 / 4
+    assert mink["fpr_ci"] == wilson(1, 4) and mink["power_ci"] == wilson(3, 4)
+    assert mink["raw_rejection_null"] == 1 / 4
+    assert mink["mean_net_null"] == pytest.approx((-0.2 + 0.0 + 0.2 + 0.4) / 4) and mink["mean_net_planted"] == 2.0
+    assert not mink["calibrated"] and not mink["power_ok"]      # 25% > the 10% limit; 75% < the 80% goal
+    assert lap["fpr"] == 1 / 4 and lap["power"] == 1 / 4 and lap["mean_net_null"] == 0.5
+    relaxed = probe_rates(records, CalibrateConfig(fpr_limit=0.3, power_goal=0.7))["mink"]
+    assert relaxed["calibrated"] and relaxed["power_ok"]
+    table = format_probe_table(t, CalibrateConfig())
+    assert "mink" in table and table.count("NOT calibrated") == 2 and "of 4 null worlds" in table
+    s = probe_summary(t)
+    assert s["probe_fpr_mink"] == 0.25 and s["probe_power_mink_ci_lo"] == wilson(3, 4)[0]
+    assert s["probe_calibrated_mink"] is False and s["probe_calibrated_all"] is False
+
+
+def test_simulated_lm_scores_carry_the_knowledge_only_through_the_gain_term():
+    from pitlm.eval.probecal import simulated_lm
+
+    prompts = [f"On 2020-01-{d:02d}, Acme {c} (code {c}) shares had" for d in range(1, 29) for c in range(10)]
+    q = np.random.default_rng(0).standard_normal(len(prompts))
+    null, planted = simulated_lm(prompts, None, 0.5, 3), simulated_lm(prompts, q, 0.5, 3)
+    np.testing.assert_array_equal(null["lap"], planted["lap"])
+    assert abs(null["z"].mean()) < 1e-12 and null["z"].std() == pytest.approx(1.0)  # r, m standardised
+    np.testing.assert_allclose(planted["z"] - null["z"], 0.5 * q * (1 + np.tanh(planted["lap"])), atol=1e-12)
+    assert abs(np.corrcoef(null["z"], null["lap"])[0, 1]) < 0.3  # two different functions of the text
+    again = simulated_lm(prompts[:5] + prompts[:5], None, 0.5, 3)
+    np.testing.assert_array_equal(again["z"][:5], again["z"][5:])  # a function of the prompt text only
+    other = simulated_lm(prompts, None, 0.5, 4)
+    assert abs(np.corrcoef(null["z"], other["z"])[0, 1]) < 0.3  # another seed: an independent control
+
+
+def test_calibrate_probe_cli_tiny_run(cli):
+    code, out, err = cli("calibrate", "--probe", "mink,lap,entity", "--worlds", "1", "--n-boot", "20",
+                         "--set", "world.n_companies=10", "--set", "dates_per_stock=60", "--set", "features_dim=16",
+                         "--set", "probe_gain=3")
+    assert code == 0, err
+    got = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+    report = json.loads(Path(got["calibration_json"]).read_text())
+    stats = ["mink", "direction_accuracy", "lap_interaction", "entity_gap"]
+    assert set(report["probes"]) == set(stats) and "table" not in report
+    assert report["protocol_resolved"]["protocols"] == ["purged"] and report["protocol_resolved"]["n_boot"] == 20
+    null, planted = report["worlds"]
+    assert (null["kind"], planted["kind"]) == ("null", "planted") and set(planted["probes"]) == set(stats)
+    for s in stats:
+        for w in (null, planted):
+            r = w["probes"][s]
+            assert r["flagged"] == (r["net_ci_lo"] > 0) and r["net_ci_lo"] <= r["net_ci_hi"]
+        t = report["probes"][s]  # one null and one planted world: the rates are their flags
+        assert t["fpr"] == float(null["probes"][s]["flagged"]) and t["power"] == float(planted["probes"][s]["flagged"])
+        assert float(got[f"probe_fpr_{s}"]) == t["fpr"] and float(got[f"probe_power_{s}"]) == t["power"]
+        assert got[f"probe_calibrated_{s}"] == str(t["calibrated"]).lower()
+    for s in ("mink", "direction_accuracy", "entity_gap"):  # a strong link: the planted world's knowledge shows
+        assert planted["probes"][s]["flagged"], s
+    assert got["probe_gain"] == "3" and "FPR 95% CI" in out and "entity_gap" in out  # the printed table
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--probe", "mink,bogus"], "config key 'probes.1'"),
+    (["--probe", "mink", "--family"], "--family and --probe calibrate different tests"),
+])
+def test_calibrate_probe_bad_input(cli, args, message):
+    code, _, err = cli("calibrate", *args)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code != 0 and len(errors) == 1 and message in errors[0], err

@@ -25,6 +25,12 @@ flagged when the lower end of its 95% interval of net walk-forward R2 lies above
 false positives) and `null` (null twin: nothing to know, false positives). Reported: the flagged share per type
 over all worlds with Wilson intervals, power per test year, and how often a world's whole staircase is exact.
 
+With `--probe mink,entity,lap` it calibrates instead the tests of the knowledge probes (`pitlm probe`): each world's
+rows get a simulated LM's per-row probe values (oracle and knowledge-free control) and the probes' own statistics on
+the paired stock-clustered draws, the entity probe on the purged protocol as `pitlm probe` runs it
+(pitlm/eval/probecal.py, which says what this does and does not calibrate). Per probe statistic: FPR and power of
+its net test with Wilson intervals; a probe whose FPR is above `fpr_limit` is reported NOT calibrated.
+
 Per protocol, a world is *flagged* when the lower end of the 95% decision interval of the oracle's leakage
 statistic net of the control is above 0 (legacy: `net_leakage_premium`; purged: `net_r2_purged`; walk_forward:
 `net_r2_walk_forward`). FPR = flagged share of null worlds, power = flagged share of planted worlds; a protocol is
@@ -41,9 +47,10 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pitlm.config import StageConfig
+from pitlm.errors import ConfigError
 
 log = logging.getLogger("pitlm.eval")
 # Calibration needs only R2 statistics and percentile intervals: rank ICs and BCa jackknife replicates would
@@ -59,6 +66,11 @@ STATISTIC = {"legacy": "leakage_premium", "purged": "r2_purged", "walk_forward":
 class CalibrateConfig(StageConfig):
     family: bool = Field(False, description="Calibrate the knowledge matrix's per-cell test (walk-forward R2 per "
                          "test year of a family of oracles with staircase knowledge) instead of the protocols.")
+    probes: list[Literal["mink", "entity", "lap"]] = Field(
+        default_factory=list, description="Calibrate these knowledge probes' tests (simulated LM scores, "
+        "pitlm/eval/probecal.py; entity on the purged protocol) instead of the protocols.")
+    probe_gain: float = Field(0.5, ge=0, description="With probes: how strongly the simulated LM's up-minus-down "
+                              "score carries its knowledge q (its arbitrary per-prompt preference has sd 1).")
     worlds: int = Field(20, ge=1, description="Null and planted worlds each (paired twins).")
     seed: int = Field(0, description="World seeds are seed .. seed+worlds-1; also the bootstrap seed.")
     protocols: list[Literal["legacy", "purged", "walk_forward"]] = ["legacy", "purged", "walk_forward"]
@@ -87,6 +99,12 @@ class CalibrateConfig(StageConfig):
     power_goal: float = Field(0.80, gt=0, le=1)
     protocol: dict[str, Any] = Field(default_factory=dict, description="pitlm.eval.protocols.ProtocolConfig "
                                      "options, over PROTOCOL_DEFAULTS.")
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> CalibrateConfig:
+        if self.family and self.probes:
+            raise ConfigError("--family and --probe calibrate different tests; run them as two calibrations")
+        return self
 
 
 def oracle_features(control: np.ndarray, planted_target: np.ndarray, cfg: CalibrateConfig, planted_daily: float,
@@ -288,16 +306,20 @@ def format_table(table: dict[str, dict], cfg: CalibrateConfig) -> str:
 def run_calibrate(cfg: CalibrateConfig, run=None) -> dict[str, Any]:
     from pitlm.config import build_config
     from pitlm.eval.pipeline import protocol_config
+    from pitlm.eval.probecal import probe_world
     from pitlm.log import progress
     from pitlm.market.features import add_features, sample_rows
     from pitlm.world import WorldConfig, generate_market
 
-    protocols = ["walk_forward"] if cfg.family else cfg.protocols
+    # the family's cells are walk-forward years; the entity probe runs `pitlm probe`'s default protocol
+    protocols = ["walk_forward"] if cfg.family else ["purged"] if cfg.probes else cfg.protocols
     pcfg = protocol_config(protocols, {**PROTOCOL_DEFAULTS, **cfg.protocol}, cfg.seed)
     base = build_config(WorldConfig, {**WORLD_DEFAULTS, **cfg.world})
     strength = cfg.leak_strength if cfg.leak_strength is not None else base.leak_strength
+    mode = "cells" if cfg.family else "probes" if cfg.probes else "protocols"
+    what = {"cells": "the knowledge matrix's cells", "probes": "the probes " + ",".join(cfg.probes)}
     log.info("calibrating %s over %d null + %d planted worlds (strength %g, %d draws each)",
-             "the knowledge matrix's cells" if cfg.family else ",".join(pcfg.protocols), cfg.worlds, cfg.worlds, strength, pcfg.n_boot)
+             what.get(mode, ",".join(pcfg.protocols)), cfg.worlds, cfg.worlds, strength, pcfg.n_boot)
     t0 = time.time()
     records = []
     jobs = [(s, kind) for s in range(cfg.seed, cfg.seed + cfg.worlds) for kind in ("null", "planted")]
@@ -311,46 +333,44 @@ def run_calibrate(cfg: CalibrateConfig, run=None) -> dict[str, Any]:
         with quiet(logging.getLogger("pitlm.eval")):  # one line per fold layout x 40 worlds drowns the progress bar
             if cfg.family:
                 scores = score_family_world(rows, cfg, pcfg, base.planted_daily, world_seed, kind)
+            elif cfg.probes:
+                scores = probe_world(rows, cfg, pcfg, base.planted_daily, world_seed)
             else:
                 scores = score_world(rows, cfg, pcfg, base.planted_daily, world_seed)
         rec = {"world_seed": world_seed, "kind": kind, "leak_strength": wcfg.leak_strength, "rows": len(rows),
-               "cells" if cfg.family else "protocols": scores, "seconds": round(time.time() - t1, 2)}
+               mode: scores, "seconds": round(time.time() - t1, 2)}
         records.append(rec)
         if run is not None:
             flags = ({"cells_flagged": sum(c["flagged"] for c in scores)} if cfg.family else
                      {f"{p}_flagged": r["flagged"] for p, r in scores.items()})
-            run.log_metrics(**{k: v for k, v in rec.items() if k not in ("protocols", "cells")}, **flags)
+            run.log_metrics(**{k: v for k, v in rec.items() if k != mode}, **flags)
     if cfg.family:
-        return _finish_family(cfg, pcfg, base, strength, records, t0, run)
+        fam = family_rates(records, cfg)
+        print(format_family_table(fam))
+        return _finish(cfg, pcfg, base, strength, records, t0, run, {"family": fam}, family_summary(fam),
+                       "family of oracle:planted members, member knows_K keeping the planted signal in years <= K; "
+                       "see pitlm/eval/calibrate.py")
+    if cfg.probes:
+        from pitlm.eval.probecal import format_probe_table, probe_rates, probe_summary
+
+        table = probe_rates(records, cfg)
+        print(format_probe_table(table, cfg))
+        return _finish(cfg, pcfg, base, strength, records, t0, run, {"probes": table},
+                       {**probe_summary(table), "probe_gain": cfg.probe_gain},
+                       "simulated LM: z = r + probe_gain * q * (1 + tanh m), q as oracle:planted's; control z' = r'; "
+                       "see pitlm/eval/probecal.py")
     table = rates(records, list(pcfg.protocols), cfg)
     print(format_table(table, cfg))
-    report = {"config": cfg.model_dump(mode="json"), "protocol_resolved": pcfg.model_dump(mode="json"),
-              "world_config": base.model_dump(mode="json"), "leak_strength": strength, "table": table,
-              "worlds": records, "wall_seconds": round(time.time() - t0, 2),
-              "oracle": "oracle:planted = [q * w || control features], q = gain * planted_target / planted_daily "
-                        "+ knowledge_noise * e; see pitlm/eval/calibrate.py"}
     summary: dict[str, Any] = {}
     for p, r in table.items():
         summary.update({f"fpr_{p}": r["fpr"], f"power_{p}": r["power"], f"calibrated_{p}": r["calibrated"],
                         f"control_raw_rejection_null_{p}": r["control_raw_rejection_null"]})
-    summary.update({"worlds": cfg.worlds, "rows_per_world": int(np.mean([r["rows"] for r in records])),
-                    "n_boot": pcfg.n_boot, "leak_strength": strength, "wall_seconds": report["wall_seconds"]})
-    if run is not None:
-        path = run.save_json("calibration.json", report)
-        summary["calibration_json"] = str(path)
-        run.finish(summary)
-    return report
+    return _finish(cfg, pcfg, base, strength, records, t0, run, {"table": table}, summary,
+                   "oracle:planted = [q * w || control features], q = gain * planted_target / planted_daily "
+                   "+ knowledge_noise * e; see pitlm/eval/calibrate.py")
 
 
-def _finish_family(cfg: CalibrateConfig, pcfg, base, strength: float, records: list[dict], t0: float,
-                   run) -> dict[str, Any]:
-    fam = family_rates(records, cfg)
-    print(format_family_table(fam))
-    report = {"config": cfg.model_dump(mode="json"), "protocol_resolved": pcfg.model_dump(mode="json"),
-              "world_config": base.model_dump(mode="json"), "leak_strength": strength, "family": fam,
-              "worlds": records, "wall_seconds": round(time.time() - t0, 2),
-              "oracle": "family of oracle:planted members, member knows_K keeping the planted signal in years <= K; "
-                        "see pitlm/eval/calibrate.py"}
+def family_summary(fam: dict[str, Any]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for t, r in fam["types"].items():
         key = "power" if t == "known" else "fpr"
@@ -359,9 +379,19 @@ def _finish_family(cfg: CalibrateConfig, pcfg, base, strength: float, records: l
     for y, r in fam["power_by_year"].items():
         summary[f"family_power_known_{y}"] = r["rate"]
     summary.update({"family_staircase_exact_planted": fam["staircase_exact_planted"],
-                    "family_calibrated": fam["calibrated"], "worlds": cfg.worlds,
-                    "rows_per_world": int(np.mean([r["rows"] for r in records])), "n_boot": pcfg.n_boot,
-                    "leak_strength": strength, "wall_seconds": report["wall_seconds"]})
+                    "family_calibrated": fam["calibrated"]})
+    return summary
+
+
+def _finish(cfg: CalibrateConfig, pcfg, base, strength: float, records: list[dict], t0: float, run,
+            block: dict[str, Any], summary: dict[str, Any], oracle: str) -> dict[str, Any]:
+    """calibration.json (config, the mode's block: table | family | probes, every world's record) and the summary
+    lines: the mode's keys, then worlds, rows_per_world, n_boot, leak_strength, wall_seconds, calibration_json."""
+    report = {"config": cfg.model_dump(mode="json"), "protocol_resolved": pcfg.model_dump(mode="json"),
+              "world_config": base.model_dump(mode="json"), "leak_strength": strength, **block,
+              "worlds": records, "wall_seconds": round(time.time() - t0, 2), "oracle": oracle}
+    summary = {**summary, "worlds": cfg.worlds, "rows_per_world": int(np.mean([r["rows"] for r in records])),
+               "n_boot": pcfg.n_boot, "leak_strength": strength, "wall_seconds": report["wall_seconds"]}
     if run is not None:
         path = run.save_json("calibration.json", report)
         summary["calibration_json"] = str(path)

@@ -67,12 +67,14 @@ def calibrate_command(
     protocol: ProtocolOpt = None,
     leak_strength: Annotated[float | None, typer.Option("--leak-strength", help="Planted worlds' strength (default: the world default).")] = None,
     family: Annotated[bool | None, typer.Option("--family", help="Calibrate the knowledge matrix's per-cell test (a family of staircase oracles, walk-forward) instead of the protocols.")] = None,
+    probe: Annotated[str | None, typer.Option("--probe", help="Comma-separated mink,entity,lap: calibrate these knowledge probes' tests (simulated LM scores, pitlm/eval/probecal.py) instead of the protocols.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="First world seed (worlds use seed..seed+K-1).")] = None,
     n_boot: Annotated[int | None, typer.Option("--n-boot", help="Bootstrap draws per world (default 200).")] = None,
     recipe: RecipeOpt = None,
     overrides: SetOpt = None,
 ) -> None:
-    """False-positive rate and power of each protocol over seeded synthetic worlds (null and planted)."""
+    """False-positive rate and power of each protocol (or, with --family / --probe, of the knowledge matrix's
+    cells / the knowledge probes) over seeded synthetic worlds (null and planted)."""
     from pitlm.config import load_config
     from pitlm.eval.calibrate import CalibrateConfig, run_calibrate
     from pitlm.runs import start_run
@@ -81,7 +83,7 @@ def calibrate_command(
     if n_boot is not None:
         sets.append(f"protocol.n_boot={n_boot}")
     cfg = load_config(CalibrateConfig, recipe, sets, worlds=worlds, protocols=_protocols(protocol),
-                      leak_strength=leak_strength, seed=seed, family=family)
+                      leak_strength=leak_strength, seed=seed, family=family, probes=_protocols(probe))
     vol = guarded_volume(ctx, "calibrate")
     with start_run(vol, "calibrate", cfg) as run:
         run_calibrate(cfg, run)
