@@ -203,6 +203,14 @@ def test_calibrate_probe_cli_tiny_run(cli):
     for s in ("mink", "direction_accuracy", "entity_gap"):  # a strong link: the planted world's knowledge shows
         assert planted["probes"][s]["flagged"], s
     assert got["probe_gain"] == "3" and "FPR 95% CI" in out and "entity_gap" in out  # the printed table
+    # pitlm report shows the probe calibration table (a calibrate run without the protocols' table)
+    run_dir = Path(got["calibration_json"]).parent
+    code, out, err = cli("report", str(run_dir), "--out", str(run_dir / "rep"))
+    assert code == 0, err
+    md = (run_dir / "rep" / "report.md").read_text()
+    for s in stats:
+        t = report["probes"][s]
+        assert f"| {s} | {t['fpr']:.2f} [{t['fpr_ci'][0]:.2f}, {t['fpr_ci'][1]:.2f}] |" in md
 
 
 @pytest.mark.parametrize("args, message", [

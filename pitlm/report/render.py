@@ -251,14 +251,34 @@ def probe_section(page: Page, run_id: str, results: dict, index: int, regression
 
 
 def calibration_section(page: Page, run_id: str, cal: dict) -> None:
+    """One calibrate run, whichever its mode: the protocols' table, the probes' (--probe) or the knowledge
+    matrix's cells (--family)."""
     page.heading(f"Calibration ({run_id})")
     page.para(f"{cal['config'].get('worlds')} null worlds (leak_strength 0) and as many planted worlds (strength "
-              f"{cal.get('leak_strength')}); a protocol is calibrated when its nominal-5% test rejects in <= 10% of "
+              f"{cal.get('leak_strength')}); a test is calibrated when its nominal-5% decision rejects in <= 10% of "
               "null worlds.")
-    headers = ["protocol", "false-positive rate", "power", "calibrated", "control raw rejection (null)"]
-    rows = [[p, r.get("fpr"), r.get("power"), "yes" if r.get("calibrated") else "no",
-             r.get("control_raw_rejection_null")] for p, r in cal["table"].items()]
-    page.table(headers, rows)
+    rate = lambda r, k: f"{r[k]:.2f} [{r[k + '_ci'][0]:.2f}, {r[k + '_ci'][1]:.2f}]"  # noqa: E731
+    if "table" in cal:
+        headers = ["protocol", "false-positive rate", "power", "calibrated", "control raw rejection (null)"]
+        rows = [[p, r.get("fpr"), r.get("power"), "yes" if r.get("calibrated") else "no",
+                 r.get("control_raw_rejection_null")] for p, r in cal["table"].items()]
+        page.table(headers, rows)
+    if "probes" in cal:
+        order = list(plots.PROBE_TITLES)
+        stats = sorted(cal["probes"], key=lambda k: order.index(k) if k in order else len(order))
+        page.para("Knowledge probes (`--probe`): simulated LM scores on the worlds' real rows, so this calibrates "
+                  "each probe's test, not the link from an LM's reading to its token scores (pitlm/eval/probecal.py).")
+        page.table(["probe statistic", "false-positive rate [95% CI]", "power [95% CI]", "calibrated",
+                    "raw rejection (null)"],
+                   [[s, rate(cal["probes"][s], "fpr"), rate(cal["probes"][s], "power"),
+                     "yes" if cal["probes"][s]["calibrated"] else "NO", cal["probes"][s].get("raw_rejection_null")]
+                    for s in stats])
+    if "family" in cal:
+        fam = cal["family"]
+        page.para("Knowledge-matrix cells (`--family`): known cells give the power, unknown and null cells the "
+                  "false-positive rate; " + ("calibrated." if fam.get("calibrated") else "NOT calibrated."))
+        page.table(["cell type", "cells", "flagged share [95% CI]", "meaning"],
+                   [[t, r["cells"], rate(r, "rate"), r["meaning"]] for t, r in fam["types"].items() if r["cells"]])
 
 
 def corpus_section(page: Page, corpora: dict[str, dict]) -> None:
