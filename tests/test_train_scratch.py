@@ -55,6 +55,21 @@ def test_fast_path_trains_the_reference_loss_curve_on_cpu(home):
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(ref), rtol=1e-4, atol=1e-5)
 
 
+def test_compiled_blocks_under_fsdp2_on_one_rank_train_the_reference_loss_curve_on_cpu(home):
+    """fsdp.force: FSDP2 at world size 1 (a gloo group of one); compile: blocks compiles the sharded blocks (FSDP2's
+    hooks run eagerly around them) and keeps the model's forward for the loss (its root hook gathers the head)."""
+    from torch._dynamo.utils import counters
+
+    ref = _loss_curve(home, "ref-fsdp1", _cfg(False, 6))
+    counters.clear()
+    fast = _loss_curve(home, "fast-fsdp1", _cfg(True, 6, fsdp={"force": True}))
+    assert counters["stats"]["unique_graphs"] > 0
+    md = home / "models" / "fast-fsdp1"
+    state = json.loads(next((md / "checkpoints").glob("step_*/trainer_state.json")).read_text())
+    assert state["fsdp"] is True and (md / "final" / "model.safetensors").is_file()  # merged after the run
+    torch.testing.assert_close(torch.tensor(fast), torch.tensor(ref), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fast_path_loss_curve_matches_the_reference_for_200_steps_in_bf16_on_a_gpu(home, tmp_path):

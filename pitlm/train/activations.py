@@ -182,17 +182,18 @@ def offloaded_checkpoint(run, hidden: torch.Tensor, *args):
 
 # ----------------------------------------------------------------------------- torch.compile of the blocks
 
-def compile_blocks(model: nn.Module, what: str) -> int:
+def compile_blocks(model: nn.Module, what: str, head_loss: bool = True) -> int:
     """torch.compile each decoder block's MoE block in place (`what="moe"`); returns how many were compiled. The
     blocks share one compiled graph (their parameters are graph inputs), which runs inside the checkpointed layer
     forward and its recompute alike. (A whole checkpointed layer cannot be compiled this way: transformers calls
-    the class's uncompiled forward inside the checkpoint.)"""
+    the class's uncompiled forward inside the checkpoint.) `what="blocks"`: every dense decoder block, and the
+    LM-head loss unless `head_loss` is false (FSDP2, whose root forward must gather the head)."""
     if what == "none":
         return 0
     if what == "blocks":  # dense decoder blocks + the LM-head loss (pitlm.train.scratch)
         from pitlm.train.scratch import compile_dense_blocks
 
-        return compile_dense_blocks(model)
+        return compile_dense_blocks(model, with_head_loss=head_loss)
     if what != "moe":
         raise ConfigError(f"compile={what!r}: use none, moe or blocks")
     from pitlm.train import experts

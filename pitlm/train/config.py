@@ -89,6 +89,9 @@ class LoraConfig(StageConfig):
 class FsdpConfig(StageConfig):
     activation_checkpointing: bool = False  # seed: off = +32% tokens/s, -9 GB headroom per GPU
     merge_on_exit: bool = True  # rank 0 writes final/ after the process group is gone; off for 35B (use pitlm merge)
+    # mode scratch: shard with FSDP2 even at world size 1 (one process otherwise trains unsharded): runs a multi-GPU
+    # recipe's FSDP2 path, sharded checkpoints and merge on one GPU
+    force: bool = False
 
 
 class EvalConfig(StageConfig):
@@ -206,7 +209,7 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> None:
     if cfg.mode == "lora" and world_size > 1:
         raise ConfigError(f"mode lora runs on one process (got world size {world_size}); the multi-GPU arm is "
                           "mode full (FSDP2)")
-    check_activations(cfg, fsdp=cfg.mode == "full" or world_size > 1)
+    check_activations(cfg, fsdp=uses_fsdp(cfg, world_size))
     if cfg.optim.in_backward:
         if cfg.optim.grad_clip > 0:
             raise ConfigError(f"optim.in_backward with optim.grad_clip={cfg.optim.grad_clip}: each parameter is "
@@ -230,9 +233,18 @@ def check_activations(cfg: TrainConfig, fsdp: bool) -> None:
     if cfg.gradient_checkpointing_offload and not cfg.gradient_checkpointing:
         raise ConfigError("gradient_checkpointing_offload offloads the checkpointed blocks' inputs: set "
                           "gradient_checkpointing: true as well")
-    if fsdp and (cfg.gradient_checkpointing_offload or cfg.compile != "none"):
-        raise ConfigError("gradient_checkpointing_offload and compile are for one process (lora, scratch); FSDP2 "
-                          "runs keep fsdp.activation_checkpointing and eager blocks")
+    if fsdp and (cfg.gradient_checkpointing_offload or cfg.compile == "moe"):
+        raise ConfigError("gradient_checkpointing_offload and compile=moe are for one process (lora, scratch); "
+                          "FSDP2 runs keep fsdp.activation_checkpointing and eager MoE blocks")
+    if fsdp and cfg.compile == "blocks" and cfg.fsdp.activation_checkpointing:
+        raise ConfigError("compile=blocks with fsdp.activation_checkpointing: a checkpointed block recomputes its "
+                          "uncompiled forward; set one of them off (compile=none, or "
+                          "fsdp.activation_checkpointing=false)")
+
+
+def uses_fsdp(cfg: TrainConfig, world_size: int) -> bool:
+    """Whether the run shards with FSDP2: mode full always, scratch with several ranks or fsdp.force."""
+    return cfg.mode == "full" or (cfg.mode == "scratch" and (world_size > 1 or cfg.fsdp.force))
 
 
 def micro_batch_size(cfg: TrainConfig, world_size: int) -> int:

@@ -30,7 +30,7 @@ from pitlm.log import make_progress
 from pitlm.runs import Run, start_run
 from pitlm.train.activations import compile_blocks, enable_activation_checkpointing
 from pitlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from pitlm.train.config import TrainConfig, check_config, micro_batch_size
+from pitlm.train.config import TrainConfig, check_config, micro_batch_size, uses_fsdp
 from pitlm.train.data import PackedWindows
 from pitlm.train.merge import export_hf_model, export_lora, merge_adapter, merge_checkpoint
 from pitlm.train.mfu import count_flops, mfu_fields, peak_bf16_tflops
@@ -134,7 +134,7 @@ def prepare(cfg: TrainConfig, vol, env: DistEnv) -> Setup:
     tok_path = _tokenizer_path(cfg, vol, corpus_dir, base_path)
     tokenizer = load_tokenizer(tok_path, vol)
     dtype_name = _param_dtype(cfg, env.device)
-    fsdp = cfg.mode == "full" or (cfg.mode == "scratch" and env.world_size > 1)
+    fsdp = uses_fsdp(cfg, env.world_size)
     torch.manual_seed(cfg.seed)
 
     model = build_model(cfg, env, base_path, max(len(tokenizer), index.vocab_size), tokenizer,
@@ -158,8 +158,9 @@ def prepare(cfg: TrainConfig, vol, env: DistEnv) -> Setup:
         log.info("LoRA: %s adapter parameters (%.4f%% of %s), %d of %d decoder layers adapted, %s trained in full",
                  f"{rep.adapter_params:,}", 100 * rep.fraction, f"{rep.total_params:,}", rep.layers_adapted,
                  rep.layers_total, f"{rep.full_params:,}")
-    if not fsdp:  # check_config refuses compile with FSDP2
-        compile_blocks(model, cfg.compile)
+    # FSDP2: the blocks compile after fully_shard (its hooks run eagerly around each compiled block); the LM-head
+    # loss stays the model's forward, whose root hook gathers the sharded embeddings, norm and lm_head
+    compile_blocks(model, cfg.compile, head_loss=not fsdp)
     model.train()
 
     val_windows = PackedWindows.from_index(index, "val", cfg.seq_len)
@@ -238,7 +239,7 @@ def train(cfg: TrainConfig, vol, run_name: str, resume: bool = False, overwrite:
     """Train per `cfg` into PITLM_HOME/models/<run_name>/; returns the summary on rank 0 (None elsewhere)."""
     cfg = cfg.model_copy(update={"run_name": run_name})
     quiet_transformers()
-    env = init_distributed(cfg.device, need_group=cfg.mode == "full")
+    env = init_distributed(cfg.device, need_group=uses_fsdp(cfg, 1))
     try:
         check_config(cfg, env.world_size)
         md = model_dir(vol, run_name)

@@ -36,9 +36,11 @@ def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> t
     return F.cross_entropy(head(hidden).float().flatten(0, 1), targets.flatten())
 
 
-def compile_dense_blocks(model: nn.Module) -> int:
-    """torch.compile every decoder block in place and register a compiled head loss for `model`; returns the number
-    of blocks compiled."""
+def compile_dense_blocks(model: nn.Module, with_head_loss: bool = True) -> int:
+    """torch.compile every decoder block in place and (`with_head_loss`) register a compiled head loss for `model`;
+    returns the number of blocks compiled. Under FSDP2 (`with_head_loss=False`) the blocks compile after fully_shard:
+    FSDP2's forward hooks are dynamo-disabled, so they run eagerly around each compiled block, and the loss stays the
+    model's own forward, whose root hook gathers the sharded embeddings, final norm and LM head."""
     layers = decoder_layers(model)
     if layers is None or hasattr(model, "get_base_model"):
         raise ConfigError("compile=blocks is for a plain transformers decoder (mode scratch): model.model.layers")
@@ -46,8 +48,9 @@ def compile_dense_blocks(model: nn.Module) -> int:
         raise ConfigError("compile=blocks compiles dense decoder blocks; for an MoE model use compile=moe")
     for layer in layers:
         layer.compile()
-    _HEAD_LOSS[model] = torch.compile(head_loss)
-    log.info("torch.compile: %d decoder blocks and the LM-head loss", len(layers))
+    if with_head_loss:
+        _HEAD_LOSS[model] = torch.compile(head_loss)
+    log.info("torch.compile: %d decoder blocks%s", len(layers), " and the LM-head loss" if with_head_loss else "")
     return len(layers)
 
 
