@@ -9,6 +9,7 @@ versions and wall time.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -252,13 +253,32 @@ class LockedError(PitlmError):
     """Another process holds the write lock of a volume entry."""
 
 
+def _acquire(path: Path, busy: Exception, opener=open):
+    """Open and lock `path`, retrying when the file locked is no longer the one at `path`: a holder unlinks the
+    lock file on release, so a process that opened it just before that would lock an orphaned inode while a third
+    process creates and locks a new file at the same path (both would "hold" the lock)."""
+    for _ in range(100):
+        f = opener(path, "a")
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise busy from None
+        try:
+            current = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            return f
+        f.close()  # the previous holder released and unlinked it between our open and our lock: open again
+    raise busy
+
+
 @contextlib.contextmanager
 def write_lock(path: str | Path, what: str) -> Iterator[None]:
     """One writer of a volume entry at a time. A POSIX record lock: released by the kernel when the holder dies
     (a killed run never leaves a stale lock behind), and not inherited by forked workers. The second process
     gets one line and exit 2 before it touches anything."""
-    import fcntl
-
     path = Path(path)
     if str(path) in os.environ.get(HELD_LOCKS_ENV, "").split(os.pathsep):
         yield  # a parent process (e.g. `pitlm train --nproc N` around its torchrun ranks) holds it for us
@@ -268,11 +288,7 @@ def write_lock(path: str | Path, what: str) -> Iterator[None]:
     key = str(path.resolve())
     if key in _HELD:  # POSIX record locks do not exclude their own process (a notebook, threads, in-process CLIs)
         raise busy
-    with open(path, "a") as f:
-        try:
-            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise busy from None
+    with _acquire(path, busy):
         _HELD.add(key)
         try:
             yield

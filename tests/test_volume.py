@@ -147,7 +147,7 @@ def test_atomic_outputs_get_umask_permissions(tmp_path):
     ["corpus", "build", "c1", "--source", "world:demo", "--cutoff", "2017-06-30", "--tokenizer", "pit:../x"],
     ["eval", "--market", "m", "--model", "a=model:../x"],
     ["eval", "--market", "../m", "--model", "a=control:random-features"],
-    ["train", "--recipe", "demo-scratch-pit", "--set", "corpus=../x"],
+    ["train", "--recipe", "demo-scratch-pit", "--set", "corpus=.."],
 ])
 def test_input_names_cannot_read_outside_the_volume(cli, home, args):
     """Names of inputs (a world, a PIT tokenizer, a trained run, a market, a corpus) are checked like the
@@ -157,7 +157,9 @@ def test_input_names_cannot_read_outside_the_volume(cli, home, args):
     code, out, err = cli(*args)
     line = err.strip().splitlines()[-1]
     assert code == 2 and "Traceback" not in err, err
-    assert ("must be a plain directory name" in line or "points outside PITLM_HOME" in line), line
+    # a corpus may also be named by its directory (a path the user gives on purpose): it must hold a built corpus
+    corpus_dir = args[-1].startswith("corpus=") and "is not a built corpus" in line
+    assert ("must be a plain directory name" in line or "points outside PITLM_HOME" in line or corpus_dir), line
 
 
 def test_volume_path_refuses_to_climb_out_of_its_kind(tmp_path):
@@ -192,3 +194,26 @@ def test_write_lock_excludes_other_processes_and_this_one(tmp_path):
         with pytest.raises(LockedError):
             with vol.lock("world", "w"):  # and exclusive within one process too
                 pass
+
+
+def test_write_lock_never_holds_an_orphaned_lock_file(tmp_path):
+    """A holder unlinks the lock file on release: a process that opened the old file just before that must not
+    end up holding a lock on the orphaned inode while another holds the new file at the same path."""
+    from pitlm.volume import LockedError, _acquire
+
+    path = tmp_path / ".w.lock"
+    stale = open(path, "a")  # opened before the previous holder's release ...
+    path.unlink()  # ... which unlinks the file; a third process then creates and locks a new one
+    opened = []
+
+    def opener(p, mode):
+        f = stale if not opened else open(p, mode)
+        opened.append(f)
+        return f
+
+    f = _acquire(path, LockedError("busy"), opener=opener)
+    try:
+        assert len(opened) == 2 and stale.closed  # the orphan was locked, seen, closed, and the path reopened
+        assert os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
+    finally:
+        f.close()
