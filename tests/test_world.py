@@ -195,3 +195,11 @@ def test_world_config_bounds():
     assert (prices["Volume"] > 0).all() and np.isfinite(prices["Close"]).all()
     with pytest.raises(ConfigError, match="overflow"):
         small(leak_strength=1e6).check()
+
+
+@pytest.mark.parametrize("end, splits", [("2017-03-22", 0), ("2017-03-24", 0), ("2017-03-27", 2)])
+def test_short_worlds_place_splits_only_where_they_fit(end, splits):
+    """58, 60 and 61 simulated trading days: a split needs 30 days on each side (60 days used to crash)."""
+    cfg = small(n_splits=2, start_date="2017-01-04", end_date=end, cutoff="2017-02-01", corpus_end=end)
+    prices = generate_market(cfg).prices
+    assert int((prices["AdjustmentFactor"] != 1).sum()) == splits

@@ -88,7 +88,7 @@ def _split_schedule(log_value: np.ndarray, n_splits: int, rng: np.random.Generat
     real exchange, the dearest stock that day splits and the cheapest one does a reverse split."""
     n, T = log_value.shape
     af = np.ones((n, T))
-    if T < 60:
+    if T <= 60:  # a split day is drawn in [30, T - 30): none fits a shorter world
         return af
     for k in range(n_splits):
         day, factor = int(rng.integers(30, T - 30)), SPLIT_FACTORS[k % len(SPLIT_FACTORS)]
