@@ -174,7 +174,8 @@ def knowledge_heatmap(family: dict) -> plt.Figure:
             mark = {"known": " K", "partial": " P"}.get(truth.get(m["name"], {}).get(str(y)), "")
             text = "n/a" if c["estimate"] is None else (
                 f"{c['estimate']:.2f}{mark}\n[{_fmt(c['ci_lo'])}, {_fmt(c['ci_hi'])}]")
-            ax.text(j, i, text, ha="center", va="center", fontsize=7)
+            dark = c["estimate"] is not None and abs(c["estimate"]) > 0.6 * lim  # white on the darkest colours
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark else "black")
             if c["flagged"]:
                 ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="black", lw=2))
     ax.set_xticks(range(len(years)), [str(y) for y in years], fontsize=8)
