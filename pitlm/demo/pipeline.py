@@ -174,10 +174,10 @@ def run_demo(vol: Volume, seed: int = 0, fresh: bool = False, eval_args: list[st
         if verdict:
             summary[f"verdict_{name}"] = verdict
         summary[f"legacy_flags_{name}"] = rep.get(f"legacy_flags_{name}", "n/a")
+    for name in PROBED:
+        summary[f"probes_flagged_{name}"] = rep.get(f"probes_flagged_{name}", "n/a")
     summary.update({"steps_run": sum(not s.skipped for s in plan) + 1, "steps_skipped": sum(s.skipped for s in plan),
                     "demo_seconds": round(time.time() - t0, 1), "eval_run": eval_run,
                     "report_html": rep.get("report_html"), "report_md": rep.get("report_md")})
-    for name in PROBED:
-        summary[f"probes_flagged_{name}"] = rep.get(f"probes_flagged_{name}", "n/a")
     summary["step_seconds"] = timings
     return summary
