@@ -102,14 +102,15 @@ def cpu_safe_delta_rules() -> None:
             ref = getattr(bound, "__wrapped__", None)
             if bound is None or ref is None or getattr(bound, "_pitlm_cpu_safe", False):
                 continue
-            params = set(inspect.signature(ref).parameters)
+            sig = inspect.signature(ref).parameters.values()  # transformers >= 5.2x wraps it in a callable module
+            params = None if any(p.kind is p.VAR_KEYWORD for p in sig) else {p.name for p in sig}
 
             def dispatch(*args, _bound=bound, _ref=ref, _params=params, **kwargs):
                 first = args[0] if args else next(iter(kwargs.values()), None)
                 packed = kwargs.get("cu_seqlens") is not None or kwargs.get("seq_idx") is not None
                 if getattr(first, "is_cuda", True) or packed:  # packed sequences: transformers' own handling
                     return _bound(*args, **kwargs)
-                return _ref(*args, **{k: v for k, v in kwargs.items() if k in _params})
+                return _ref(*args, **{k: v for k, v in kwargs.items() if _params is None or k in _params})
 
             dispatch._pitlm_cpu_safe = True
             dispatch.__wrapped__ = ref

@@ -187,6 +187,9 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
         shutdown_distributed(wait=False)
 
 
+# what one measurement found (the rest of a result is its configuration): printed for every config of a sweep
+MEASURED_KEYS = ("tokens_per_second", "tokens_per_second_per_gpu", "step_seconds", "loss_last", "peak_vram_mb",
+                 "peak_reserved_mb")
 MOE_BLOCK_PATHS = ("routed-experts", "router", "shared-gate")  # --routed-kernels off switches all three off
 
 

@@ -158,7 +158,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         """Training throughput and peak memory of pitlm's own train_step on random weights and tokens."""
         from pitlm.errors import ConfigError
         from pitlm.log import emit_summary
-        from pitlm.train.bench import bench_train
+        from pitlm.train.bench import MEASURED_KEYS, bench_train
 
         try:
             batches = [int(b) for b in batch.split(",") if b.strip()]
@@ -187,8 +187,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             if not first:
                 first.update(result)
                 emit_summary(result)
-            else:
-                emit_summary({k: v for k, v in result.items() if k == "bench_config" or first.get(k) != v})
+            else:  # the measurements always (two configs may measure the same rounded value)
+                emit_summary({k: v for k, v in result.items()
+                              if k == "bench_config" or k in MEASURED_KEYS or first.get(k) != v})
 
         bench_train(arch, mode, seq_len=seq, batch_size=batches, steps=steps, warmup=warmup, device=device,
                     lora_preset=lora_preset, activation_checkpointing=activation_checkpointing,
