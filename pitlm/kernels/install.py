@@ -11,19 +11,19 @@ pieces of these models run slower than they need to on a GPU (BENCHMARKS.md, the
   fla's fused `rms_norm` (one kernel each way) with the scale (1 + weight) passed as its weight, in float32;
 - the gated RMSNorm of the delta-rule output (norm, scale, silu gate): fla's `rms_norm_gated`;
 - the routed experts' glue between their grouped GEMMs (LoRA adds, SiLU * up, routing weight, the top-k gather
-  and sum): `pitlm.train.routed_kernels`' fused Triton kernels, switched on per experts module (training and eval);
+  and sum): the fused Triton kernels of `pitlm.kernels.routed`, switched on per experts module (training and eval);
 - the Gated DeltaNet layer around the delta rule (Qwen3.5 / Qwen3.5-MoE, separate in_proj_qkv/z/b/a): transformers
   5.17 repeats q and k to the value heads (`repeat_interleave`, strided copies ~4x slower than memory speed, and a
   sum backward), and computes the decay gate and beta in separate float32 kernels. fla 0.6's delta rule takes the
   value heads grouped over the key heads (GVA, value head h reads key head h // (HV / H), the repeat's order) and
   fuses `-exp(A_log) * softplus(a + dt_bias)` and `sigmoid(b)` into its kernels; the conv + SiLU writes q, k, v
-  contiguous straight from the projection (`pitlm.train.conv_kernel`, fast path "conv-split"; without Triton, fla's
+  contiguous straight from the projection (`pitlm.kernels.conv`, fast path "conv-split"; without Triton, fla's
   conv and one split copy, `split_last`, torch's split_with_sizes_copy fast path);
-- the router and the shared expert's gate of the MoE block: `pitlm.train.moe_kernels`' Triton kernels;
-- the attention layers' partial rotary embedding: `pitlm.train.rope_kernel` (a module-level function);
+- the router and the shared expert's gate of the MoE block: the Triton kernels of `pitlm.kernels.moe`;
+- the attention layers' partial rotary embedding: `pitlm.kernels.rope` (a module-level function);
 - the routed experts: transformers' grouped-GEMM forward masks the routed-token tensors for expert parallelism
   (in 5.17 on every call: ~30% of an embedding forward of the 35B on an H100); pitlm's grouped forward
-  (`pitlm.train.experts.lora_experts_forward` without adapters) is the same GEMMs without the masks.
+  (`pitlm.kernels.experts.lora_experts_forward` without adapters) is the same GEMMs without the masks.
 
 `install_fast_kernels(model)` patches instances (norms, experts) and the conv function of the model's modeling
 module, each only for CUDA tensors (CPU calls keep the reference path), and returns what it installed. The
@@ -189,7 +189,7 @@ def _fast_device(t: torch.Tensor) -> bool:
 
 def gdn_forward(m: nn.Module, hidden_states: torch.Tensor, fla) -> torch.Tensor:
     """transformers' Qwen3.5 Gated DeltaNet forward without a cache, with the conv on the (B, T, D) projection
-    writing q / k / v directly (pitlm.train.conv_kernel, switch CONV_FLAG; else fla's conv and a split copy), and
+    writing q / k / v directly (pitlm.kernels.conv, switch CONV_FLAG; else fla's conv and a split copy), and
     the delta rule taking the key heads grouped (no repeat to the value heads) and
     the decay gate and beta computed inside its kernels from the raw projections."""
     batch, seq, _ = hidden_states.shape
@@ -198,10 +198,10 @@ def gdn_forward(m: nn.Module, hidden_states: torch.Tensor, fla) -> torch.Tensor:
     b = m.in_proj_b(hidden_states)
     a = m.in_proj_a(hidden_states)
     sizes = [m.key_dim, m.key_dim, m.value_dim]
-    from pitlm.train import conv_kernel
+    from pitlm.kernels import conv
 
-    if getattr(m, conv_kernel.CONV_FLAG, False) and conv_kernel.supported(mixed, m.conv1d.weight, m.activation):
-        q, k, v = conv_kernel.conv_split(mixed, m.conv1d.weight.squeeze(1), m.conv1d.bias, m.activation, sizes)
+    if getattr(m, conv.CONV_FLAG, False) and conv.supported(mixed, m.conv1d.weight, m.activation):
+        q, k, v = conv.conv_split(mixed, m.conv1d.weight.squeeze(1), m.conv1d.bias, m.activation, sizes)
     else:
         mixed, _ = fla.conv(mixed, m.conv1d.weight.squeeze(1), m.conv1d.bias, activation=m.activation)
         q, k, v = split_last(mixed, sizes)
@@ -214,7 +214,7 @@ def gdn_forward(m: nn.Module, hidden_states: torch.Tensor, fla) -> torch.Tensor:
 
 
 def _experts_forward(ref):
-    from pitlm.train.experts import lora_experts_forward
+    from pitlm.kernels.experts import lora_experts_forward
 
     def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
         if not hidden_states.is_cuda or args or kwargs:
@@ -224,25 +224,25 @@ def _experts_forward(ref):
     return forward
 
 
-ROUTED = "triton-routed-experts"  # install_fast_kernels' names: pitlm.train.routed_kernels,
-ROUTER = "triton-router-topk"  # pitlm.train.moe_kernels' router,
+ROUTED = "triton-routed-experts"  # install_fast_kernels' names: pitlm.kernels.routed,
+ROUTER = "triton-router-topk"  # pitlm.kernels.moe's router,
 SHARED_GATE = "triton-shared-expert-gate"  # its shared-expert gate,
 GDN = "fla-gated-deltanet-gva"  # the Gated DeltaNet forward above,
-ROPE = "triton-partial-rope"  # pitlm.train.rope_kernel
-CONV_SPLIT = "triton-conv-split"  # and the GDN's conv + SiLU + q/k/v split, pitlm.train.conv_kernel
+ROPE = "triton-partial-rope"  # pitlm.kernels.rope
+CONV_SPLIT = "triton-conv-split"  # and the GDN's conv + SiLU + q/k/v split, pitlm.kernels.conv
 
 
 def install_fast_kernels(model: nn.Module, experts: bool = False, routed: bool = True, rope: bool = True) -> list[str]:
     """Route `model`'s causal conv1d, RMSNorms and Gated DeltaNet layers through fla's fused kernels and, with
     `experts`, its routed experts through pitlm's grouped forward (CUDA tensors only); with `routed`, switch on the
-    MoE block's Triton kernels where triton imports (the routed experts' `pitlm.train.routed_kernels`, the router's
-    and the shared expert gate's `pitlm.train.moe_kernels`; off: switched off). Returns the names of what was
+    MoE block's Triton kernels where triton imports (the routed experts' `pitlm.kernels.routed`, the router's
+    and the shared expert gate's `pitlm.kernels.moe`; off: switched off). Returns the names of what was
     installed: [] on a model without these layers, the Triton kernels alone where fla does not import. Each
     installed path has a switch: `set_fast_path(model, name, on)`. rope: also the Triton partial rotary embedding
-    (`pitlm.train.rope_kernel`; a module-level function of the modeling module, so it reaches every model of the
+    (`pitlm.kernels.rope`; a module-level function of the modeling module, so it reaches every model of the
     process; CUDA tensors only)."""
-    from pitlm.train.moe_kernels import install_moe_kernels
-    from pitlm.train.routed_kernels import set_routed_kernels
+    from pitlm.kernels.moe import install_moe_kernels
+    from pitlm.kernels.routed import set_routed_kernels
 
     installed = []
     n_routed = set_routed_kernels(model, routed)
@@ -268,11 +268,11 @@ def install_fast_kernels(model: nn.Module, experts: bool = False, routed: bool =
             continue
         if _patch_conv(modeling, fla):
             installed.append(f"fla-causal-conv1d ({name})")
-    from pitlm.train.conv_kernel import CONV_FLAG
-    from pitlm.train.experts import experts_unsupported
-    from pitlm.train.routed_kernels import _has_triton
+    from pitlm.kernels.conv import CONV_FLAG
+    from pitlm.kernels.experts import experts_unsupported
+    from pitlm.kernels.triton_util import has_triton
 
-    triton_ok = _has_triton()  # the conv + split kernel of the Gated DeltaNet forward
+    triton_ok = has_triton()  # the conv + split kernel of the Gated DeltaNet forward
     n_norm = n_gated = n_experts = n_gdn = 0
     for m in model.modules():
         kind = type(m).__name__
@@ -310,12 +310,12 @@ def install_fast_kernels(model: nn.Module, experts: bool = False, routed: bool =
 
 def _install_rope(kinds: set[str]) -> list[str]:
     """The Triton partial rotary embedding for the attention layers of the hybrids' modeling modules (Triton only)."""
-    from pitlm.train.rope_kernel import install_rope
-    from pitlm.train.routed_kernels import _has_triton
+    from pitlm.kernels.rope import install_rope
+    from pitlm.kernels.triton_util import has_triton
 
     names = []
     for name, prefix in MODELING.items():
-        if f"{prefix}Attention" in kinds and _has_triton():
+        if f"{prefix}Attention" in kinds and has_triton():
             try:
                 modeling = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
             except ImportError:
@@ -327,10 +327,10 @@ def _install_rope(kinds: set[str]) -> list[str]:
 
 def fast_path_switches() -> dict[str, str]:
     """{name: the module attribute that switches it}: the fast paths that can be turned off on a built model."""
-    from pitlm.train.conv_kernel import CONV_FLAG
-    from pitlm.train.lora_dense import ONE_NODE
-    from pitlm.train.moe_kernels import ROUTER_FLAG, SHARED_FLAG
-    from pitlm.train.routed_kernels import FLAG, IN_K
+    from pitlm.kernels.conv import CONV_FLAG
+    from pitlm.kernels.lora_dense import ONE_NODE
+    from pitlm.kernels.moe import ROUTER_FLAG, SHARED_FLAG
+    from pitlm.kernels.routed import FLAG, IN_K
 
     return {"routed-experts": FLAG, "lora-in-k": IN_K, "router": ROUTER_FLAG, "shared-gate": SHARED_FLAG,
             "gdn": GDN_FLAG, "conv-split": CONV_FLAG, "dense-one-node": ONE_NODE, "rope": ""}
@@ -343,7 +343,7 @@ def set_fast_path(model: nn.Module, name: str, on: bool) -> int:
     if name not in switches:
         raise ValueError(f"unknown fast path {name!r}; known: {', '.join(switches)}")
     if name == "rope":
-        from pitlm.train.rope_kernel import SWITCH
+        from pitlm.kernels.rope import SWITCH
 
         SWITCH["on"] = on
         return int(any(getattr(getattr(importlib.import_module(f"transformers.models.{m}.modeling_{m}"),

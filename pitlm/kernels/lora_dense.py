@@ -28,7 +28,7 @@ import types
 import torch
 from torch import nn
 
-log = logging.getLogger("pitlm.train")
+log = logging.getLogger("pitlm.kernels")
 
 ONE_NODE = "_pitlm_dense_one_node"  # on a routed lora.Linear: `_DenseLoRA` where it applies (default on)
 

@@ -1,4 +1,4 @@
-"""pitlm.train.rope_kernel: the partial rotary embedding kernel against transformers' apply_rotary_pos_emb. On the
+"""pitlm.kernels.rope: the partial rotary embedding kernel against transformers' apply_rotary_pos_emb. On the
 CPU the kernel runs under Triton's interpreter (conftest), the same code as on a GPU."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pitlm.train import rope_kernel as rk
+from pitlm.kernels import rope as rk
 
 pytest.importorskip("triton")
 
