@@ -10,6 +10,7 @@ import torch
 
 from pitlm.kernels import routed as rk
 from pitlm.kernels.experts import install_expert_lora, permute_routed, unpermute_routed
+from pitlm.kernels.registry import LORA_IN_K
 from pitlm.kernels.triton_util import CPU_ENV
 
 triton = pytest.importorskip("triton")
@@ -258,13 +259,13 @@ def test_lora_in_the_gemms_k_equals_separate_gemms_and_keeps_the_weights(interpr
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     for m in moe:
-        setattr(m, rk.IN_K, False)
+        setattr(m, LORA_IN_K.attr, False)
     ref_loss, ref_grads = loss_and_grads()
     calls = []
     real = ex._LoRAInK.apply
     monkeypatch.setattr(ex._LoRAInK, "apply", lambda *a: calls.append(1) or real(*a))
     for m in moe:
-        setattr(m, rk.IN_K, True)
+        setattr(m, LORA_IN_K.attr, True)
     loss, grads = loss_and_grads()
     assert len(calls) == 8  # 4 layers x (gate_up, down)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)

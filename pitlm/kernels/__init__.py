@@ -3,6 +3,7 @@ dense LoRA forwards, and the profiler that measures them. Speed engineering unde
 which both build on it; every path has a torch reference that CPU tensors keep and the tests compare against.
 
     install.py      install_fast_kernels(model): fla's conv / norms / Gated DeltaNet + the Triton paths below
+    registry.py     FastPath: every fast path's switch in one place (name, module attribute, installer)
     triton_util.py  has_triton, interpreting, available(t), on_device(t): what every kernel asks before it launches
     routed.py       the routed experts' SwiGLU, gather and gather-sum (one kernel each way)
     moe.py          the MoE router's softmax / top-k and the shared expert's gate
@@ -18,7 +19,6 @@ from pitlm.kernels.install import (
     DELTA_RULES,
     GATED_NORMS,
     GDN,
-    GDN_FLAG,
     GDN_SPLIT,
     MODELING,
     OFFSET_NORMS,
@@ -35,6 +35,6 @@ from pitlm.kernels.install import (
     split_last,
 )
 
-__all__ = ["CONV_SPLIT", "DELTA_RULES", "GATED_NORMS", "GDN", "GDN_FLAG", "GDN_SPLIT", "MODELING", "OFFSET_NORMS",
+__all__ = ["CONV_SPLIT", "DELTA_RULES", "GATED_NORMS", "GDN", "GDN_SPLIT", "MODELING", "OFFSET_NORMS",
            "PACKING", "ROPE", "ROUTED", "ROUTER", "SHARED_GATE", "cpu_safe_delta_rules", "fast_path_switches",
            "gdn_forward", "install_fast_kernels", "set_fast_path", "split_last"]

@@ -18,7 +18,8 @@ Sequences are the rows of the batch (no packing): a row before the start of its 
 transformers' left padding of the conv. The window is 4 wide (Qwen3.5's conv_kernel_size); channels are taken in
 blocks that divide every output's width.
 `conv_split(x, weight, bias, activation, sizes)` runs it where `triton_util.available(x)` (CUDA, or the tests'
-interpreter); pitlm.kernels' Gated DeltaNet forward calls it under the switch `CONV_FLAG` (fast path "conv-split").
+interpreter); pitlm.kernels' Gated DeltaNet forward calls it under the fast path "conv-split"
+(`pitlm.kernels.registry.CONV_SILU_SPLIT`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import torch
 
 from pitlm.kernels.triton_util import available, interpreting, on_device
 
-CONV_FLAG = "_pitlm_conv_split"  # on a Gated DeltaNet module: conv + SiLU + split in this module's kernels
 WIDTH = 4  # the window the kernels are written for (Qwen3.5 / Qwen3-Next: conv_kernel_size 4)
 
 

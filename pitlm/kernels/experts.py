@@ -280,11 +280,11 @@ def lora_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_
 
 def _lora_in_k_ok(experts: nn.Module, name: str, factors: dict) -> bool:
     """Whether projection `name`'s LoRA can ride in its GEMM's K (`_LoRAInK`): with the routed kernels, unless
-    switched off (`pitlm.kernels.routed.IN_K` attribute, default on), for a frozen 3-D weight."""
-    from pitlm.kernels import routed
+    switched off (fast path "lora-in-k", default on), for a frozen 3-D weight."""
+    from pitlm.kernels.registry import LORA_IN_K
 
     w = getattr(experts, name)
-    return getattr(experts, routed.IN_K, True) and w.dim() == 3 and not w.requires_grad \
+    return LORA_IN_K.is_on(experts, default=True) and w.dim() == 3 and not w.requires_grad \
         and factors[name][1].dim() == 3
 
 

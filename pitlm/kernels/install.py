@@ -42,6 +42,8 @@ import types
 import torch
 from torch import nn
 
+from pitlm.kernels import registry
+
 log = logging.getLogger("pitlm")
 
 # modeling modules whose GatedDeltaNet calls a module-level `causal_conv1d_fn(x (B, D, T), weight (D, W), bias,
@@ -162,7 +164,6 @@ def split_last(x: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
     return _SplitLast.apply(x, tuple(sizes))
 
 
-GDN_FLAG = "_pitlm_gdn_fast"  # on a Gated DeltaNet module: fla's GVA delta rule with the gates in its kernels
 GDN_SPLIT = {"Qwen3_5MoeGatedDeltaNet", "Qwen3_5GatedDeltaNet"}  # separate in_proj_qkv / _z / _b / _a
 PACKING = ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx", "cu_seqlens")  # packed sequences: transformers' handling
 
@@ -173,7 +174,7 @@ def _gdn_forward(fla, ref, modeling):
     def forward(self, hidden_states, *args, **kwargs):
         cache = kwargs.get("cache_params", kwargs.get("cache"))
         if (args or cache is not None or any(kwargs.get(k) is not None for k in PACKING)
-                or not getattr(self, GDN_FLAG, False) or not _fast_device(hidden_states)
+                or not registry.GATED_DELTANET.is_on(self) or not _fast_device(hidden_states)
                 or self.conv1d.weight.device != hidden_states.device):  # e.g. accelerate's offloaded weights
             return ref(hidden_states, *args, **kwargs)
         if mask_padding is not None:
@@ -189,7 +190,7 @@ def _fast_device(t: torch.Tensor) -> bool:
 
 def gdn_forward(m: nn.Module, hidden_states: torch.Tensor, fla) -> torch.Tensor:
     """transformers' Qwen3.5 Gated DeltaNet forward without a cache, with the conv on the (B, T, D) projection
-    writing q / k / v directly (pitlm.kernels.conv, switch CONV_FLAG; else fla's conv and a split copy), and
+    writing q / k / v directly (pitlm.kernels.conv, fast path "conv-split"; else fla's conv and a split copy), and
     the delta rule taking the key heads grouped (no repeat to the value heads) and
     the decay gate and beta computed inside its kernels from the raw projections."""
     batch, seq, _ = hidden_states.shape
@@ -200,7 +201,7 @@ def gdn_forward(m: nn.Module, hidden_states: torch.Tensor, fla) -> torch.Tensor:
     sizes = [m.key_dim, m.key_dim, m.value_dim]
     from pitlm.kernels import conv
 
-    if getattr(m, conv.CONV_FLAG, False) and conv.supported(mixed, m.conv1d.weight, m.activation):
+    if registry.CONV_SILU_SPLIT.is_on(m) and conv.supported(mixed, m.conv1d.weight, m.activation):
         q, k, v = conv.conv_split(mixed, m.conv1d.weight.squeeze(1), m.conv1d.bias, m.activation, sizes)
     else:
         mixed, _ = fla.conv(mixed, m.conv1d.weight.squeeze(1), m.conv1d.bias, activation=m.activation)
@@ -268,7 +269,6 @@ def install_fast_kernels(model: nn.Module, experts: bool = False, routed: bool =
             continue
         if _patch_conv(modeling, fla):
             installed.append(f"fla-causal-conv1d ({name})")
-    from pitlm.kernels.conv import CONV_FLAG
     from pitlm.kernels.experts import experts_unsupported
     from pitlm.kernels.triton_util import has_triton
 
@@ -280,8 +280,8 @@ def install_fast_kernels(model: nn.Module, experts: bool = False, routed: bool =
             continue
         if kind in GDN_SPLIT:
             m.forward = types.MethodType(_gdn_forward(fla, m.forward, importlib.import_module(type(m).__module__)), m)
-            setattr(m, GDN_FLAG, True)
-            setattr(m, CONV_FLAG, triton_ok)
+            setattr(m, registry.GATED_DELTANET.attr, True)
+            setattr(m, registry.CONV_SILU_SPLIT.attr, triton_ok)
             n_gdn += 1
         elif experts and kind.endswith("Experts") and experts_unsupported(m) is None:
             m.forward = types.MethodType(_experts_forward(m.forward), m)
@@ -326,35 +326,21 @@ def _install_rope(kinds: set[str]) -> list[str]:
 
 
 def fast_path_switches() -> dict[str, str]:
-    """{name: the module attribute that switches it}: the fast paths that can be turned off on a built model."""
-    from pitlm.kernels.conv import CONV_FLAG
-    from pitlm.kernels.lora_dense import ONE_NODE
-    from pitlm.kernels.moe import ROUTER_FLAG, SHARED_FLAG
-    from pitlm.kernels.routed import FLAG, IN_K
-
-    return {"routed-experts": FLAG, "lora-in-k": IN_K, "router": ROUTER_FLAG, "shared-gate": SHARED_FLAG,
-            "gdn": GDN_FLAG, "conv-split": CONV_FLAG, "dense-one-node": ONE_NODE, "rope": ""}
+    """{name: the module attribute that switches it} ("" for a process-wide switch): the fast paths that can be
+    turned off on a built model (`pitlm.kernels.registry.FAST_PATHS`)."""
+    return {name: path.attr for name, path in registry.FAST_PATHS.items()}
 
 
 def set_fast_path(model: nn.Module, name: str, on: bool) -> int:
     """Switch one installed fast path (a `fast_path_switches()` name) on or off; returns how many modules (rope:
     a module-level function of the process, 1 when it is installed)."""
-    switches = fast_path_switches()
-    if name not in switches:
-        raise ValueError(f"unknown fast path {name!r}; known: {', '.join(switches)}")
-    if name == "rope":
-        from pitlm.kernels.rope import SWITCH
-
-        SWITCH["on"] = on
-        return int(any(getattr(getattr(importlib.import_module(f"transformers.models.{m}.modeling_{m}"),
-                                       "apply_rotary_pos_emb", None), "_pitlm_fast", False)
-                       for m in MODELING if f"transformers.models.{m}.modeling_{m}" in sys.modules))
-    n = 0
-    for m in model.modules():
-        if hasattr(m, switches[name]):
-            setattr(m, switches[name], on)
-            n += 1
-    return n
+    path = registry.fast_path(name)
+    n = path.set(model, on)
+    if path.attr:
+        return n
+    return int(any(getattr(getattr(importlib.import_module(f"transformers.models.{m}.modeling_{m}"),
+                                   "apply_rotary_pos_emb", None), "_pitlm_fast", False)
+                   for m in MODELING if f"transformers.models.{m}.modeling_{m}" in sys.modules))
 
 
 def _log_installed(installed: list[str]) -> list[str]:

@@ -20,8 +20,9 @@ Here each is one kernel each way:
   backward writes d(shared) and reduces d(gate_logit) over the row in one pass.
 
 `install_moe_kernels(model)` routes the router and the sparse block of Qwen3.5-MoE through them (instances,
-CUDA tensors or the tests' interpreter, see `triton_util.available`); each has a switch (`ROUTER_FLAG`,
-`SHARED_FLAG`) that `pitlm.kernels.set_fast_path` toggles, and off (or on CPU) transformers' own forward runs.
+CUDA tensors or the tests' interpreter, see `triton_util.available`); each has a switch (the fast paths "router"
+and "shared-gate" of `pitlm.kernels.registry`) that `pitlm.kernels.set_fast_path` toggles, and off (or on CPU)
+transformers' own forward runs.
 """
 
 from __future__ import annotations
@@ -32,10 +33,9 @@ import types
 import torch
 from torch import nn
 
+from pitlm.kernels.registry import ROUTER_TOPK, SHARED_EXPERT_GATE
 from pitlm.kernels.triton_util import available, has_triton, interpreting, on_device
 
-ROUTER_FLAG = "_pitlm_router_kernel"  # on a router module: the fused softmax / top-k / renormalise
-SHARED_FLAG = "_pitlm_shared_gate_kernel"  # on a sparse MoE block: the fused shared-expert gate and add
 ROUTERS = {"Qwen3_5MoeTopKRouter"}  # softmax -> top-k -> renormalised to sum 1 -> cast (transformers 5.x)
 BLOCKS = {"Qwen3_5MoeSparseMoeBlock"}  # expert_out + sigmoid(shared_expert_gate(x)) * shared_expert(x)
 
@@ -249,7 +249,7 @@ def shared_gate_add(y: torch.Tensor, shared: torch.Tensor, gate_logit: torch.Ten
 
 def _router_forward(ref):
     def forward(self, hidden_states):
-        if not getattr(self, ROUTER_FLAG, False) or not available(hidden_states):
+        if not ROUTER_TOPK.is_on(self) or not available(hidden_states):
             return ref(hidden_states)
         hidden_states = hidden_states.reshape(-1, self.hidden_dim)
         logits = nn.functional.linear(hidden_states, self.weight)
@@ -261,7 +261,7 @@ def _router_forward(ref):
 
 def _block_forward(ref):
     def forward(self, hidden_states):
-        if not getattr(self, SHARED_FLAG, False) or not available(hidden_states):
+        if not SHARED_EXPERT_GATE.is_on(self) or not available(hidden_states):
             return ref(hidden_states)
         batch, seq, hidden = hidden_states.shape
         x = hidden_states.view(-1, hidden)
@@ -282,13 +282,13 @@ def install_moe_kernels(model: nn.Module, on: bool = True) -> tuple[int, int]:
     for m in model.modules():
         kind = type(m).__name__
         if kind in ROUTERS:
-            if not hasattr(m, ROUTER_FLAG):
+            if not hasattr(m, ROUTER_TOPK.attr):
                 m.forward = types.MethodType(_router_forward(m.forward), m)
-            setattr(m, ROUTER_FLAG, on)
+            setattr(m, ROUTER_TOPK.attr, on)
             n_router += 1
         elif kind in BLOCKS:
-            if not hasattr(m, SHARED_FLAG):
+            if not hasattr(m, SHARED_EXPERT_GATE.attr):
                 m.forward = types.MethodType(_block_forward(m.forward), m)
-            setattr(m, SHARED_FLAG, on)
+            setattr(m, SHARED_EXPERT_GATE.attr, on)
             n_block += 1
     return n_router, n_block

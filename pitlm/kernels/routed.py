@@ -25,8 +25,9 @@ Measured on the 35B-A3B's 74 GiB step: 11.4k -> 13.7k tok/s together with the de
 
 They run on CUDA tensors where Triton imports, and on CPU tensors under Triton's interpreter when asked
 (TRITON_INTERPRET=1 set before triton's import, and PITLM_ROUTED_KERNELS_CPU=1: how the tests run the same kernel
-code without a GPU; `pitlm.kernels.triton_util.available`). `pitlm.kernels.install_fast_kernels` switches them on per experts module; the torch reference
-path in `pitlm.kernels.experts` is what they are tested against.
+code without a GPU; `pitlm.kernels.triton_util.available`). `pitlm.kernels.install_fast_kernels` switches them on
+per experts module (fast path "routed-experts"); the torch reference path in `pitlm.kernels.experts` is what they
+are tested against.
 """
 
 from __future__ import annotations
@@ -37,10 +38,8 @@ import types
 import torch
 from torch import nn
 
+from pitlm.kernels.registry import LORA_IN_K, ROUTED_EXPERTS
 from pitlm.kernels.triton_util import available, has_triton, interpreting, on_device
-
-FLAG = "_pitlm_routed_kernels"  # the experts-module attribute that switches these kernels on
-IN_K = "_pitlm_lora_in_k"  # with them: down_proj's LoRA term inside its GEMM's K (pitlm.kernels.experts._LoRAInK)
 
 
 def supports(experts: nn.Module) -> bool:
@@ -57,15 +56,15 @@ def set_routed_kernels(model: nn.Module, on: bool) -> int:
     n = 0
     for m in model.modules():
         if type(m).__name__.endswith("Experts") and supports(m):
-            setattr(m, FLAG, on)
-            if not hasattr(m, IN_K):
-                setattr(m, IN_K, True)
+            setattr(m, ROUTED_EXPERTS.attr, on)
+            if not hasattr(m, LORA_IN_K.attr):  # with them: a projection's LoRA term in its GEMM's K
+                setattr(m, LORA_IN_K.attr, True)
             n += 1
     return n
 
 
 def enabled(experts: nn.Module, t: torch.Tensor) -> bool:
-    return getattr(experts, FLAG, False) and available(t)
+    return ROUTED_EXPERTS.is_on(experts) and available(t)
 
 
 @functools.cache
