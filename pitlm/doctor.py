@@ -128,14 +128,14 @@ def fast_kernel_checks(gpus: list[dict]) -> list[Check]:
     checks.append(Check("grouped-head delta rule", "ok" if fla_ok else "info",
                         "fla's delta rule without repeated key heads, gates in its kernels" if fla_ok else
                         "off (needs a usable fla on a GPU)", "" if fla_ok else "make flash-linear-attention usable"))
-    # pitlm.train.routed_kernels / moe_kernels / rope_kernel: need only Triton (the routed experts' LoRA adds, SwiGLU,
+    # pitlm.kernels.routed / moe / rope: need only Triton (the routed experts' LoRA adds, SwiGLU,
     # weight, top-k sum; the router's softmax / top-k; the shared expert's gate; the partial rotary embedding)
     has_triton = _version("triton") is not None
     routed_ok = has_triton and bool(gpus)
-    # pitlm.train.conv_kernel: the Gated DeltaNet's conv + SiLU writing q, k, v, inside the fla-based forward above
+    # pitlm.kernels.conv: the Gated DeltaNet's conv + SiLU writing q, k, v, inside the fla-based forward above
     conv_ok = fla_ok and has_triton
     checks.append(Check("fused DeltaNet conv + q/k/v split", "ok" if conv_ok else "info",
-                        "pitlm's Triton kernels (pitlm.train.conv_kernel)" if conv_ok else
+                        "pitlm's Triton kernels (pitlm.kernels.conv)" if conv_ok else
                         "off (needs a usable fla and triton on a GPU)", ""))
     for name in ("fused routed experts", "fused MoE router + shared gate", "partial rotary embedding"):
         checks.append(Check(name, "ok" if routed_ok else "info",

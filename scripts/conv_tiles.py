@@ -1,4 +1,4 @@
-"""Time pitlm.train.conv_kernel's backward over tile shapes on a GPU, on the 35B-A3B's Gated DeltaNet conv
+"""Time pitlm.kernels.conv's backward over tile shapes on a GPU, on the 35B-A3B's Gated DeltaNet conv
 ((8 x 2048) tokens x (2048 + 2048 + 4096) channels, bf16), each checked against float32 first; fla's conv backward
 and the forwards for comparison. Prints `tiles_ms: <spec> <ms>` lines and `best_tiles: <spec>` (for
 PITLM_CONV_TILES).
@@ -13,7 +13,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from pitlm.train import conv_kernel as ck
+from pitlm.kernels import conv as ck
 
 SPECS = ["16,64,16,2", "16,64,16,1", "16,32,16,1", "16,32,16,2", "8,64,8,1", "32,32,32,2", "16,64,32,2",
          "16,64,64,2,1", "16,64,128,2,1", "16,32,64,1,1", "32,64,32,4", "32,64,128,4,1", "16,128,16,4", "8,128,64,2,1"]

@@ -46,19 +46,19 @@
 #           within 74 GiB (offloaded checkpoints + the 8-bit step inside backward, profiled), batch 10 under 74 GiB
 #           and batch 12 under 79 GiB (each new batch shape first pays ~100 s of tilelang compilation)
 #   phase 24 (carry .whl .kcache; session 8's first call): GPU tests of the routed experts' fused Triton kernels
-#           (pitlm.train.routed_kernels) and the other kernel tests; the 74 GiB LoRA-alone step with the kernels off
+#           (pitlm.kernels.routed) and the other kernel tests; the 74 GiB LoRA-alone step with the kernels off
 #           then on, on one model (the "on" arm profiled)
 #   phase 25 (right after 24, warm): the seed's recipe under 79 GiB and batch 10 under 74 GiB with the kernels;
 #           the embedding bench with the kernels on and off
 #   phase 26 (carry .whl .kcache): dense LoRA with the scale on the rank side and the add in the GEMM
-#           (pitlm.train.lora_dense) -- its tests on the GPU, then the 74 GiB step with peft's dense forward and
+#           (pitlm.kernels.lora_dense) -- its tests on the GPU, then the 74 GiB step with peft's dense forward and
 #           with the fused one (profiled), and the seed's recipe under 79 GiB
 #   phase 27 (carry .whl .kcache): the routed kernels' GPU tests and the 74 GiB recipe profiled, with the permute's
 #           row gather in Triton (gather_rows)
 #   phase 28 (carry .whl .kcache): phase 27 again after the paired outputs (gradients of two readers summed in the
 #           fused kernels); the GPU tests need ~70 s on a cold machine
 #   phase 29 (carry .whl .kcache; session 9's first call): GPU tests of the Gated DeltaNet forward with grouped key
-#           heads and in-kernel gates (pitlm.kernels) and of the router / shared-gate kernels (pitlm.train.moe_kernels);
+#           heads and in-kernel gates (pitlm.kernels) and of the router / shared-gate kernels (pitlm.kernels.moe);
 #           the 74 GiB recipe with each new path switched off in turn, then all on (profiled), on one model
 #   phase 30 (carry .whl .kcache): GPU tests of the routed experts' kernels with the LoRA terms in the GEMMs' K and
 #           of the one-node dense LoRA; the 74 GiB recipe with each switched off, then all on (profiled)
@@ -68,8 +68,8 @@
 #           time by class, H100 projection). The kernel was installed by default then; it is opt-in (--rope) now
 #   phase 33 (carry .whl .kcache; session 10's first call): the rotary kernel's and the fast-kernel model's GPU tests,
 #           their whole output kept in $OUT/tests33.txt; the 74 GiB recipe with --rope, profiled with the device's
-#           idle gaps and the host operators that ended them (pitlm.profiling.device_gaps)
-#   phase 34 (carry .whl .kcache): GPU tests of the conv + SiLU + q/k/v split kernel (pitlm.train.conv_kernel), the
+#           idle gaps and the host operators that ended them (pitlm.kernels.profiling.device_gaps)
+#   phase 34 (carry .whl .kcache): GPU tests of the conv + SiLU + q/k/v split kernel (pitlm.kernels.conv), the
 #           fast-kernel model and the in-backward optimizer, whole output in $OUT/tests34.txt; the 74 GiB recipe with
 #           the conv kernel off, then on (profiled, with the idle gaps)
 #   phase 35 (carry .whl .kcache): the conv backward's tile shapes timed (scripts/conv_tiles.py), the fastest taken
@@ -143,7 +143,7 @@ elif [ "$1" = 11 ]; then
   timeout 420 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -25
   T=240 run $B embed --arch qwen3.5-35b-a3b --n-prompts 4096 --batch 1024 --prompt-tokens 64 --profile "$OUT/profile_embed2.txt"
 elif [ "$1" = 12 ]; then
-  timeout 500 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_train_experts.py 2>&1 | tail -15
+  timeout 500 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_experts.py 2>&1 | tail -15
 elif [ "$1" = 13 ]; then
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
   M="--adapter-dtype base --optim adamw8bit"
@@ -152,7 +152,7 @@ elif [ "$1" = 13 ]; then
 elif [ "$1" = 14 ]; then
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
   M="--adapter-dtype base --optim adamw8bit"
-  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_train_experts.py 2>&1 | tail -4
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_experts.py 2>&1 | tail -4
   T=330 run $B train $L --batch 4 --warmup 2 --ce-chunk 512 $M
 elif [ "$1" = 15 ]; then
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -169,7 +169,7 @@ elif [ "$1" = 17 ]; then
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
   M="--adapter-dtype base --optim adamw8bit --ce-chunk 512"
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|gpu0|bitsandbytes|grouped|liger" | tee "$OUT/doctor.txt"
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_train_chunked_ce.py tests/test_train_experts.py \
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_train_chunked_ce.py tests/test_kernels_experts.py \
     tests/test_train_stochastic_round.py tests/test_train_in_backward.py -k "gpu or cuda or bitwise" 2>&1 | tail -4
   T=${T1:-420} run $B train $L $M --batch 8 --memory-cap-gib 79.0 --stochastic-round full_modules \
     --profile "$OUT/profile_b8.txt"
@@ -231,8 +231,8 @@ elif [ "$1" = 24 ]; then
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
   M="--adapter-dtype base --optim adamw8bit --ce-chunk 512 --offload-checkpoints"
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|gpu0|routed|grouped|liger" | tee "$OUT/doctor.txt"
-  timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_train_routed_kernels.py tests/test_kernels.py \
-    tests/test_train_experts.py -k "gpu or cuda" 2>&1 | tail -4
+  timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_routed.py tests/test_kernels.py \
+    tests/test_kernels_experts.py -k "gpu or cuda" 2>&1 | tail -4
   T=${T1:-330} run $B train $L $M --full-modules "" --batch 8 --in-backward on --memory-cap-gib 74.0 \
     --routed-kernels off,on --profile "$OUT/profile_routed.txt"
   save_kernel_cache
@@ -248,7 +248,7 @@ elif [ "$1" = 25 ]; then
   save_kernel_cache
 elif [ "$1" = 26 ]; then
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_train_lora_dense.py 2>&1 | tail -2
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_lora_dense.py 2>&1 | tail -2
   M="--adapter-dtype base --optim adamw8bit --ce-chunk 512"
   T=${T1:-150} run $B train $L $M --offload-checkpoints --full-modules "" --batch 8 --in-backward on \
     --memory-cap-gib 74.0 --dense-path peft
@@ -258,7 +258,7 @@ elif [ "$1" = 26 ]; then
   save_kernel_cache
 elif [ "$1" = 27 ] || [ "$1" = 28 ]; then
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_train_routed_kernels.py tests/test_train_lora_dense.py \
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_routed.py tests/test_kernels_lora_dense.py \
     -k "gpu or cuda or bf16" 2>&1 | tail -1
   M="--adapter-dtype base --optim adamw8bit --ce-chunk 512 --offload-checkpoints"
   T=${T1:-300} run $B train $L $M --full-modules "" --batch 8 --in-backward on --memory-cap-gib 74.0 \
@@ -267,7 +267,7 @@ elif [ "$1" = 27 ] || [ "$1" = 28 ]; then
 elif [ "$1" = 29 ]; then
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
   python3 -m pitlm.cli doctor 2>&1 | grep -E "flash-linear|gpu0|routed|router|delta rule" | tee "$OUT/doctor.txt"
-  timeout ${TT:-240} python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_train_moe_kernels.py \
+  timeout ${TT:-240} python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_moe.py \
     -k "gpu or cuda" 2>&1 | tail -4
   M="--adapter-dtype base --optim adamw8bit --ce-chunk 512 --offload-checkpoints"
   T=${T1:-420} run $B train $L $M --full-modules "" --batch 8 --in-backward on --memory-cap-gib 74.0 \
@@ -276,8 +276,8 @@ elif [ "$1" = 29 ]; then
   save_kernel_cache
 elif [ "$1" = 30 ]; then
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-  timeout ${TT:-200} python3 -m pytest -q -p no:cacheprovider tests/test_train_routed_kernels.py \
-    tests/test_train_lora_dense.py tests/test_train_experts.py -k "gpu or cuda or bf16" 2>&1 | tail -2
+  timeout ${TT:-200} python3 -m pytest -q -p no:cacheprovider tests/test_kernels_routed.py \
+    tests/test_kernels_lora_dense.py tests/test_kernels_experts.py -k "gpu or cuda or bf16" 2>&1 | tail -2
   M="--adapter-dtype base --optim adamw8bit --ce-chunk 512 --offload-checkpoints"
   T=${T1:-380} run $B train $L $M --full-modules "" --batch 8 --in-backward on --memory-cap-gib 74.0 \
     --ablate ${ABL:-lora-in-k,dense-one-node,none} --profile "$OUT/profile_s9b.txt"
@@ -290,7 +290,7 @@ elif [ "$1" = 31 ]; then
   T=120 run $B embed --arch qwen3.5-35b-a3b --n-prompts 4096 --batch 1024 --prompt-tokens 64
 elif [ "$1" = 32 ]; then
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-  timeout ${TT:-150} python3 -m pytest -q -p no:cacheprovider tests/test_train_rope_kernel.py tests/test_kernels.py \
+  timeout ${TT:-150} python3 -m pytest -q -p no:cacheprovider tests/test_kernels_rope.py tests/test_kernels.py \
     -k "gpu or cuda" 2>&1 | tail -1
   M="--adapter-dtype base --optim adamw8bit --ce-chunk 512 --offload-checkpoints"
   T=${T1:-300} run $B train $L $M --full-modules "" --batch 8 --in-backward on --memory-cap-gib 74.0 \
@@ -298,7 +298,7 @@ elif [ "$1" = 32 ]; then
   tail -8 "$OUT/profile_s9c.txt"
 elif [ "$1" = 33 ]; then
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-  timeout ${TT:-200} python3 -m pytest -v -p no:cacheprovider tests/test_train_rope_kernel.py tests/test_kernels.py \
+  timeout ${TT:-200} python3 -m pytest -v -p no:cacheprovider tests/test_kernels_rope.py tests/test_kernels.py \
     -k "gpu or cuda" > "$OUT/tests33.txt" 2>&1; echo "pytest rc: $?"
   grep -E "PASSED|FAILED|ERROR|passed|failed|Error" "$OUT/tests33.txt" | tail -12
   M="--adapter-dtype base --optim adamw8bit --ce-chunk 512 --offload-checkpoints"
@@ -307,7 +307,7 @@ elif [ "$1" = 33 ]; then
   sed -n '/# own device time by class/,$p' "$OUT/profile_s10.txt"
 elif [ "$1" = 34 ]; then
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-  timeout ${TT:-240} python3 -m pytest -v -p no:cacheprovider tests/test_train_conv_kernel.py tests/test_kernels.py \
+  timeout ${TT:-240} python3 -m pytest -v -p no:cacheprovider tests/test_kernels_conv.py tests/test_kernels.py \
     tests/test_train_in_backward.py -k "gpu or cuda" > "$OUT/tests34.txt" 2>&1; echo "pytest rc: $?"
   grep -E "PASSED|FAILED|ERROR|passed|failed|Error|assert" "$OUT/tests34.txt" | tail -14
   M="--adapter-dtype base --optim adamw8bit --ce-chunk 512 --offload-checkpoints"

@@ -1,4 +1,4 @@
-"""Correctness of the grouped expert-LoRA path (pitlm.train.experts) against peft's materialising path on the GPU,
+"""Correctness of the grouped expert-LoRA path (pitlm.kernels.experts) against peft's materialising path on the GPU,
 before any timing counts: a small Qwen3.5-MoE (the 35B's expert widths: hidden 2048, moe_intermediate 512, 8 of
 64 experts routed), LoRA preset qwen3.5-moe with random B, bf16. Both bf16 paths are compared with peft's path in
 float32 on the same (bf16-rounded) weights, so a disagreement can be assigned: ||x - ref32|| / ||ref32|| of the
@@ -50,8 +50,8 @@ def main() -> int:
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, Qwen3_5MoeTextConfig
 
+    from pitlm.kernels.experts import install_expert_lora
     from pitlm.train.config import LoraConfig
-    from pitlm.train.experts import install_expert_lora
     from pitlm.train.model import apply_lora
 
     # attention layers only: the check is of the experts (the DeltaNet kernels have their own, gpu_check_fla.py)

@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 if not torch.cuda.is_available():
-    # pitlm's Triton kernels run on CPU tensors under Triton's interpreter (tests/test_train_routed_kernels.py);
+    # pitlm's Triton kernels run on CPU tensors under Triton's interpreter (tests/test_kernels_routed.py);
     # it has to be chosen before triton is first imported, when triton's own library functions are jitted
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -33,11 +33,11 @@ def _unpatch_modeling_functions():
 @pytest.fixture
 def interpret(monkeypatch):
     """pitlm's Triton kernels on CPU tensors under Triton's interpreter (chosen above on machines without a GPU)."""
-    from pitlm.train import routed_kernels
+    from pitlm.kernels import triton_util
 
-    if not routed_kernels._interpreting():
+    if not triton_util.interpreting():
         pytest.skip("Triton's interpreter is chosen by conftest on machines without a GPU")
-    monkeypatch.setenv(routed_kernels.CPU_ENV, "1")
+    monkeypatch.setenv(triton_util.CPU_ENV, "1")
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import types
 import pytest
 import torch
 
-from pitlm import kernels
-from pitlm.train import routed_kernels
+from pitlm.kernels import install as kernels
+from pitlm.kernels.triton_util import has_triton
 
 
 def tiny_hybrid(dtype=torch.float32, device="cpu"):
@@ -39,9 +39,9 @@ def test_install_patches_conv_and_norms_and_keeps_cpu_on_the_reference(monkeypat
     n_attn = sum(t == "full_attention" for t in model.config.layer_types)
     n_norm = 2 * n_layers + 2 * n_attn + 1  # input/post-attention per layer, q/k per attention layer, final
     routed = [f"{name} x{n_layers}" for name in (kernels.ROUTED, kernels.ROUTER, kernels.SHARED_GATE)] \
-        if routed_kernels._has_triton() else []
-    rope = [f"{kernels.ROPE} (qwen3_5_moe)"] if routed_kernels._has_triton() else []
-    conv = [f"{kernels.CONV_SPLIT} x{n_layers - n_attn}"] if routed_kernels._has_triton() else []
+        if has_triton() else []
+    rope = [f"{kernels.ROPE} (qwen3_5_moe)"] if has_triton() else []
+    conv = [f"{kernels.CONV_SPLIT} x{n_layers - n_attn}"] if has_triton() else []
     assert installed == [*routed, *rope, "fla-causal-conv1d (qwen3_5_moe)", f"fla-rmsnorm x{n_norm}",
                          f"fla-gated-rmsnorm x{n_layers - n_attn}", f"{kernels.GDN} x{n_layers - n_attn}", *conv,
                          f"grouped-experts x{n_layers}"]
@@ -76,7 +76,7 @@ def test_cpu_forwards_survive_transformers_binding_a_gpu_delta_rule(monkeypatch)
 def test_grouped_experts_forward_equals_transformers_experts():
     """The experts path installed for CUDA tensors (pitlm's grouped forward without adapters) against
     transformers' own experts forward, on the CPU in float32: same routed GEMMs, no masks."""
-    from pitlm.train.experts import lora_experts_forward
+    from pitlm.kernels.experts import lora_experts_forward
 
     model = tiny_hybrid()
     experts = next(m for m in model.modules() if type(m).__name__.endswith("Experts"))
@@ -101,9 +101,9 @@ def test_install_is_a_no_op_without_deltanet_layers_or_fla(monkeypatch):
     monkeypatch.setattr(kernels, "_fla", refusing_fla)
     assert kernels.install_fast_kernels(dense) == []
     monkeypatch.setattr(kernels, "_fla", lambda: None)  # the routed experts' kernels need only triton
-    rope = [f"{kernels.ROPE} (qwen3_5_moe)"] if routed_kernels._has_triton() else []
+    rope = [f"{kernels.ROPE} (qwen3_5_moe)"] if has_triton() else []
     routed = [f"{name} x4" for name in (kernels.ROUTED, kernels.ROUTER, kernels.SHARED_GATE)] \
-        if routed_kernels._has_triton() else []
+        if has_triton() else []
     model = tiny_hybrid()
     assert kernels.install_fast_kernels(model, rope=False) == routed  # the rotary kernel left out when asked
     assert kernels.install_fast_kernels(model, routed=False) == rope  # the MoE block's switched off; rope by default
@@ -147,12 +147,12 @@ def cpu_fla(calls: list):
 @pytest.mark.parametrize("conv", ["fla", "triton"])
 def test_gated_deltanet_forward_equals_transformers_with_lora_and_gradients(monkeypatch, request, conv):
     """pitlm's Gated DeltaNet forward (grouped key heads, gates inside the delta rule; the conv + split by fla's
-    conv and one split copy, or by pitlm.train.conv_kernel under Triton's interpreter) against transformers' on the
+    conv and one split copy, or by pitlm.kernels.conv under Triton's interpreter) against transformers' on the
     CPU in float32, with fla's functions in torch (cpu_fla): the same loss and every gradient, with LoRA on its
     projections; off, and with a cache, transformers' forward runs."""
     from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as modeling
 
-    from pitlm.train import conv_kernel
+    from pitlm.kernels import conv as conv_kernel
 
     if conv == "triton":
         pytest.importorskip("triton")

@@ -461,7 +461,7 @@ def test_bench_ablation_switches_one_fast_path_off_and_refuses_unknown_names(run
     Triton paths off together. On a CPU nothing is installed, so the sweep is the plain model; a bad name is one
     error line before any model is built."""
     pytest.importorskip("triton")
-    from pitlm import kernels
+    from pitlm.kernels import install as kernels
     from pitlm.train import bench
     from pitlm.train.model import build_model_config, build_scratch_model
 

@@ -133,7 +133,7 @@ def bench_embed_command(
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:i].")] = "auto",
     fast_kernels: Annotated[bool, typer.Option("--fast-kernels/--no-fast-kernels", help="GPU: fla's fused causal conv1d and RMSNorms (pitlm.kernels).")] = True,
     profile: Annotated[str | None, typer.Option("--profile", help="Write a torch.profiler table of one more batch to this file.")] = None,
-    routed_kernels: Annotated[bool, typer.Option("--routed-kernels/--no-routed-kernels", help="GPU, with the fast kernels: the routed experts' fused Triton kernels (pitlm.train.routed_kernels).")] = True,
+    routed_kernels: Annotated[bool, typer.Option("--routed-kernels/--no-routed-kernels", help="GPU, with the fast kernels: the routed experts' fused Triton kernels (pitlm.kernels.routed).")] = True,
 ) -> None:
     """Forward-only embedding throughput (prompts/s) of a random-weight architecture, as `pitlm eval` runs it."""
     from pitlm.eval.embed import bench_embed

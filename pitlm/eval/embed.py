@@ -231,7 +231,7 @@ def bench_embed(arch: str, n_prompts: int = 256, batch_sizes: tuple[int, ...] = 
     `prompt_tokens` random tokens: the same batching and last-token path as `pitlm eval`. Only the backbone is built
     (no lm_head), once, directly on the target device in its eval dtype; each batch size is then timed after a
     warm-up batch; on a GPU with pitlm's fused kernels unless `fast_kernels` is off (`routed_kernels` off: all but
-    the routed experts' Triton kernels, pitlm.train.routed_kernels); `profile_path`: a
+    the routed experts' Triton kernels, pitlm.kernels.routed); `profile_path`: a
     torch.profiler table of one more batch of the first size. Keys: the first batch size's figures, plus
     `prompts_per_s_batch<B>` for every B."""
     import torch
@@ -276,7 +276,7 @@ def bench_embed(arch: str, n_prompts: int = 256, batch_sizes: tuple[int, ...] = 
             row["peak_vram_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
         out[f"prompts_per_s_batch{b}"] = row["prompts_per_s"]
         if profile_path and b == batch_sizes[0]:  # one more forward of the first batch size, profiled
-            from pitlm.profiling import profile_call
+            from pitlm.kernels.profiling import profile_call
 
             profile_call(lambda b=b: embed_token_ids(model, seqs[:b], b, device, description="profile"),
                          profile_path, cuda)

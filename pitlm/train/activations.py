@@ -7,7 +7,7 @@
   the 8-bit step inside backward it brings the seed's ~945 M LoRA under 74 GiB (BENCHMARKS.md, session 7).
 - `compile_blocks(model, "moe")`: torch.compile each decoder block's MoE block, so inductor fuses the memory-bound
   elementwise chains around the GEMMs (routing, LoRA scale-and-add, gating); the grouped GEMMs stay eager calls
-  (`pitlm.train.experts.grouped_linear`, excluded from the graph). Measured: no gain on the 35B model (session 7).
+  (`pitlm.kernels.experts.grouped_linear`, excluded from the graph). Measured: no gain on the 35B model (session 7).
   `compile_blocks(model, "blocks")`: every dense decoder block and the LM-head loss (pitlm.train.scratch; scratch).
 """
 
@@ -196,7 +196,7 @@ def compile_blocks(model: nn.Module, what: str, head_loss: bool = True) -> int:
         return compile_dense_blocks(model, with_head_loss=head_loss)
     if what != "moe":
         raise ConfigError(f"compile={what!r}: use none, moe or blocks")
-    from pitlm.train import experts
+    from pitlm.kernels import experts
 
     layers = decoder_layers(model)
     if layers is None:

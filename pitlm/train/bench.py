@@ -98,7 +98,7 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
     H100's budget on an H200). uncheckpointed_layers: the last N decoder layers keep their activations.
     offload_checkpoints: checkpointed blocks keep their input in pinned host memory. compile: torch.compile the MoE
     blocks (moe); the warm-up steps pay the compilation. routed_kernels: with the fast kernels, the experts' fused
-    Triton kernels on or off (the MoE block's: pitlm.train.routed_kernels and moe_kernels); a list sweeps both on
+    Triton kernels on or off (the MoE block's: pitlm.kernels.routed and moe); a list sweeps both on
     one model. ablate: with the fast kernels, one installed fast path switched off (a `pitlm.kernels` switch name:
     gdn, conv-split, router, shared-gate, routed-experts, lora-in-k, dense-one-node, rope) or none; a list measures
     each on one model.
@@ -242,7 +242,7 @@ def _measure(model, cfg: TrainConfig, env, vocab: int, batch_size: int, in_backw
         losses, seconds, _ = timed_steps(one_step, warmup, steps, on_gpu)
         classes = {}
         if profile_path:
-            from pitlm.profiling import profile_call
+            from pitlm.kernels.profiling import profile_call
 
             classes = profile_call(lambda: one_step(warmup + steps), profile_path, on_gpu)
         tokens = steps * batch_size * grad_accum * seq_len * env.world_size
@@ -270,8 +270,8 @@ def _measure(model, cfg: TrainConfig, env, vocab: int, batch_size: int, in_backw
 
 def _projection(classes: dict[str, float], tokens_per_step: float, step_seconds: float, device) -> dict[str, Any]:
     """The profiled step's device time by class (ms) and, measured on an H200, the tokens/s an H100 would run by
-    pitlm.profiling.h100_step_range (a range: an estimate, not a measurement)."""
-    from pitlm.profiling import h100_step_range
+    pitlm.kernels.profiling.h100_step_range (a range: an estimate, not a measurement)."""
+    from pitlm.kernels.profiling import h100_step_range
 
     out: dict[str, Any] = {f"gpu_ms_{k}": v for k, v in classes.items()}
     if classes and "H200" in torch.cuda.get_device_name(device):

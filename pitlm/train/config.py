@@ -60,15 +60,15 @@ class LoraConfig(StageConfig):
     # parameters cost ~15 GB in fp32 with AdamW and ~7.5 GB in bf16.
     adapter_dtype: Literal["fp32", "base"] = "fp32"
     # LoRA on fused 3-D expert parameters: `grouped` applies (x·rhs)·lhs to each expert's routed tokens with grouped
-    # GEMMs (pitlm.train.experts); `peft` keeps peft's parametrization, which materialises W + B·A for every expert
+    # GEMMs (pitlm.kernels.experts); `peft` keeps peft's parametrization, which materialises W + B·A for every expert
     # on every forward (44% of a 35B-A3B step on an H100). Same adapters, same results.
     experts_path: Literal["grouped", "peft"] = "grouped"
     # LoRA on dense (nn.Linear) layers: `fused` scales the r-column low-rank product and accumulates the
-    # up-projection into the base output inside the GEMM (pitlm.train.lora_dense); `peft` keeps peft's forward,
+    # up-projection into the base output inside the GEMM (pitlm.kernels.lora_dense); `peft` keeps peft's forward,
     # which scales and adds the full (tokens, out) output in two more passes. Same adapters, same results.
     dense_path: Literal["fused", "peft"] = "fused"
     # With the routed experts' Triton kernels (GPU): the experts' rank-r LoRA term inside their base GEMMs' K (16
-    # spare columns in the routed rows and in the expert weights' storage, pitlm.train.experts._LoRAInK): faster
+    # spare columns in the routed rows and in the expert weights' storage, pitlm.kernels.experts._LoRAInK): faster
     # (+1-5% on the 35B-A3B), +1 GB of padded weight storage. Off: separate rank-r GEMMs. Same results.
     experts_in_k: bool = True
     # Trained in full (peft modules_to_save) in their own param group at a smaller LR, as the seed did.

@@ -194,12 +194,12 @@ def apply_lora(model: nn.Module, cfg) -> nn.Module:
         log.info("full modules: %s of frozen base copies released (they share the trained copies' storage)",
                  f"{n / 2**30:.2f} GiB")
     if params and cfg.experts_path == "grouped":
-        from pitlm.train.experts import install_expert_lora
+        from pitlm.kernels.experts import install_expert_lora
 
         n = install_expert_lora(peft_model)
         log.info("expert LoRA: grouped GEMMs on the routed tokens in %d experts modules", n)
     if modules and cfg.dense_path == "fused":
-        from pitlm.train.lora_dense import install_dense_lora
+        from pitlm.kernels.lora_dense import install_dense_lora
 
         n = install_dense_lora(peft_model)
         log.info("dense LoRA: scale on the rank side, up-projection added in the GEMM in %d layers", n)

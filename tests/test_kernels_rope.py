@@ -1,4 +1,4 @@
-"""pitlm.train.rope_kernel: the partial rotary embedding kernel against transformers' apply_rotary_pos_emb. On the
+"""pitlm.kernels.rope: the partial rotary embedding kernel against transformers' apply_rotary_pos_emb. On the
 CPU the kernel runs under Triton's interpreter (conftest), the same code as on a GPU."""
 
 from __future__ import annotations
@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pitlm.train import rope_kernel as rk
+from pitlm.kernels import rope as rk
+from pitlm.kernels.registry import PARTIAL_ROPE
 
 pytest.importorskip("triton")
 
@@ -83,7 +84,7 @@ def test_installed_on_the_model_it_keeps_loss_and_gradients_and_falls_back_when_
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-5, atol=1e-6)
-    monkeypatch.setitem(rk.SWITCH, "on", False)
+    monkeypatch.setattr(PARTIAL_ROPE, "process_on", False)
     loss_and_grads()
     assert len(calls) == 2 * n_attn
 

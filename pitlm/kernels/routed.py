@@ -1,4 +1,4 @@
-"""Fused Triton kernels for the routed rows of the grouped experts forward (`pitlm.train.experts`).
+"""Fused Triton kernels for the routed rows of the grouped experts forward (`pitlm.kernels.experts`).
 
 Between its grouped GEMMs, the experts forward of a gated-SiLU MoE (Qwen3.5-MoE) runs a chain of memory-bound
 elementwise kernels over its routed rows (tokens x top_k: 131k rows for a batch of 8 x 2048 at top-8):
@@ -18,53 +18,28 @@ shapes). Here each chain is one kernel each way:
 - `gather_rows(tokens, src)`: each token's row copied to its top_k routed rows (the permute before the experts).
 
 Where a result is read by two GEMMs (the base and the LoRA down-projection), the op returns it twice (the same
-memory; `swiglu_routed(..., pair=True)`, `pitlm.train.experts._PermuteRoutedPair`), so autograd hands its backward
+memory; `swiglu_routed(..., pair=True)`, `pitlm.kernels.experts._PermuteRoutedPair`), so autograd hands its backward
 the two gradients apart and the kernel sums them, instead of autograd adding two (rows, width) tensors first.
 Measured on the 35B-A3B's 74 GiB step: 11.4k -> 13.7k tok/s together with the dense LoRA add-in-GEMM
 (BENCHMARKS.md, session 8).
 
 They run on CUDA tensors where Triton imports, and on CPU tensors under Triton's interpreter when asked
 (TRITON_INTERPRET=1 set before triton's import, and PITLM_ROUTED_KERNELS_CPU=1: how the tests run the same kernel
-code without a GPU). `pitlm.kernels.install_fast_kernels` switches them on per experts module; the torch reference
-path in `pitlm.train.experts` is what they are tested against.
+code without a GPU; `pitlm.kernels.triton_util.available`). `pitlm.kernels.install_fast_kernels` switches them on
+per experts module (fast path "routed-experts"); the torch reference path in `pitlm.kernels.experts` is what they
+are tested against.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 import types
 
 import torch
 from torch import nn
 
-FLAG = "_pitlm_routed_kernels"  # the experts-module attribute that switches these kernels on
-IN_K = "_pitlm_lora_in_k"  # with them: down_proj's LoRA term inside its GEMM's K (pitlm.train.experts._LoRAInK)
-
-
-@functools.cache
-def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means: not usable here
-        return False
-    return True
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-CPU_ENV = "PITLM_ROUTED_KERNELS_CPU"  # =1 with TRITON_INTERPRET=1: CPU tensors take the kernels too (tests)
-
-
-def available(t: torch.Tensor) -> bool:
-    """Whether the kernels run on tensors like `t`: CUDA tensors where Triton imports; CPU tensors only under
-    Triton's interpreter and with PITLM_ROUTED_KERNELS_CPU=1 (how the tests run the kernel code without a GPU)."""
-    if t.is_cuda:
-        return _has_triton()
-    return t.device.type == "cpu" and os.environ.get(CPU_ENV) == "1" and _interpreting() and _has_triton()
+from pitlm.kernels.registry import LORA_IN_K, ROUTED_EXPERTS
+from pitlm.kernels.triton_util import available, has_triton, interpreting, on_device
 
 
 def supports(experts: nn.Module) -> bool:
@@ -73,7 +48,7 @@ def supports(experts: nn.Module) -> bool:
     apply_gate = getattr(type(experts), "_apply_gate", None)
     default = apply_gate is None or getattr(apply_gate, "__name__", "") == "_default_apply_gate"
     act = getattr(experts, "act_fn", None)
-    return default and type(act).__name__ in ("SiLU", "SiLUActivation") and _has_triton()
+    return default and type(act).__name__ in ("SiLU", "SiLUActivation") and has_triton()
 
 
 def set_routed_kernels(model: nn.Module, on: bool) -> int:
@@ -81,15 +56,15 @@ def set_routed_kernels(model: nn.Module, on: bool) -> int:
     n = 0
     for m in model.modules():
         if type(m).__name__.endswith("Experts") and supports(m):
-            setattr(m, FLAG, on)
-            if not hasattr(m, IN_K):
-                setattr(m, IN_K, True)
+            setattr(m, ROUTED_EXPERTS.attr, on)
+            if not hasattr(m, LORA_IN_K.attr):  # with them: a projection's LoRA term in its GEMM's K
+                setattr(m, LORA_IN_K.attr, True)
             n += 1
     return n
 
 
 def enabled(experts: nn.Module, t: torch.Tensor) -> bool:
-    return getattr(experts, FLAG, False) and available(t)
+    return ROUTED_EXPERTS.is_on(experts) and available(t)
 
 
 @functools.cache
@@ -175,12 +150,7 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
 
 
 def _k() -> types.SimpleNamespace:
-    return _kernels(_interpreting())
-
-
-def _on(t: torch.Tensor):
-    """Launch on t's GPU (Triton launches on the current device, which need not be t's)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    return _kernels(interpreting())
 
 
 def _blocks(inter: int) -> tuple[int, int]:
@@ -203,7 +173,7 @@ class _SwiGLURouted(torch.autograd.Function):
         block_r, block_c = _blocks(inter)
         if n_rows:
             grid = (k.triton.cdiv(n_rows, block_r), k.triton.cdiv(inter, block_c))
-            with _on(base):
+            with on_device(base):
                 k.swiglu_fwd[grid](base, lora if lora is not None else base, weights, gu, h, n_rows, inter=inter,
                                    h_stride=h.stride(0), HAS_LORA=lora is not None, BLOCK_R=block_r,
                                    BLOCK_C=block_c)
@@ -223,7 +193,7 @@ class _SwiGLURouted(torch.autograd.Function):
         dw = torch.empty_like(weights)
         block_r, block_c = _blocks(inter)
         if n_rows:
-            with _on(gu):
+            with on_device(gu):
                 k.swiglu_bwd[(k.triton.cdiv(n_rows, block_r),)](
                     gu, weights, dh, dh2, dgu, dw, n_rows, inter=inter, dh_stride=dh.stride(0),
                     dh2_stride=dh2.stride(0), HAS_DH2=dh2 is not dh, BLOCK_R=block_r, BLOCK_C=block_c)
@@ -237,7 +207,7 @@ def swiglu_routed(base: torch.Tensor, lora: torch.Tensor | None, weights: torch.
     result twice (the same memory) for two readers, e.g. the down projection's base and LoRA GEMMs; their two
     gradients are summed inside the backward kernel instead of by autograd over a (rows, intermediate) tensor.
     pad: the result is the first columns of a (rows, intermediate + pad) buffer, the pad columns left for
-    `pitlm.train.experts`' LoRA in the GEMM's K dimension (unwritten)."""
+    `pitlm.kernels.experts`' LoRA in the GEMM's K dimension (unwritten)."""
     if base.dim() != 2 or base.shape[1] % 2 or weights.shape != base.shape[:1]:
         raise ValueError(f"swiglu_routed wants (rows, 2*inter) and (rows,), got {tuple(base.shape)} and "
                          f"{tuple(weights.shape)}")
@@ -251,7 +221,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def gather_sum(rows: torch.Tensor, extra: torch.Tensor | None, inv: torch.Tensor, top_k: int) -> torch.Tensor:
     """out[t] = sum_j (rows + extra)[inv[t * top_k + j]] for rows, extra (tokens * top_k, hidden): the forward of
-    `pitlm.train.experts.unpermute_routed`, one kernel, no autograd of its own."""
+    `pitlm.kernels.experts.unpermute_routed`, one kernel, no autograd of its own."""
     if rows.dim() != 2 or rows.shape[0] % top_k or inv.shape != rows.shape[:1]:
         raise ValueError(f"gather_sum wants (tokens*top_k, hidden) rows and as many indices, got "
                          f"{tuple(rows.shape)} and {tuple(inv.shape)}")
@@ -262,7 +232,7 @@ def gather_sum(rows: torch.Tensor, extra: torch.Tensor | None, inv: torch.Tensor
     out = rows.new_empty(n_tokens, hidden)
     block_h = min(k.triton.next_power_of_2(hidden), 1024)
     if n_tokens:
-        with _on(rows):
+        with on_device(rows):
             k.gather_sum[(n_tokens, k.triton.cdiv(hidden, block_h))](
                 rows, extra if extra is not None else rows, inv.contiguous(), out, hidden, rows.stride(0),
                 (extra if extra is not None else rows).stride(0), TOP_K=top_k, HAS_EXTRA=extra is not None,
@@ -271,7 +241,7 @@ def gather_sum(rows: torch.Tensor, extra: torch.Tensor | None, inv: torch.Tensor
 
 
 def gather_rows(tokens: torch.Tensor, src: torch.Tensor, pad: int = 0) -> torch.Tensor:
-    """tokens[src] for tokens (n, hidden) and src (rows,): the forward of `pitlm.train.experts.permute_routed`, one
+    """tokens[src] for tokens (n, hidden) and src (rows,): the forward of `pitlm.kernels.experts.permute_routed`, one
     kernel of (rows x hidden) tiles (torch's index_select runs this shape at ~1.3 TB/s on an H200). pad: the result
     is the first columns of a (rows, hidden + pad) buffer (pad columns unwritten), as in `swiglu_routed`."""
     if tokens.dim() != 2 or src.dim() != 1:
@@ -284,7 +254,7 @@ def gather_rows(tokens: torch.Tensor, src: torch.Tensor, pad: int = 0) -> torch.
     block_h = min(k.triton.next_power_of_2(hidden), 512)
     block_r = max(1, 4096 // block_h)
     if n_rows:
-        with _on(tokens):
+        with on_device(tokens):
             k.gather_rows[(k.triton.cdiv(n_rows, block_r), k.triton.cdiv(hidden, block_h))](
                 tokens, src.contiguous(), out, n_rows, hidden, out.stride(0), BLOCK_R=block_r, BLOCK_H=block_h)
     return out

@@ -1,4 +1,4 @@
-"""pitlm.train.routed_kernels: the fused Triton kernels of the routed experts against the torch reference path.
+"""pitlm.kernels.routed: the fused Triton kernels of the routed experts against the torch reference path.
 
 On the CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1), so the same kernel code as on a GPU
 is checked here; the GPU test repeats the comparison in bf16 against float32."""
@@ -8,8 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pitlm.train import routed_kernels as rk
-from pitlm.train.experts import install_expert_lora, permute_routed, unpermute_routed
+from pitlm.kernels import routed as rk
+from pitlm.kernels.experts import install_expert_lora, permute_routed, unpermute_routed
+from pitlm.kernels.registry import LORA_IN_K
+from pitlm.kernels.triton_util import CPU_ENV
 
 triton = pytest.importorskip("triton")
 
@@ -50,7 +52,7 @@ def test_swiglu_equals_the_reference_with_gradients(interpret, inter, with_lora)
 def test_paired_outputs_keep_two_readers_gradients_apart_and_sum_them_in_the_kernel(interpret):
     """pair=True / the paired permute: one result, two readers (as the base and LoRA GEMMs); the gradients equal
     those of the single output read twice."""
-    from pitlm.train.experts import _PermuteRoutedPair
+    from pitlm.kernels.experts import _PermuteRoutedPair
 
     gen = torch.Generator().manual_seed(7)
     base, lora = (torch.randn(21, 40, generator=gen) for _ in range(2))
@@ -186,9 +188,9 @@ def test_cpu_tensors_keep_the_torch_path_unless_asked_and_only_the_default_gate_
     experts = next(m for m in model.modules() if type(m).__name__.endswith("Experts"))
     assert rk.supports(experts) and rk.set_routed_kernels(model, True) == 4
     assert rk.enabled(experts, torch.zeros(1))
-    monkeypatch.delenv(rk.CPU_ENV)
+    monkeypatch.delenv(CPU_ENV)
     assert not rk.enabled(experts, torch.zeros(1))  # a CPU tensor keeps the torch path
-    monkeypatch.setenv(rk.CPU_ENV, "1")
+    monkeypatch.setenv(CPU_ENV, "1")
     assert rk.set_routed_kernels(model, False) == 4 and not rk.enabled(experts, torch.zeros(1))
 
     class OwnGate(type(experts)):
@@ -240,9 +242,9 @@ def test_kernels_in_bf16_on_the_gpu_match_the_reference_against_float32():
 
 def test_lora_in_the_gemms_k_equals_separate_gemms_and_keeps_the_weights(interpret, monkeypatch):
     """gate_up_proj's and down_proj's LoRA terms in their base GEMMs' K (padded routed rows / h and weight storage,
-    pitlm.train.experts._LoRAInK) against the separate rank-r GEMMs: the same loss and every gradient; the base
+    pitlm.kernels.experts._LoRAInK) against the separate rank-r GEMMs: the same loss and every gradient; the base
     weights keep their values (now views of the padded storage) and the state dict its keys."""
-    from pitlm.train import experts as ex
+    from pitlm.kernels import experts as ex
 
     model = lora_model()
     ids = torch.randint(2, 258, (2, 24), generator=torch.Generator().manual_seed(4))
@@ -257,13 +259,13 @@ def test_lora_in_the_gemms_k_equals_separate_gemms_and_keeps_the_weights(interpr
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     for m in moe:
-        setattr(m, rk.IN_K, False)
+        setattr(m, LORA_IN_K.attr, False)
     ref_loss, ref_grads = loss_and_grads()
     calls = []
     real = ex._LoRAInK.apply
     monkeypatch.setattr(ex._LoRAInK, "apply", lambda *a: calls.append(1) or real(*a))
     for m in moe:
-        setattr(m, rk.IN_K, True)
+        setattr(m, LORA_IN_K.attr, True)
     loss, grads = loss_and_grads()
     assert len(calls) == 8  # 4 layers x (gate_up, down)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
@@ -283,7 +285,7 @@ def test_lora_in_the_gemms_k_equals_separate_gemms_and_keeps_the_weights(interpr
 
 
 def test_lora_pad_keeps_rows_16_byte_aligned_and_grouped_weight_grad_matches_a_loop():
-    from pitlm.train.experts import grouped_weight_grad, lora_pad
+    from pitlm.kernels.experts import grouped_weight_grad, lora_pad
 
     for rank, width in ((16, 512), (8, 32), (5, 20), (1, 7)):
         pad = lora_pad(rank, width)
@@ -320,7 +322,7 @@ def test_lora_in_k_against_per_expert_products_with_adapters_in_another_dtype():
     """_LoRAInK alone: per expert, (h | s·h@A^T) @ (W | B)^T against h @ W^T + s·(h @ A^T) @ B^T, with the adapters
     in float64 (as float32 adapters beside bf16 activations on a GPU): the GEMMs run in the activations' dtype and
     each gradient comes back in its input's dtype."""
-    from pitlm.train.experts import _LoRAInK, lora_pad
+    from pitlm.kernels.experts import _LoRAInK, lora_pad
 
     gen = torch.Generator().manual_seed(11)
     n_exp, inter, out_w, rank, scaling = 3, 8, 6, 4, 0.5

@@ -8,7 +8,8 @@ tensor (`cat` ~25 ms of a 1.15 s step of the 35B-A3B, BENCHMARKS.md session 9). 
 once and writes it once, in any layout (strides), and the backward applies the transposed rotation the same way.
 
 `install_rope(modeling)` routes a modeling module's `apply_rotary_pos_emb` through it for CUDA tensors (and the
-tests' interpreter, `routed_kernels.available`) while `SWITCH["on"]`; anything else takes transformers' function.
+tests' interpreter, `triton_util.available`) while its fast path "rope" is on
+(`pitlm.kernels.registry.PARTIAL_ROPE`, a process-wide switch); anything else takes transformers' function.
 `pitlm.kernels.install_fast_kernels` installs it by default (rope=False leaves transformers' function): +1.4% on the
 35B-A3B's step (BENCHMARKS.md, session 9); its bf16 GPU test passed on an H200 in session 10.
 """
@@ -20,9 +21,8 @@ import types
 
 import torch
 
-from pitlm.train.routed_kernels import _interpreting, _on, available
-
-SWITCH = {"on": True}  # pitlm.kernels.set_fast_path(model, "rope", ...) flips it (a module-level function)
+from pitlm.kernels.registry import PARTIAL_ROPE
+from pitlm.kernels.triton_util import available, interpreting, on_device
 
 
 @functools.cache
@@ -67,13 +67,13 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
 
 
 def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
-    k = _kernels(_interpreting())
+    k = _kernels(interpreting())
     batch, heads, seq, dim = x.shape
     rot = cos.shape[-1]
     out = torch.empty_like(x)  # the same layout (strides) as x
     if x.numel():
         p2 = k.triton.next_power_of_2
-        with _on(x):
+        with on_device(x):
             k.rope[(batch * seq,)](
                 x, cos, sin, out, seq, heads, x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1),
                 out.stride(2), cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1), R=rot, D=dim,
@@ -116,7 +116,7 @@ def install_rope(modeling) -> bool:
         return True
 
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, **kwargs):
-        if (not SWITCH["on"] or unsqueeze_dim != 1 or kwargs or not available(q) or q.dim() != 4 or k.dim() != 4
+        if (not PARTIAL_ROPE.is_on() or unsqueeze_dim != 1 or kwargs or not available(q) or q.dim() != 4 or k.dim() != 4
                 or cos.dim() != 3 or cos.shape[-1] % 2 or cos.shape[-1] > q.shape[-1] or q.stride(-1) != 1
                 or k.stride(-1) != 1):
             return ref(q, k, cos, sin, unsqueeze_dim, **kwargs)

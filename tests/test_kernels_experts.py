@@ -1,4 +1,4 @@
-"""The grouped expert-LoRA path (pitlm.train.experts) against peft's own materialising path on the tiny hybrid
+"""The grouped expert-LoRA path (pitlm.kernels.experts) against peft's own materialising path on the tiny hybrid
 Qwen3.5-MoE: same loss, same gradients for every trainable parameter, peft's path back whenever adapters are off."""
 
 import copy
@@ -6,14 +6,14 @@ import copy
 import pytest
 import torch
 
-from pitlm.train.config import LoraConfig
-from pitlm.train.experts import (
+from pitlm.kernels.experts import (
     grouped_linear,
     install_expert_lora,
     lora_experts_forward,
     permute_routed,
     unpermute_routed,
 )
+from pitlm.train.config import LoraConfig
 from pitlm.train.model import apply_lora, build_model_config, build_scratch_model
 
 

@@ -1,4 +1,4 @@
-"""pitlm.train.conv_kernel: the Gated DeltaNet's causal conv1d + SiLU + split against transformers' maths (F.conv1d
+"""pitlm.kernels.conv: the Gated DeltaNet's causal conv1d + SiLU + split against transformers' maths (F.conv1d
 with left padding, SiLU, split). On the CPU the kernels run under Triton's interpreter (conftest)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pitlm.train import conv_kernel as ck
+from pitlm.kernels import conv as ck
 
 pytest.importorskip("triton")
 

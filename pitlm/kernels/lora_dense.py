@@ -28,9 +28,9 @@ import types
 import torch
 from torch import nn
 
-log = logging.getLogger("pitlm.train")
+from pitlm.kernels.registry import DENSE_ONE_NODE
 
-ONE_NODE = "_pitlm_dense_one_node"  # on a routed lora.Linear: `_DenseLoRA` where it applies (default on)
+log = logging.getLogger("pitlm.kernels")
 
 
 def install_dense_lora(model: nn.Module) -> int:
@@ -45,7 +45,7 @@ def install_dense_lora(model: nn.Module) -> int:
         if isinstance(m, LoraLinear) and type(m.get_base_layer()) is nn.Linear \
                 and not getattr(m, "fan_in_fan_out", False):
             m.forward = types.MethodType(_forward, m)
-            setattr(m, ONE_NODE, getattr(m, ONE_NODE, True))
+            setattr(m, DENSE_ONE_NODE.attr, DENSE_ONE_NODE.is_on(m, default=True))  # `_DenseLoRA` where it applies
             n += 1
     return n
 
@@ -69,7 +69,7 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return type(self).forward(self, x, *args, **kwargs)
     self._check_forward_args(x)
     return dense_lora_forward(self.get_base_layer(), x, self.lora_A[name].weight, self.lora_B[name].weight,
-                              self.scaling[name], self.lora_dropout[name], getattr(self, ONE_NODE, True))
+                              self.scaling[name], self.lora_dropout[name], DENSE_ONE_NODE.is_on(self, default=True))
 
 
 class _DenseLoRA(torch.autograd.Function):

@@ -1,4 +1,4 @@
-"""pitlm.train.moe_kernels: the router's and the shared expert gate's fused Triton kernels against transformers'
+"""pitlm.kernels.moe: the router's and the shared expert gate's fused Triton kernels against transformers'
 torch path. On the CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set by conftest), the same
 kernel code as on a GPU; the GPU test repeats the comparison in bf16 against float32."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pitlm.train import moe_kernels as mk
-from pitlm.train import routed_kernels as rk
+from pitlm.kernels import moe as mk
+from pitlm.kernels.triton_util import CPU_ENV
 
 triton = pytest.importorskip("triton")
 
@@ -130,7 +130,7 @@ def test_the_model_takes_both_kernels_and_keeps_its_loss_and_gradients(interpret
 def test_cpu_tensors_keep_transformers_forward_unless_asked(interpret, monkeypatch):
     model = tiny_lora_model()
     mk.install_moe_kernels(model)
-    monkeypatch.delenv(rk.CPU_ENV)
+    monkeypatch.delenv(CPU_ENV)
 
     def never(*a, **k):
         raise AssertionError("a CPU tensor reached the kernel")

@@ -1,4 +1,4 @@
-"""pitlm.train.lora_dense: dense LoRA with the scale on the rank side and the add inside the GEMM, against peft's
+"""pitlm.kernels.lora_dense: dense LoRA with the scale on the rank side and the add inside the GEMM, against peft's
 own lora.Linear forward on the tiny hybrid Qwen3.5-MoE: same loss, same gradients, peft's path whenever the layer
 is not plain LoRA."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pitlm.kernels.lora_dense import install_dense_lora
 from pitlm.train.config import LoraConfig
-from pitlm.train.lora_dense import install_dense_lora
 from pitlm.train.model import apply_lora, build_model_config, build_scratch_model
 
 
@@ -43,7 +43,7 @@ IDS = torch.randint(2, 258, (2, 24), generator=torch.Generator().manual_seed(1))
 
 @pytest.mark.parametrize(("dropout", "one_node"), [(0.0, True), (0.0, False), (0.1, True)])
 def test_fused_equals_peft_in_loss_and_every_gradient(dropout, one_node):
-    from pitlm.train.lora_dense import ONE_NODE
+    from pitlm.kernels.registry import DENSE_ONE_NODE
 
     extra = {"dropout": dropout, "target_parameters": []} if dropout else {}  # peft: no dropout on 3-D experts
     ref, fused = lora_model("peft", **extra).train(), lora_model("fused", **extra).train()
@@ -52,9 +52,9 @@ def test_fused_equals_peft_in_loss_and_every_gradient(dropout, one_node):
     n = len(dense_layers(fused))
     assert n > 0 and install_dense_lora(fused) == n  # apply_lora routed every one; installing again is harmless
     for m in dense_layers(fused):
-        setattr(m, ONE_NODE, one_node)
-    assert all(m.forward.__func__.__module__ == "pitlm.train.lora_dense" for m in dense_layers(fused))
-    assert all(m.forward.__func__.__module__ != "pitlm.train.lora_dense" for m in dense_layers(ref))
+        setattr(m, DENSE_ONE_NODE.attr, one_node)
+    assert all(m.forward.__func__.__module__ == "pitlm.kernels.lora_dense" for m in dense_layers(fused))
+    assert all(m.forward.__func__.__module__ != "pitlm.kernels.lora_dense" for m in dense_layers(ref))
     ref_loss, ref_grads = loss_and_grads(ref, IDS)
     loss, grads = loss_and_grads(fused, IDS)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)

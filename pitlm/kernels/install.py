@@ -11,19 +11,19 @@ pieces of these models run slower than they need to on a GPU (BENCHMARKS.md, the
   fla's fused `rms_norm` (one kernel each way) with the scale (1 + weight) passed as its weight, in float32;
 - the gated RMSNorm of the delta-rule output (norm, scale, silu gate): fla's `rms_norm_gated`;
 - the routed experts' glue between their grouped GEMMs (LoRA adds, SiLU * up, routing weight, the top-k gather
-  and sum): `pitlm.train.routed_kernels`' fused Triton kernels, switched on per experts module (training and eval);
+  and sum): the fused Triton kernels of `pitlm.kernels.routed`, switched on per experts module (training and eval);
 - the Gated DeltaNet layer around the delta rule (Qwen3.5 / Qwen3.5-MoE, separate in_proj_qkv/z/b/a): transformers
   5.17 repeats q and k to the value heads (`repeat_interleave`, strided copies ~4x slower than memory speed, and a
   sum backward), and computes the decay gate and beta in separate float32 kernels. fla 0.6's delta rule takes the
   value heads grouped over the key heads (GVA, value head h reads key head h // (HV / H), the repeat's order) and
   fuses `-exp(A_log) * softplus(a + dt_bias)` and `sigmoid(b)` into its kernels; the conv + SiLU writes q, k, v
-  contiguous straight from the projection (`pitlm.train.conv_kernel`, fast path "conv-split"; without Triton, fla's
+  contiguous straight from the projection (`pitlm.kernels.conv`, fast path "conv-split"; without Triton, fla's
   conv and one split copy, `split_last`, torch's split_with_sizes_copy fast path);
-- the router and the shared expert's gate of the MoE block: `pitlm.train.moe_kernels`' Triton kernels;
-- the attention layers' partial rotary embedding: `pitlm.train.rope_kernel` (a module-level function);
+- the router and the shared expert's gate of the MoE block: the Triton kernels of `pitlm.kernels.moe`;
+- the attention layers' partial rotary embedding: `pitlm.kernels.rope` (a module-level function);
 - the routed experts: transformers' grouped-GEMM forward masks the routed-token tensors for expert parallelism
   (in 5.17 on every call: ~30% of an embedding forward of the 35B on an H100); pitlm's grouped forward
-  (`pitlm.train.experts.lora_experts_forward` without adapters) is the same GEMMs without the masks.
+  (`pitlm.kernels.experts.lora_experts_forward` without adapters) is the same GEMMs without the masks.
 
 `install_fast_kernels(model)` patches instances (norms, experts) and the conv function of the model's modeling
 module, each only for CUDA tensors (CPU calls keep the reference path), and returns what it installed. The
@@ -41,6 +41,8 @@ import types
 
 import torch
 from torch import nn
+
+from pitlm.kernels import registry
 
 log = logging.getLogger("pitlm")
 
@@ -163,7 +165,6 @@ def split_last(x: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
     return _SplitLast.apply(x, tuple(sizes))
 
 
-GDN_FLAG = "_pitlm_gdn_fast"  # on a Gated DeltaNet module: fla's GVA delta rule with the gates in its kernels
 GDN_SPLIT = {"Qwen3_5MoeGatedDeltaNet", "Qwen3_5GatedDeltaNet"}  # separate in_proj_qkv / _z / _b / _a
 PACKING = ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx", "cu_seqlens")  # packed sequences: transformers' handling
 
@@ -174,7 +175,7 @@ def _gdn_forward(fla, ref, modeling):
     def forward(self, hidden_states, *args, **kwargs):
         cache = kwargs.get("cache_params", kwargs.get("cache"))
         if (args or cache is not None or any(kwargs.get(k) is not None for k in PACKING)
-                or not getattr(self, GDN_FLAG, False) or not _fast_device(hidden_states)
+                or not registry.GATED_DELTANET.is_on(self) or not _fast_device(hidden_states)
                 or self.conv1d.weight.device != hidden_states.device):  # e.g. accelerate's offloaded weights
             return ref(hidden_states, *args, **kwargs)
         if mask_padding is not None:
@@ -190,7 +191,7 @@ def _fast_device(t: torch.Tensor) -> bool:
 
 def gdn_forward(m: nn.Module, hidden_states: torch.Tensor, fla) -> torch.Tensor:
     """transformers' Qwen3.5 Gated DeltaNet forward without a cache, with the conv on the (B, T, D) projection
-    writing q / k / v directly (pitlm.train.conv_kernel, switch CONV_FLAG; else fla's conv and a split copy), and
+    writing q / k / v directly (pitlm.kernels.conv, fast path "conv-split"; else fla's conv and a split copy), and
     the delta rule taking the key heads grouped (no repeat to the value heads) and
     the decay gate and beta computed inside its kernels from the raw projections."""
     batch, seq, _ = hidden_states.shape
@@ -199,10 +200,10 @@ def gdn_forward(m: nn.Module, hidden_states: torch.Tensor, fla) -> torch.Tensor:
     b = m.in_proj_b(hidden_states)
     a = m.in_proj_a(hidden_states)
     sizes = [m.key_dim, m.key_dim, m.value_dim]
-    from pitlm.train import conv_kernel
+    from pitlm.kernels import conv
 
-    if getattr(m, conv_kernel.CONV_FLAG, False) and conv_kernel.supported(mixed, m.conv1d.weight, m.activation):
-        q, k, v = conv_kernel.conv_split(mixed, m.conv1d.weight.squeeze(1), m.conv1d.bias, m.activation, sizes)
+    if registry.CONV_SILU_SPLIT.is_on(m) and conv.supported(mixed, m.conv1d.weight, m.activation):
+        q, k, v = conv.conv_split(mixed, m.conv1d.weight.squeeze(1), m.conv1d.bias, m.activation, sizes)
     else:
         mixed, _ = fla.conv(mixed, m.conv1d.weight.squeeze(1), m.conv1d.bias, activation=m.activation)
         q, k, v = split_last(mixed, sizes)
@@ -215,7 +216,7 @@ def gdn_forward(m: nn.Module, hidden_states: torch.Tensor, fla) -> torch.Tensor:
 
 
 def _experts_forward(ref):
-    from pitlm.train.experts import lora_experts_forward
+    from pitlm.kernels.experts import lora_experts_forward
 
     def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
         if not hidden_states.is_cuda or args or kwargs:
@@ -225,25 +226,25 @@ def _experts_forward(ref):
     return forward
 
 
-ROUTED = "triton-routed-experts"  # install_fast_kernels' names: pitlm.train.routed_kernels,
-ROUTER = "triton-router-topk"  # pitlm.train.moe_kernels' router,
+ROUTED = "triton-routed-experts"  # install_fast_kernels' names: pitlm.kernels.routed,
+ROUTER = "triton-router-topk"  # pitlm.kernels.moe's router,
 SHARED_GATE = "triton-shared-expert-gate"  # its shared-expert gate,
 GDN = "fla-gated-deltanet-gva"  # the Gated DeltaNet forward above,
-ROPE = "triton-partial-rope"  # pitlm.train.rope_kernel
-CONV_SPLIT = "triton-conv-split"  # and the GDN's conv + SiLU + q/k/v split, pitlm.train.conv_kernel
+ROPE = "triton-partial-rope"  # pitlm.kernels.rope
+CONV_SPLIT = "triton-conv-split"  # and the GDN's conv + SiLU + q/k/v split, pitlm.kernels.conv
 
 
 def install_fast_kernels(model: nn.Module, experts: bool = False, routed: bool = True, rope: bool = True) -> list[str]:
     """Route `model`'s causal conv1d, RMSNorms and Gated DeltaNet layers through fla's fused kernels and, with
     `experts`, its routed experts through pitlm's grouped forward (CUDA tensors only); with `routed`, switch on the
-    MoE block's Triton kernels where triton imports (the routed experts' `pitlm.train.routed_kernels`, the router's
-    and the shared expert gate's `pitlm.train.moe_kernels`; off: switched off). Returns the names of what was
+    MoE block's Triton kernels where triton imports (the routed experts' `pitlm.kernels.routed`, the router's
+    and the shared expert gate's `pitlm.kernels.moe`; off: switched off). Returns the names of what was
     installed: [] on a model without these layers, the Triton kernels alone where fla does not import. Each
     installed path has a switch: `set_fast_path(model, name, on)`. rope: also the Triton partial rotary embedding
-    (`pitlm.train.rope_kernel`; a module-level function of the modeling module, so it reaches every model of the
+    (`pitlm.kernels.rope`; a module-level function of the modeling module, so it reaches every model of the
     process; CUDA tensors only)."""
-    from pitlm.train.moe_kernels import install_moe_kernels
-    from pitlm.train.routed_kernels import set_routed_kernels
+    from pitlm.kernels.moe import install_moe_kernels
+    from pitlm.kernels.routed import set_routed_kernels
 
     installed = []
     n_routed = set_routed_kernels(model, routed)
@@ -269,11 +270,10 @@ def install_fast_kernels(model: nn.Module, experts: bool = False, routed: bool =
             continue
         if _patch_conv(modeling, fla):
             installed.append(f"fla-causal-conv1d ({name})")
-    from pitlm.train.conv_kernel import CONV_FLAG
-    from pitlm.train.experts import experts_unsupported
-    from pitlm.train.routed_kernels import _has_triton
+    from pitlm.kernels.experts import experts_unsupported
+    from pitlm.kernels.triton_util import has_triton
 
-    triton_ok = _has_triton()  # the conv + split kernel of the Gated DeltaNet forward
+    triton_ok = has_triton()  # the conv + split kernel of the Gated DeltaNet forward
     n_norm = n_gated = n_experts = n_gdn = 0
     for m in model.modules():
         kind = type(m).__name__
@@ -281,8 +281,8 @@ def install_fast_kernels(model: nn.Module, experts: bool = False, routed: bool =
             continue
         if kind in GDN_SPLIT:
             m.forward = types.MethodType(_gdn_forward(fla, m.forward, importlib.import_module(type(m).__module__)), m)
-            setattr(m, GDN_FLAG, True)
-            setattr(m, CONV_FLAG, triton_ok)
+            setattr(m, registry.GATED_DELTANET.attr, True)
+            setattr(m, registry.CONV_SILU_SPLIT.attr, triton_ok)
             n_gdn += 1
         elif experts and kind.endswith("Experts") and experts_unsupported(m) is None:
             m.forward = types.MethodType(_experts_forward(m.forward), m)
@@ -311,12 +311,12 @@ def install_fast_kernels(model: nn.Module, experts: bool = False, routed: bool =
 
 def _install_rope(kinds: set[str]) -> list[str]:
     """The Triton partial rotary embedding for the attention layers of the hybrids' modeling modules (Triton only)."""
-    from pitlm.train.rope_kernel import install_rope
-    from pitlm.train.routed_kernels import _has_triton
+    from pitlm.kernels.rope import install_rope
+    from pitlm.kernels.triton_util import has_triton
 
     names = []
     for name, prefix in MODELING.items():
-        if f"{prefix}Attention" in kinds and _has_triton():
+        if f"{prefix}Attention" in kinds and has_triton():
             try:
                 modeling = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
             except ImportError:
@@ -327,35 +327,21 @@ def _install_rope(kinds: set[str]) -> list[str]:
 
 
 def fast_path_switches() -> dict[str, str]:
-    """{name: the module attribute that switches it}: the fast paths that can be turned off on a built model."""
-    from pitlm.train.conv_kernel import CONV_FLAG
-    from pitlm.train.lora_dense import ONE_NODE
-    from pitlm.train.moe_kernels import ROUTER_FLAG, SHARED_FLAG
-    from pitlm.train.routed_kernels import FLAG, IN_K
-
-    return {"routed-experts": FLAG, "lora-in-k": IN_K, "router": ROUTER_FLAG, "shared-gate": SHARED_FLAG,
-            "gdn": GDN_FLAG, "conv-split": CONV_FLAG, "dense-one-node": ONE_NODE, "rope": ""}
+    """{name: the module attribute that switches it} ("" for a process-wide switch): the fast paths that can be
+    turned off on a built model (`pitlm.kernels.registry.FAST_PATHS`)."""
+    return {name: path.attr for name, path in registry.FAST_PATHS.items()}
 
 
 def set_fast_path(model: nn.Module, name: str, on: bool) -> int:
     """Switch one installed fast path (a `fast_path_switches()` name) on or off; returns how many modules (rope:
     a module-level function of the process, 1 when it is installed)."""
-    switches = fast_path_switches()
-    if name not in switches:
-        raise ValueError(f"unknown fast path {name!r}; known: {', '.join(switches)}")
-    if name == "rope":
-        from pitlm.train.rope_kernel import SWITCH
-
-        SWITCH["on"] = on
-        return int(any(getattr(getattr(importlib.import_module(f"transformers.models.{m}.modeling_{m}"),
-                                       "apply_rotary_pos_emb", None), "_pitlm_fast", False)
-                       for m in MODELING if f"transformers.models.{m}.modeling_{m}" in sys.modules))
-    n = 0
-    for m in model.modules():
-        if hasattr(m, switches[name]):
-            setattr(m, switches[name], on)
-            n += 1
-    return n
+    path = registry.fast_path(name)
+    n = path.set(model, on)
+    if path.attr:
+        return n
+    return int(any(getattr(getattr(importlib.import_module(f"transformers.models.{m}.modeling_{m}"),
+                                   "apply_rotary_pos_emb", None), "_pitlm_fast", False)
+                   for m in MODELING if f"transformers.models.{m}.modeling_{m}" in sys.modules))
 
 
 def _log_installed(installed: list[str]) -> list[str]:

@@ -21,7 +21,7 @@ import types
 import torch
 from torch import nn
 
-log = logging.getLogger("pitlm.train")
+log = logging.getLogger("pitlm.kernels")
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -53,14 +53,14 @@ def exclude_grouped_gemm_from_compile() -> None:
 # profile); each token fills exactly top_k rows, so both directions are gathers plus a sum over top_k.
 # With sorted[s] = flat[perm[s]], src = perm // top_k and inv[perm[s]] = s: permuted row s is token src[s], and
 # token t's rows are inv[t*top_k : (t+1)*top_k]. The two maps are adjoint, so each one's backward is the other.
-# fused: both directions run as Triton kernels (pitlm.train.routed_kernels: gather_rows, gather_sum).
+# fused: both directions run as Triton kernels (pitlm.kernels.routed: gather_rows, gather_sum).
 class _PermuteRouted(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tokens, src, inv, top_k, fused):
         ctx.save_for_backward(src, inv)
         ctx.top_k, ctx.fused = top_k, fused
         if fused:
-            from pitlm.train.routed_kernels import gather_rows
+            from pitlm.kernels.routed import gather_rows
 
             return gather_rows(tokens, src)
         return tokens.index_select(0, src)
@@ -77,7 +77,7 @@ class _UnpermuteRouted(torch.autograd.Function):
         ctx.save_for_backward(src, inv)
         ctx.top_k, ctx.fused, ctx.has_extra = top_k, fused, extra is not None
         if fused:
-            from pitlm.train.routed_kernels import gather_sum
+            from pitlm.kernels.routed import gather_sum
 
             return gather_sum(rows, extra, inv, top_k)
         if extra is not None:
@@ -99,7 +99,7 @@ class _PermuteRoutedPair(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tokens, src, inv, top_k, pad=0):
-        from pitlm.train.routed_kernels import gather_rows
+        from pitlm.kernels.routed import gather_rows
 
         ctx.save_for_backward(src, inv)
         ctx.top_k = top_k
@@ -208,7 +208,7 @@ def permute_routed(tokens: torch.Tensor, src: torch.Tensor, inv: torch.Tensor, t
 def unpermute_routed(rows: torch.Tensor, src: torch.Tensor, inv: torch.Tensor, top_k: int,
                      extra: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
     """The sum of each token's top_k routed rows (+ extra's, the same shape), back in token order (the adjoint of
-    `permute_routed`). fused: one Triton kernel (`pitlm.train.routed_kernels.gather_sum`)."""
+    `permute_routed`). fused: one Triton kernel (`pitlm.kernels.routed.gather_sum`)."""
     return _UnpermuteRouted.apply(rows, extra, src, inv, top_k, fused)
 
 
@@ -217,11 +217,11 @@ def lora_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_
                          factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
     """transformers' grouped-GEMM experts forward (gated, no bias, weights (experts, out, in)) with LoRA factors
     {parameter name: (lhs (E, out, r), rhs (E, r, in), scaling)} applied to the routed tokens only."""
-    from pitlm.train import routed_kernels
+    from pitlm.kernels import routed
 
     top_k = top_k_index.shape[-1]
     # install_fast_kernels switches the fused kernels on; a torch.compile'd block leaves the fusing to inductor
-    fused = routed_kernels.enabled(experts, hidden_states) and not torch.compiler.is_compiling()
+    fused = routed.enabled(experts, hidden_states) and not torch.compiler.is_compiling()
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device)
@@ -258,7 +258,7 @@ def lora_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_
     if fused:  # the LoRA add, SiLU(gate) * up and the routing weight in one kernel
         pair = "down_proj" in factors  # h read by two GEMMs: their gradients summed in the kernel
         pad = lora_pad(factors["down_proj"][1].shape[1], base.shape[1] // 2) if in_k else 0
-        out = routed_kernels.swiglu_routed(base, lora, weights, pair=pair, pad=pad)
+        out = routed.swiglu_routed(base, lora, weights, pair=pair, pad=pad)
         h, h_low = out if pair else (out, out)
         if in_k:  # down_proj's LoRA in its base GEMM's K (padded h and weight)
             lhs, rhs, scaling = factors["down_proj"]
@@ -280,11 +280,11 @@ def lora_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_
 
 def _lora_in_k_ok(experts: nn.Module, name: str, factors: dict) -> bool:
     """Whether projection `name`'s LoRA can ride in its GEMM's K (`_LoRAInK`): with the routed kernels, unless
-    switched off (`routed_kernels.IN_K` attribute, default on), for a frozen 3-D weight."""
-    from pitlm.train import routed_kernels
+    switched off (fast path "lora-in-k", default on), for a frozen 3-D weight."""
+    from pitlm.kernels.registry import LORA_IN_K
 
     w = getattr(experts, name)
-    return getattr(experts, routed_kernels.IN_K, True) and w.dim() == 3 and not w.requires_grad \
+    return LORA_IN_K.is_on(experts, default=True) and w.dim() == 3 and not w.requires_grad \
         and factors[name][1].dim() == 3
 
 

@@ -17,8 +17,9 @@ session 10). Here:
 Sequences are the rows of the batch (no packing): a row before the start of its sequence reads as zero, as
 transformers' left padding of the conv. The window is 4 wide (Qwen3.5's conv_kernel_size); channels are taken in
 blocks that divide every output's width.
-`conv_split(x, weight, bias, activation, sizes)` runs it where `routed_kernels.available(x)` (CUDA, or the tests'
-interpreter); pitlm.kernels' Gated DeltaNet forward calls it under the switch `CONV_FLAG` (fast path "conv-split").
+`conv_split(x, weight, bias, activation, sizes)` runs it where `triton_util.available(x)` (CUDA, or the tests'
+interpreter); pitlm.kernels' Gated DeltaNet forward calls it under the fast path "conv-split"
+(`pitlm.kernels.registry.CONV_SILU_SPLIT`).
 """
 
 from __future__ import annotations
@@ -30,9 +31,8 @@ import types
 
 import torch
 
-from pitlm.train.routed_kernels import _interpreting, _on, available
+from pitlm.kernels.triton_util import available, interpreting, on_device
 
-CONV_FLAG = "_pitlm_conv_split"  # on a Gated DeltaNet module: conv + SiLU + split in this module's kernels
 WIDTH = 4  # the window the kernels are written for (Qwen3.5 / Qwen3-Next: conv_kernel_size 4)
 
 
@@ -182,11 +182,11 @@ def block_d(sizes: tuple[int, ...], cap: int = 128) -> int:
 
 
 def _forward(x, weight, bias, silu: bool, sizes: tuple[int, ...]) -> list[torch.Tensor]:
-    k = _kernels(_interpreting())
+    k = _kernels(interpreting())
     batch, seq, _ = x.shape
     outs = [x.new_empty(batch, seq, n) for n in sizes]
     bd, c0 = block_d(sizes), 0
-    with _on(x):
+    with on_device(x):
         for out, n in zip(outs, sizes, strict=True):
             if x.numel():
                 k.fwd[(k.triton.cdiv(seq, 16), batch, n // bd)](
@@ -198,13 +198,13 @@ def _forward(x, weight, bias, silu: bool, sizes: tuple[int, ...]) -> list[torch.
 
 
 def _backward(x, weight, bias, silu: bool, sizes: tuple[int, ...], grads) -> tuple[torch.Tensor, ...]:
-    k = _kernels(_interpreting())
+    k = _kernels(interpreting())
     batch, seq, dim = x.shape
     n_p = -(-seq // TILES.rows)
     dx = torch.empty_like(x)
     part = torch.empty(batch * n_p, dim, WIDTH + 1, dtype=torch.float32, device=x.device)  # every entry written
     bd, c0 = block_d(sizes, TILES.bd), 0
-    with _on(x):
+    with on_device(x):
         for g, n in zip(grads, sizes, strict=True):
             if g is None:
                 g = x.new_zeros(batch, seq, n)

@@ -1,6 +1,6 @@
 """Fused Triton kernels for the rest of a Qwen3.5-MoE sparse block: the router and the shared expert's gate.
 
-Around the routed experts (`pitlm.train.routed_kernels`) the block runs two chains of small kernels per layer,
+Around the routed experts (`pitlm.kernels.routed`) the block runs two chains of small kernels per layer,
 forward, again in the recompute of a checkpointed layer, and backward:
 
 - the router (`Qwen3_5MoeTopKRouter`): softmax of the (tokens, experts) logits in float32, `torch.topk`, a sum, a
@@ -20,8 +20,9 @@ Here each is one kernel each way:
   backward writes d(shared) and reduces d(gate_logit) over the row in one pass.
 
 `install_moe_kernels(model)` routes the router and the sparse block of Qwen3.5-MoE through them (instances,
-CUDA tensors or the tests' interpreter, see `routed_kernels.available`); each has a switch (`ROUTER_FLAG`,
-`SHARED_FLAG`) that `pitlm.kernels.set_fast_path` toggles, and off (or on CPU) transformers' own forward runs.
+CUDA tensors or the tests' interpreter, see `triton_util.available`); each has a switch (the fast paths "router"
+and "shared-gate" of `pitlm.kernels.registry`) that `pitlm.kernels.set_fast_path` toggles, and off (or on CPU)
+transformers' own forward runs.
 """
 
 from __future__ import annotations
@@ -32,17 +33,16 @@ import types
 import torch
 from torch import nn
 
-from pitlm.train.routed_kernels import _has_triton, _interpreting, _on, available
+from pitlm.kernels.registry import ROUTER_TOPK, SHARED_EXPERT_GATE
+from pitlm.kernels.triton_util import available, has_triton, interpreting, on_device
 
-ROUTER_FLAG = "_pitlm_router_kernel"  # on a router module: the fused softmax / top-k / renormalise
-SHARED_FLAG = "_pitlm_shared_gate_kernel"  # on a sparse MoE block: the fused shared-expert gate and add
 ROUTERS = {"Qwen3_5MoeTopKRouter"}  # softmax -> top-k -> renormalised to sum 1 -> cast (transformers 5.x)
 BLOCKS = {"Qwen3_5MoeSparseMoeBlock"}  # expert_out + sigmoid(shared_expert_gate(x)) * shared_expert(x)
 
 
 @functools.cache
 def _kernels(interpret: bool) -> types.SimpleNamespace:
-    """The jitted kernels (one set per interpreter mode, as in routed_kernels; no tl.standard helpers)."""
+    """The jitted kernels (one set per interpreter mode, as in pitlm.kernels.routed; no tl.standard helpers)."""
     import triton
     import triton.language as tl
 
@@ -147,7 +147,7 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
 
 
 def _k() -> types.SimpleNamespace:
-    return _kernels(_interpreting())
+    return _kernels(interpreting())
 
 
 def _router_blocks(n_experts: int, top_k: int) -> tuple[int, int, int]:
@@ -167,7 +167,7 @@ class _RouterTopK(torch.autograd.Function):
         idx = torch.empty(n_rows, top_k, dtype=torch.int64, device=logits.device)
         block_e, block_k, block_r = _router_blocks(n_experts, top_k)
         if n_rows:
-            with _on(logits):
+            with on_device(logits):
                 k.router_fwd[(k.triton.cdiv(n_rows, block_r),)](logits, w, idx, n_rows, E=n_experts, TOP_K=top_k,
                                                                  BLOCK_E=block_e, BLOCK_K=block_k, BLOCK_R=block_r)
         ctx.save_for_backward(logits, idx)
@@ -183,7 +183,7 @@ class _RouterTopK(torch.autograd.Function):
         dlogits = torch.empty_like(logits)
         block_e, block_k, block_r = _router_blocks(n_experts, top_k)
         if n_rows:
-            with _on(logits):
+            with on_device(logits):
                 k.router_bwd[(k.triton.cdiv(n_rows, block_r),)](logits, idx, dw.contiguous(), dlogits, n_rows,
                                                                  E=n_experts, TOP_K=top_k, BLOCK_E=block_e,
                                                                  BLOCK_K=block_k, BLOCK_R=block_r)
@@ -215,7 +215,7 @@ class _SharedGateAdd(torch.autograd.Function):
         out = torch.empty(n_rows, hidden, dtype=torch.promote_types(y.dtype, shared.dtype), device=y.device)
         block_r, block_h = _gate_blocks(hidden)
         if n_rows:
-            with _on(y):
+            with on_device(y):
                 k.gate_add_fwd[(k.triton.cdiv(n_rows, block_r), k.triton.cdiv(hidden, block_h))](
                     y, shared, gl, out, n_rows, hidden, BLOCK_R=block_r, BLOCK_H=block_h)
         ctx.save_for_backward(shared, gl)
@@ -232,7 +232,7 @@ class _SharedGateAdd(torch.autograd.Function):
         dgl = torch.empty_like(gl)
         block_r, block_h = _gate_blocks(hidden)
         if n_rows:
-            with _on(shared):
+            with on_device(shared):
                 k.gate_add_bwd[(k.triton.cdiv(n_rows, block_r),)](dout, shared, gl, ds, dgl, n_rows, hidden=hidden,
                                                                   BLOCK_R=block_r, BLOCK_H=block_h)
         return dout.to(ctx.y_dtype), ds, dgl
@@ -249,7 +249,7 @@ def shared_gate_add(y: torch.Tensor, shared: torch.Tensor, gate_logit: torch.Ten
 
 def _router_forward(ref):
     def forward(self, hidden_states):
-        if not getattr(self, ROUTER_FLAG, False) or not available(hidden_states):
+        if not ROUTER_TOPK.is_on(self) or not available(hidden_states):
             return ref(hidden_states)
         hidden_states = hidden_states.reshape(-1, self.hidden_dim)
         logits = nn.functional.linear(hidden_states, self.weight)
@@ -261,7 +261,7 @@ def _router_forward(ref):
 
 def _block_forward(ref):
     def forward(self, hidden_states):
-        if not getattr(self, SHARED_FLAG, False) or not available(hidden_states):
+        if not SHARED_EXPERT_GATE.is_on(self) or not available(hidden_states):
             return ref(hidden_states)
         batch, seq, hidden = hidden_states.shape
         x = hidden_states.view(-1, hidden)
@@ -276,19 +276,19 @@ def _block_forward(ref):
 def install_moe_kernels(model: nn.Module, on: bool = True) -> tuple[int, int]:
     """Route the Qwen3.5-MoE routers and sparse blocks of `model` through the fused kernels, switched on or off;
     returns (routers, blocks). Idempotent: patched modules are switched again, not wrapped twice."""
-    if not _has_triton():
+    if not has_triton():
         return 0, 0
     n_router = n_block = 0
     for m in model.modules():
         kind = type(m).__name__
         if kind in ROUTERS:
-            if not hasattr(m, ROUTER_FLAG):
+            if not hasattr(m, ROUTER_TOPK.attr):
                 m.forward = types.MethodType(_router_forward(m.forward), m)
-            setattr(m, ROUTER_FLAG, on)
+            setattr(m, ROUTER_TOPK.attr, on)
             n_router += 1
         elif kind in BLOCKS:
-            if not hasattr(m, SHARED_FLAG):
+            if not hasattr(m, SHARED_EXPERT_GATE.attr):
                 m.forward = types.MethodType(_block_forward(m.forward), m)
-            setattr(m, SHARED_FLAG, on)
+            setattr(m, SHARED_EXPERT_GATE.attr, on)
             n_block += 1
     return n_router, n_block

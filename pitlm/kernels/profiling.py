@@ -221,12 +221,12 @@ def profile_call(fn: Callable[[], object], path: str, on_gpu: bool, rows: int = 
     if on_gpu:
         gaps = _kineto_gaps(prof)
         classes["idle"], classes["busy"] = gaps["idle_ms"], gaps["busy_ms"]
-        lines += (f"\n# device idle inside the call (pitlm.profiling.device_gaps)\nspan_ms: {gaps['span_ms']}\n"
+        lines += (f"\n# device idle inside the call (pitlm.kernels.profiling.device_gaps)\nspan_ms: {gaps['span_ms']}\n"
                   f"busy_ms: {gaps['busy_ms']}\nidle_ms: {gaps['idle_ms']}\ngaps_over_20us: {gaps['gaps']}\n"
                   + "".join(f"{ms:9.3f} ms {n:6d} gaps before a kernel launched by {cause}\n"
                             for cause, ms, n in gaps["by_cause"]))
     atomic_write_text(path, f"# by operator\n{by_op}\n\n# by operator and input shapes\n{by_shape}\n\n"
                             f"# by own (self) time and input shapes: which kernels, on which tensors\n{by_self}\n\n"
-                            f"# own device time by class (pitlm.profiling.time_classes)\n{lines}")
+                            f"# own device time by class (pitlm.kernels.profiling.time_classes)\n{lines}")
     log.info("profile (top %d operators by %s) -> %s", rows, key, path)
     return classes

@@ -1,4 +1,4 @@
-"""pitlm.profiling: a profiled step's device time by class, and the H100 projection drawn from it."""
+"""pitlm.kernels.profiling: a profiled step's device time by class, and the H100 projection drawn from it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from pitlm import profiling
+from pitlm.kernels import profiling
 
 
 def ev(key, us, shapes=(), device="DeviceType.CPU"):
