@@ -4,6 +4,19 @@ calibration on synthetic worlds. CLI: `pitlm eval`, `pitlm calibrate`, `pitlm be
 From Python: `pitlm.eval.evaluate(models, rows, ...)` (pitlm/eval/api.py) scores embeddings given as arrays or
 model specs on your own rows and returns the `EvalResult`."""
 
-from pitlm.eval.api import evaluate
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pitlm.eval.api import evaluate
+
+
+def __getattr__(name: str):  # loaded on first use: every `pitlm` command imports this package for its CLI
+    if name == "evaluate":
+        from pitlm.eval.api import evaluate
+
+        return evaluate
+    raise AttributeError(f"module 'pitlm.eval' has no attribute '{name}'")
 
 __all__ = ["evaluate"]
