@@ -18,8 +18,7 @@ def report(ctx: typer.Context,
     from pathlib import Path
 
     from pitlm.report.collect import collect
-    from pitlm.report.plots import probe_rows
-    from pitlm.report.render import render, verdicts
+    from pitlm.report.render import probe_flags, render, verdicts
     from pitlm.runs import start_run
 
     vol = volume(ctx)
@@ -33,21 +32,11 @@ def report(ctx: typer.Context,
                     summary[f"verdict_{v['model']}"] = "leakage_detected" if v["flagged"] else "not_detected"
                 summary[f"legacy_flags_{v['model']}"] = v["legacy_flagged"]
         for _, results in data.probes:  # which probes flag each model (net of its control, CI above 0)
-            for m, stats in _flagged_by_model(probe_rows(results)).items():
+            for m, stats in probe_flags(results).items():
                 summary[f"probes_flagged_{m}"] = ",".join(stats) or "none"
         summary.update({"report_html": str(paths["html"]), "report_md": str(paths["markdown"]),
                         "figures": len(paths) - 2})
         run.finish(summary)
-
-
-def _flagged_by_model(panels: dict[str, list]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for stat, rows in panels.items():
-        for model, s, _ in rows:
-            out.setdefault(model, [])
-            if s and s.get("ci_lo") is not None and s["ci_lo"] > 0:
-                out[model].append(stat)
-    return out
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:

@@ -203,6 +203,18 @@ def family_section(page: Page, name: str, family: dict, results: dict, key: str)
                   f"the news reporting them was crawled by its cutoff. {st['judged']} cells judged; {verdict}.")
 
 
+def probe_flags(results: dict) -> dict[str, list[str]]:
+    """Per model, the probe statistics that `pitlm probe` flagged (its recorded decisions), in the plots' order."""
+    probes = results.get("probes") or {}
+    out: dict[str, list[str]] = {}
+    for stat, rows in plots.probe_rows(results).items():
+        for m, _, _ in rows:
+            flagged = (probes["entity"][m]["flagged"]["gap"] if stat == "entity_gap"
+                       else probes["lm"][m]["stats"][stat]["flagged"])
+            out.setdefault(m, []).extend([stat] if flagged else [])
+    return out
+
+
 def _flag_cell(s: dict | None, flagged: bool | None) -> str:
     return "n/a" if not s else _ci(s) + (" ▲" if flagged else "")
 
