@@ -138,10 +138,33 @@ def main() -> None:
         app()
     except PitlmError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        _leave(e.exit_code)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+        _leave(130)
+    except SystemExit as e:  # typer ends every command this way
+        _leave(e.code)
+    _leave(0)
+
+
+def _leave(code) -> None:
+    """Exit with `code`. A torchrun worker that used torch.distributed skips interpreter finalization: every file is
+    written and the process group destroyed by now, but gloo's worker threads may still hold tensors whose
+    destructors take the GIL while the interpreter is torn down, which aborts the rank (SIGABRT, "terminate called
+    without an active exception") after a successful run and fails the whole torchrun job."""
+    if "TORCHELASTIC_RUN_ID" in os.environ and "torch.distributed" in sys.modules:
+        import logging
+
+        if code is None:
+            code = 0
+        elif not isinstance(code, int):  # sys.exit("message"): printed, status 1
+            print(code, file=sys.stderr)
+            code = 1
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -25,6 +26,21 @@ def test_help_renders_for_every_command(cli):
 def test_console_script_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "pitlm.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "doctor" in proc.stdout
+
+
+def test_a_torchrun_worker_leaves_without_finalization_and_keeps_its_output_and_exit_code(tmp_path):
+    """Under torchrun, once torch.distributed is imported, main() ends with os._exit: block-buffered stdout must
+    still arrive, and an error's exit code and line must survive."""
+    code = ("import os, sys, torch.distributed; from pitlm.cli import main; sys.argv = ['pitlm'] + sys.argv[1:]; "
+            "main(); print('unreachable')")
+    env = {**os.environ, "TORCHELASTIC_RUN_ID": "t", "PITLM_HOME": str(tmp_path)}
+    ok = subprocess.run([sys.executable, "-c", code, "runs"], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert "no runs under" in ok.stdout.lower() and "unreachable" not in ok.stdout
+    bad = subprocess.run([sys.executable, "-c", code, "runs", "show", "nope"], capture_output=True, text=True,
+                         env=env)
+    assert bad.returncode != 0 and bad.stderr.strip().startswith("error:"), bad.stderr
+    assert "unreachable" not in bad.stdout
 
 
 def test_doctor_runs_on_cpu(cli, home):
