@@ -19,7 +19,7 @@ PROMPTS = ["On 2020-01-06, Japanese Tokyo Stock Exchange securities code 1301 ha
 def save_tiny_model(path, seed=0, arch="tiny-qwen3"):
     from transformers import AutoModelForCausalLM
 
-    from pitlm.eval.archs import arch_config, byte_tokenizer
+    from pitlm.archs import arch_config, byte_tokenizer
 
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(arch_config(arch)).save_pretrained(path)

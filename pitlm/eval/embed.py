@@ -237,7 +237,7 @@ def bench_embed(arch: str, n_prompts: int = 256, batch_sizes: tuple[int, ...] = 
     import torch
     from transformers import AutoModel
 
-    from pitlm.eval.archs import arch_config
+    from pitlm.archs import arch_config
 
     device = resolve_device(device)
     dtype = default_dtype(device)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pitlm.archs import ARCHS, arch_config, arch_config_dict, byte_tokenizer, resolve_hf_dir
 from pitlm.errors import PitlmError
 from pitlm.volume import Volume, sha256_file
 
@@ -90,8 +91,6 @@ def parse_spec(spec: str, vol: Volume | None = None, seed: int = 0) -> ModelSpec
         arch = spec[len("control:random-init:"):]
         if not arch:
             raise spec_error(spec, "control:random-init needs an arch")
-        from pitlm.eval.archs import ARCHS
-
         if arch not in ARCHS and not Path(arch).expanduser().exists() and not _HF_ID.match(arch):
             raise PitlmError(f"unknown arch '{arch}' in '{spec}'; use a builtin ({', '.join(ARCHS)}), an HF id or a dir")
         return ModelSpec(spec, "random-init", arch=arch, options={"seed": seed})
@@ -218,32 +217,11 @@ def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def resolve_hf_dir(name_or_path: str) -> Path:
-    """A local dir for an HF id (downloaded or from the HF cache; offline with HF_HUB_OFFLINE=1) or a path."""
-    p = Path(name_or_path).expanduser()
-    if p.exists():
-        return p
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
-    try:
-        d = Path(snapshot_download(name_or_path, allow_patterns=patterns + ["*.safetensors"]))
-        if not any(d.glob("*.safetensors")):  # an older repo with PyTorch .bin weights only
-            d = Path(snapshot_download(name_or_path, allow_patterns=patterns + ["*.bin"]))
-        return d
-    except Exception as e:  # noqa: BLE001 - hub errors are many; the user needs one line
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise PitlmError(f"cannot fetch model '{name_or_path}' from the Hugging Face hub ({msg}); "
-                         f"pass a local dir or check the id/network") from None
-
-
 def fingerprint(spec: ModelSpec) -> str:
     """What an embedding depends on, as a sha256 (no weights are loaded)."""
     if spec.kind == "random-features":
         return _sha({"kind": spec.kind, "version": 1, **spec.options})
     if spec.kind == "random-init":
-        from pitlm.eval.archs import arch_config_dict
-
         return _sha({"kind": spec.kind, "version": 1, "config": arch_config_dict(spec.arch), **spec.options})
     if spec.kind == "hf":
         return fingerprint_dir(resolve_hf_dir(spec.path))
@@ -298,8 +276,6 @@ def load_tokenizer(spec: ModelSpec):
     """The tokenizer saved with the model (an adapter's own, else its base's); builtin archs use bytes."""
     from transformers import AutoTokenizer
 
-    from pitlm.eval.archs import ARCHS, byte_tokenizer
-
     if spec.kind == "random-init" and spec.arch in ARCHS:
         return byte_tokenizer()
     d = resolve_hf_dir(spec.arch if spec.kind == "random-init" else spec.path)
@@ -316,8 +292,6 @@ def load_causal_lm(spec: ModelSpec, device: str, dtype):
     from transformers import AutoModelForCausalLM
 
     if spec.kind == "random-init":
-        from pitlm.eval.archs import arch_config
-
         torch.manual_seed(int(spec.options.get("seed", 0)))
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(arch_config(spec.arch), dtype=dtype)

@@ -12,6 +12,7 @@ which both build on it; every path has a torch reference that CPU tensors keep a
     experts.py      LoRA on routed experts as grouped GEMMs (no W + B·A)
     lora_dense.py   dense LoRA with the scale on the rank side and the add inside the GEMM
     profiling.py    one call under torch.profiler, its device time by class, the H100 projection
+    availability.py which of these paths this machine can use (packages, GPUs): `pitlm doctor`, fast_path_summary
 """
 
 from pitlm.kernels.install import (

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from pitlm.config import apply_overrides, build_config
-from pitlm.doctor import fast_path_summary
 from pitlm.errors import ConfigError
 from pitlm.kernels import fast_path_switches, install_fast_kernels, set_fast_path
+from pitlm.kernels.availability import fast_path_summary
 from pitlm.train.activations import compile_blocks, enable_activation_checkpointing, set_uncheckpointed_layers
 from pitlm.train.config import TrainConfig, check_activations
 from pitlm.train.loop import quiet_transformers

@@ -302,7 +302,7 @@ def _train(cfg: TrainConfig, vol, md: ModelDir, env: DistEnv, run: Run | None,
     for line in sched.describe():
         log.info("%s", line)
     if env.device.type == "cuda":
-        from pitlm.doctor import fast_path_summary
+        from pitlm.kernels.availability import fast_path_summary
 
         log.info("fast paths: %s", fast_path_summary())
 

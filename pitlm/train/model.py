@@ -11,55 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from pitlm.archs import arch_keys
 from pitlm.errors import ConfigError, PitlmError
 
 log = logging.getLogger("pitlm.train")
-
-# Architectures by name: the training presets here, plus the builtin archs of pitlm.eval.archs (tiny-qwen3,
-# tiny-qwen3_5_moe, qwen3.5-35b-a3b = transformers' Qwen3_5MoeTextConfig defaults), so `pitlm bench train --arch` and
-# `pitlm bench embed --arch` take the same names. Any transformers config key overrides a preset
-# (`model: {arch: demo-qwen3, hidden_size: 256}`).
-ARCH_PRESETS: dict[str, dict[str, Any]] = {
-    # The demo's model: ~1.2 M parameters with a 1.5k vocabulary (DESIGN.md §5 measured this size on a 2-core CPU).
-    "demo-qwen3": dict(model_type="qwen3", vocab_size=1536, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
-                       tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
-    # From-scratch PIT pretraining (recipes scratch-pit-1b / scratch-pit-150m): Qwen3-style dense decoders (GQA,
-    # QK-norm, SwiGLU, RMSNorm) over a 65,536-token PIT-trained tokenizer: a tokenizer trained only on text up to the
-    # cutoff carries no later vocabulary, and its ids fit the uint16 shards. pit-1b: 1,074 M parameters (939 M in
-    # the blocks and the LM head, untied); pit-150m: 149 M (tied embeddings).
-    "pit-1b": dict(model_type="qwen3", vocab_size=65536, hidden_size=2048, intermediate_size=6144,
-                   num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                   max_position_embeddings=4096, tie_word_embeddings=False,
-                   rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
-    "pit-150m": dict(model_type="qwen3", vocab_size=65536, hidden_size=768, intermediate_size=2816,
-                     num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=6, head_dim=64,
-                     max_position_embeddings=4096, tie_word_embeddings=True,
-                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
-}
-ARCH_ALIASES = {"tiny-qwen3.5-moe": "tiny-qwen3_5_moe", "qwen3.5-35b": "qwen3.5-35b-a3b"}
-
-
-def arch_names() -> list[str]:
-    from pitlm.eval.archs import ARCHS
-
-    return [*ARCH_PRESETS, *ARCHS, *ARCH_ALIASES]
-
-
-def arch_keys(arch: str) -> dict[str, Any]:
-    """The config keys (with model_type) of an arch preset."""
-    from pitlm.eval.archs import ARCHS, arch_config_dict
-
-    name = ARCH_ALIASES.get(arch, arch)
-    if name in ARCH_PRESETS:
-        return dict(ARCH_PRESETS[name])
-    if name in ARCHS:
-        keys = arch_config_dict(name)
-        for k in ("_name_or_path", "architectures", "dtype"):
-            keys.pop(k, None)
-        return keys
-    raise ConfigError(f"unknown arch '{arch}'; known: {', '.join(arch_names())}")
-
 
 # LoRA target lists. qwen3.5-moe is the seed's verified 12 entries (10 module kinds + the experts' two fused 3-D
 # parameters): attention q/k/v/o, Gated DeltaNet in_proj_qkv/in_proj_z/out_proj, shared-expert gate/up/down.
