@@ -24,8 +24,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from pitlm.archs import ARCHS, arch_config, arch_config_dict, byte_tokenizer, resolve_hf_dir
 from pitlm.errors import PitlmError
+from pitlm.eval.embfile import check_path, keys_file
+from pitlm.kernels import cpu_safe_delta_rules, install_fast_kernels
+from pitlm.train.paths import member_dir
 from pitlm.volume import Volume, sha256_file
 
 SPEC_FORMS = ("an HF id (org/name)", "a local model dir", "model:<run>", "adapter:PATH[@BASE_SPEC]",
@@ -95,8 +102,6 @@ def parse_spec(spec: str, vol: Volume | None = None, seed: int = 0) -> ModelSpec
             raise PitlmError(f"unknown arch '{arch}' in '{spec}'; use a builtin ({', '.join(ARCHS)}), an HF id or a dir")
         return ModelSpec(spec, "random-init", arch=arch, options={"seed": seed})
     if spec.startswith("embeddings:"):
-        from pitlm.eval.embfile import check_path
-
         path = Path(spec[len("embeddings:"):]).expanduser()
         check_path(path, spec)
         return ModelSpec(spec, "embeddings", path=str(path.resolve()))
@@ -121,8 +126,6 @@ def parse_spec(spec: str, vol: Volume | None = None, seed: int = 0) -> ModelSpec
 
 def _parse_run(spec: str, run: str, vol: Volume | None) -> ModelSpec:
     """model:RUN (its final/, merged/ for LoRA) or model:RUN@YYYY-MM-DD (a chronological run's member)."""
-    from pitlm.train.paths import member_dir
-
     vol = vol or Volume.resolve()
     md = member_dir(vol, run)
     final = md.final
@@ -226,8 +229,6 @@ def fingerprint(spec: ModelSpec) -> str:
     if spec.kind == "hf":
         return fingerprint_dir(resolve_hf_dir(spec.path))
     if spec.kind == "embeddings":
-        from pitlm.eval.embfile import keys_file
-
         path = Path(spec.path)
         keys = keys_file(path) if path.suffix == ".npy" else None
         return _sha({"kind": "embeddings", "file": file_digest(path), "keys": keys and file_digest(keys)})
@@ -250,8 +251,6 @@ def describe(spec: ModelSpec) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- loading
 
 def resolve_device(device: str = "auto") -> str:
-    import torch
-
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -260,8 +259,6 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def default_dtype(device: str):
-    import torch
-
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
@@ -274,8 +271,6 @@ def backbone_of(model):
 
 def load_tokenizer(spec: ModelSpec):
     """The tokenizer saved with the model (an adapter's own, else its base's); builtin archs use bytes."""
-    from transformers import AutoTokenizer
-
     if spec.kind == "random-init" and spec.arch in ARCHS:
         return byte_tokenizer()
     d = resolve_hf_dir(spec.arch if spec.kind == "random-init" else spec.path)
@@ -288,9 +283,6 @@ def load_tokenizer(spec: ModelSpec):
 
 def load_causal_lm(spec: ModelSpec, device: str, dtype):
     """The full CausalLM (lm_head stays unused), in eval mode on `device`."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     if spec.kind == "random-init":
         torch.manual_seed(int(spec.options.get("seed", 0)))
         with torch.device(device):
@@ -304,8 +296,6 @@ def load_causal_lm(spec: ModelSpec, device: str, dtype):
         except (OSError, ValueError) as e:
             raise PitlmError(f"cannot load '{spec.raw}' as a causal LM ({str(e).splitlines()[0]})") from None
     elif spec.kind == "adapter":
-        from peft import PeftModel
-
         base = load_causal_lm(spec.base, device, dtype)
         # Merging folds the LoRA deltas into the weights: the same function, one matmul per layer fewer.
         model = PeftModel.from_pretrained(base, spec.path).merge_and_unload()
@@ -313,8 +303,6 @@ def load_causal_lm(spec: ModelSpec, device: str, dtype):
         raise PitlmError(f"'{spec.raw}' is not a language model")
     if getattr(model, "hf_device_map", None) is None:  # a model dispatched by device_map is already in place
         model = model.to(device)
-    from pitlm.kernels import cpu_safe_delta_rules, install_fast_kernels
-
     cpu_safe_delta_rules()
     if device.startswith("cuda"):
         install_fast_kernels(model, experts=True)
