@@ -20,7 +20,7 @@ from pydantic import Field
 
 from pitlm.config import StageConfig
 from pitlm.errors import PitlmError
-from pitlm.eval.protocols import get
+from pitlm.eval.protocols import PROTOCOLS, get
 from pitlm.market.features import FEATURES, add_features, sample_rows
 
 log = logging.getLogger("pitlm.eval")
@@ -46,7 +46,7 @@ class EvalConfig(StageConfig):
         "directions), `dim+scale`: its total variance. Ridge with a fixed alpha overfits by the design's spectrum; "
         "an unmatched control makes any model look 'net positive' (see `pitlm calibrate --set "
         "control_design=matched`).")
-    protocols: list[str] = Field(default_factory=lambda: ["legacy", "purged", "walk_forward"])
+    protocols: list[str] = Field(default_factory=lambda: list(PROTOCOLS))
     max_stocks: int = Field(1000, ge=1)
     dates_per_stock: int = Field(30, ge=1)
     seed: int = 0

@@ -6,16 +6,14 @@
 `rows` has Date, SecuritiesCode, Target (one row per stock and date); `features[name]` is that model's
 (n_rows, n_features) design X = [embedding || numeric], rows in the same order.
 
-Protocols (DESIGN.md §4; each is a record in its own module, pitlm/eval/protocols/__init__.py), every statistic
-computed for every model on the same draws:
-- `legacy` (the seed, exactly): Ridge(alpha); `r2_leakage_off` = R2 on rows dated >= test_start of a fit on
-  rows <= train_end; `r2_leakage_on` = mean over sklearn GroupKFold(n_splits) by stock of the fold R2s;
-  `leakage_premium` = on - off.
-- `purged`: `PurgedPanelSplit` (stock folds x date blocks, purge + embargo); `r2_purged` = out-of-fold R2:
-  every row is predicted once, by the fold that tests it, and R2 = 1 - sum SSE / SST of all rows around
-  their mean (sklearn's r2_score on cross_val_predict output); `r2_purged_foldmean` = the mean of fold R2s.
-- `walk_forward`: `WalkForwardSplit`; `r2_walk_forward_<year>` per test year and `r2_walk_forward` = their
-  mean.
+Protocols (DESIGN.md §4), every statistic computed for every model on the same draws; each protocol is a
+`Protocol` record in its own module (pitlm/eval/protocols/__init__.py says what a record holds), run here by
+`build_layouts` -> `run_layout` per layout and model -> `Protocol.metrics`:
+- `legacy` (legacy.py, the seed, exactly): `r2_leakage_off` (chronological split), `r2_leakage_on` (GroupKFold),
+  `leakage_premium` = on - off;
+- `purged` (purged.py): `r2_purged` (out-of-fold R2 of `PurgedPanelSplit`), `r2_purged_foldmean`;
+- `walk_forward` (walk_forward.py): `r2_walk_forward_<year>` per test year and `r2_walk_forward`, their mean.
+Options:
 - rank IC (option): per-date Spearman of out-of-fold predictions against Target, averaged over dates:
   `rank_ic_leakage_off`, `rank_ic_leakage_on`, `rank_ic_premium`, `rank_ic_purged`,
   `rank_ic_walk_forward` (all test dates) and `rank_ic_walk_forward_<year>`.
