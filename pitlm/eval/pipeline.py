@@ -119,11 +119,11 @@ def resolve_models(cfg: EvalConfig, vol):
 
 def family_models(cfg: EvalConfig, vol) -> list[str]:
     """The families' members as NAME=SPEC entries (checked: one-line errors before any work)."""
-    from pitlm.eval.family import parse_families
+    from pitlm.eval.family import WALK_FORWARD, parse_families
 
-    if cfg.family and "walk_forward" not in cfg.protocols:
-        raise PitlmError("--family needs the walk_forward protocol (the knowledge matrix is its per-year R2); add "
-                         "it to --protocol")
+    if cfg.family and WALK_FORWARD.name not in cfg.protocols:
+        raise PitlmError(f"--family needs the {WALK_FORWARD.name} protocol (the knowledge matrix is its per-year R2); "
+                         "add it to --protocol")
     return [f"{m}={spec}" for members in parse_families(cfg.family, vol).values() for m, (spec, _) in members.items()]
 
 
