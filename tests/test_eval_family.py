@@ -22,7 +22,7 @@ from pitlm.eval.family import (
     staircase_check,
     staircase_ok,
 )
-from pitlm.eval.protocols import ProtocolConfig, evaluate
+from pitlm.eval.protocols.run import ProtocolConfig, evaluate
 
 B = 40
 YEARS = (2018, 2019, 2020)

@@ -17,7 +17,7 @@ from pitlm.eval.portfolio import (
     sharpe,
     stationary_indices,
 )
-from pitlm.eval.protocols import ProtocolConfig, evaluate
+from pitlm.eval.protocols.run import ProtocolConfig, evaluate
 
 
 def test_long_short_legs_by_hand():

@@ -13,7 +13,7 @@ from pitlm.eval.bootstrap import (
     percentile_interval,
     summarize,
 )
-from pitlm.eval.protocols import ProtocolConfig, evaluate
+from pitlm.eval.protocols.run import ProtocolConfig, evaluate
 
 
 def test_draw_counts_seeded_and_shaped():

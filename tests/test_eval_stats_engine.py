@@ -333,7 +333,7 @@ def test_direct_path_equals_block_path():
 
 
 def _cv_layout(name, cal, K=3):
-    from pitlm.eval.protocols import _broadcast_stock_folds
+    from pitlm.eval.protocols.run import _broadcast_stock_folds
 
     if name == "purged":
         return PurgedPanelSplit(K, 3, embargo_days=5, horizon=2).folds(cal)
@@ -391,7 +391,7 @@ def test_fast_inner_cv_leaves_ties_to_select_alpha():
 def test_fast_inner_cv_out_of_fold_predictions_equal_predict():
     """The out-of-fold predictions the fast path keeps while scoring (for the rank IC) equal every fold's
     predictions masked by the folds that test each row, and the row weights equal the tested counts."""
-    from pitlm.eval.protocols import Panel, ProtocolConfig, _oof_predictions
+    from pitlm.eval.protocols.run import Panel, ProtocolConfig, _oof_predictions
 
     X, y, stock, dates, cal = data(seed=33, d=5)
     rows = pd.DataFrame({"Date": dates, "SecuritiesCode": stock + 100, "Target": y})

@@ -13,7 +13,7 @@ from sklearn.model_selection import GroupKFold
 
 from pitlm.errors import PitlmError
 from pitlm.eval.bootstrap import draw_counts
-from pitlm.eval.protocols import ProtocolConfig, evaluate
+from pitlm.eval.protocols.run import ProtocolConfig, evaluate
 
 
 def rows_and_features(n_stocks=20, per_stock=12, d=5, seed=0, models=("control", "base", "arm")):

@@ -1,4 +1,4 @@
-"""`pitlm report` on real eval statistics (pitlm.eval.protocols.evaluate on a simulated panel), a train run's
+"""`pitlm report` on real eval statistics (pitlm.eval.protocols.run.evaluate on a simulated panel), a train run's
 metrics and a corpus manifest: HTML with embedded plots, PNGs, Markdown, verdicts that follow the decision."""
 
 import base64
@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pitlm.eval.protocols import ProtocolConfig, evaluate
+from pitlm.eval.protocols.run import ProtocolConfig, evaluate
 from pitlm.report.render import verdicts
 from pitlm.runs import start_run
 from pitlm.volume import Volume, atomic_write_json

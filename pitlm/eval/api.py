@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from pitlm.errors import PitlmError
+from pitlm.eval.protocols import PROTOCOLS
 
 # the prompt of rows that carry no price features: what the control sees of a (stock, date) row
 KEY_TEMPLATE = "On {date}, securities code {code}"
@@ -48,7 +49,7 @@ def _features_in(rows: pd.DataFrame, numeric_features: bool | None) -> bool:
 
 def _protocol(protocol, seed: int):
     from pitlm.eval.pipeline import EVAL_PROTOCOL_DEFAULTS, protocol_config
-    from pitlm.eval.protocols import PROTOCOLS, ProtocolConfig
+    from pitlm.eval.protocols.run import ProtocolConfig
 
     if isinstance(protocol, ProtocolConfig):
         return protocol
@@ -95,7 +96,7 @@ def evaluate(models: dict[str, Any], rows: pd.DataFrame, *, base: str | None = N
     from pitlm.eval.embed import EmbedOptions
     from pitlm.eval.pipeline import check_rows, design_matrix, match_control, matched_control
     from pitlm.eval.prompts import build_prompts
-    from pitlm.eval.protocols import evaluate as evaluate_features
+    from pitlm.eval.protocols.run import evaluate as evaluate_features
 
     if not models:
         raise PitlmError("give at least one model: {name: embeddings array or SPEC}")

@@ -29,8 +29,10 @@ import numpy as np
 import pandas as pd
 import typer
 
+from pitlm.eval.protocols import PROTOCOLS
+
 PRESETS = {"demo-small": (30, 30, 133), "demo": (100, 30, 256), "us-473": (473, 30, 133), "seed": (1000, 30, 2053)}
-BENCH_PROTOCOLS = ("legacy", "purged", "walk_forward", "eval")
+BENCH_PROTOCOLS = (*PROTOCOLS, "eval")
 
 
 def random_panel(n_stocks: int, dates_per_stock: int, n_features: int, seed: int = 0):
@@ -135,7 +137,7 @@ class StatsBench:
 
     def protocol_config(self):
         from pitlm.eval.pipeline import EVAL_PROTOCOL_DEFAULTS
-        from pitlm.eval.protocols import PROTOCOLS, ProtocolConfig
+        from pitlm.eval.protocols.run import ProtocolConfig
 
         common = {"n_boot": self.draws, "seed": self.seed, "device": self.device, "engine": self.engine}
         if self.protocol == "eval":  # the eval's defaults: jackknife and rank IC on, alpha by inner CV
@@ -164,7 +166,7 @@ def run_bench_stats(bench: StatsBench | None = None, **options) -> dict:
     import torch
 
     from pitlm.eval.bootstrap import draw_counts
-    from pitlm.eval.protocols import evaluate
+    from pitlm.eval.protocols.run import evaluate
 
     b = bench or StatsBench(**options)
     _check(b)

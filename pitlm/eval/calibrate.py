@@ -32,8 +32,8 @@ the paired stock-clustered draws, the entity probe on the purged protocol as `pi
 its net test with Wilson intervals; a probe whose FPR is above `fpr_limit` is reported NOT calibrated.
 
 Per protocol, a world is *flagged* when the lower end of the 95% decision interval of the oracle's leakage
-statistic net of the control is above 0 (legacy: `net_leakage_premium`; purged: `net_r2_purged`; walk_forward:
-`net_r2_walk_forward`). FPR = flagged share of null worlds, power = flagged share of planted worlds; a protocol is
+statistic net of the control is above 0 (`Protocol.statistic`; legacy: `net_leakage_premium`; purged:
+`net_r2_purged`; walk_forward: `net_r2_walk_forward`). FPR = flagged share of null worlds, power = flagged share of planted worlds; a protocol is
 calibrated when FPR <= 10% at nominal 5%. Also reported: how often the *raw* (not net) statistic of the
 knowledge-free control is "significant" -- for the legacy premium this is the seed's artifact.
 """
@@ -51,6 +51,8 @@ from pydantic import Field, model_validator
 
 from pitlm.config import StageConfig
 from pitlm.errors import ConfigError
+from pitlm.eval.protocols import PROTOCOLS, get
+from pitlm.eval.protocols.run import ProtocolName
 
 log = logging.getLogger("pitlm.eval")
 # Calibration needs only R2 statistics and percentile intervals: rank ICs and BCa jackknife replicates would
@@ -60,7 +62,6 @@ PROTOCOL_DEFAULTS = {"n_boot": 200, "rank_ic": False, "jackknife_groups": 0, "al
 # 60 companies: enough stocks for stock folds and a clustered bootstrap; ~25 s a world on 2 cores with alpha by
 # inner CV (20 null + 20 planted worlds: ~17 min; ~4 s a world with a fixed alpha).
 WORLD_DEFAULTS = {"n_companies": 60}
-STATISTIC = {"legacy": "leakage_premium", "purged": "r2_purged", "walk_forward": "r2_walk_forward"}
 
 
 class CalibrateConfig(StageConfig):
@@ -73,7 +74,7 @@ class CalibrateConfig(StageConfig):
                               "score carries its knowledge q (its arbitrary per-prompt preference has sd 1).")
     worlds: int = Field(20, ge=1, description="Null and planted worlds each (paired twins).")
     seed: int = Field(0, description="World seeds are seed .. seed+worlds-1; also the bootstrap seed.")
-    protocols: list[Literal["legacy", "purged", "walk_forward"]] = ["legacy", "purged", "walk_forward"]
+    protocols: list[ProtocolName] = list(PROTOCOLS)
     leak_strength: float | None = Field(None, gt=0, description="Planted worlds' strength (default: the world's).")
     world: dict[str, Any] = Field(default_factory=dict, description="WorldConfig options, over WORLD_DEFAULTS.")
     max_stocks: int = Field(1000, ge=1)
@@ -97,7 +98,7 @@ class CalibrateConfig(StageConfig):
         "spectrum", description="With control_design=matched: how the control is matched (as `pitlm eval`).")
     fpr_limit: float = Field(0.10, gt=0, lt=1, description="Calibrated when the null rejection rate is <= this.")
     power_goal: float = Field(0.80, gt=0, le=1)
-    protocol: dict[str, Any] = Field(default_factory=dict, description="pitlm.eval.protocols.ProtocolConfig "
+    protocol: dict[str, Any] = Field(default_factory=dict, description="pitlm.eval.protocols.run.ProtocolConfig "
                                      "options, over PROTOCOL_DEFAULTS.")
 
     @model_validator(mode="after")
@@ -124,7 +125,7 @@ def score_world(rows: pd.DataFrame, cfg: CalibrateConfig, pcfg, planted_daily: f
     from pitlm.eval.evalresult import INTERVALS
     from pitlm.eval.pipeline import design_matrix, match_control
     from pitlm.eval.prompts import build_prompts
-    from pitlm.eval.protocols import evaluate
+    from pitlm.eval.protocols.run import evaluate
 
     prompts = build_prompts(rows, cfg.template)
     control = random_features(prompts, cfg.features_dim, seed=cfg.seed)
@@ -137,7 +138,7 @@ def score_world(rows: pd.DataFrame, cfg: CalibrateConfig, pcfg, planted_daily: f
     lo_key = INTERVALS[pcfg.decision_ci][0]
     out = {}
     for protocol in pcfg.protocols:
-        stat = STATISTIC[protocol]
+        stat = get(protocol).statistic
         net = summarize(result.values["oracle"][stat] - result.values["control"][stat], pcfg.n_boot, pcfg.ci_level)
         raw_control = summarize(result.values["control"][stat], pcfg.n_boot, pcfg.ci_level)
         raw_oracle = summarize(result.values["oracle"][stat], pcfg.n_boot, pcfg.ci_level)
@@ -184,7 +185,7 @@ def score_family_world(rows: pd.DataFrame, cfg: CalibrateConfig, pcfg, planted_d
     from pitlm.eval.family import knowledge_matrix
     from pitlm.eval.pipeline import design_matrix
     from pitlm.eval.prompts import build_prompts
-    from pitlm.eval.protocols import evaluate
+    from pitlm.eval.protocols.run import evaluate
 
     prompts = build_prompts(rows, cfg.template)
     feats = family_features(cfg.features_dim, rows, cfg, planted_daily, world_seed, prompts)
@@ -274,7 +275,7 @@ def rates(records: list[dict], protocols: list[str], cfg: CalibrateConfig) -> di
         planted = [r["protocols"][p] for r in records if r["kind"] == "planted"]
         k_fp, k_tp = sum(r["flagged"] for r in null), sum(r["flagged"] for r in planted)
         fpr, power = k_fp / len(null), k_tp / len(planted)
-        out[p] = {"statistic": f"net_{STATISTIC[p]}", "worlds": len(null), "fpr": fpr, "fpr_ci": wilson(k_fp, len(null)),
+        out[p] = {"statistic": f"net_{get(p).statistic}", "worlds": len(null), "fpr": fpr, "fpr_ci": wilson(k_fp, len(null)),
                   "power": power, "power_ci": wilson(k_tp, len(planted)),
                   "control_raw_rejection_null": sum(r["control_flagged"] for r in null) / len(null),
                   "control_raw_rejection_planted": sum(r["control_flagged"] for r in planted) / len(planted),

@@ -11,11 +11,12 @@ import typer
 
 from pitlm.cliutil import RecipeOpt, SetOpt, guarded_volume
 from pitlm.eval.bench import bench_stats
+from pitlm.eval.protocols import PROTOCOLS
 
 ModelOpt = Annotated[list[str] | None, typer.Option("--model", "-m", help="NAME=SPEC (repeatable). SPEC: HF id or dir, "
                      "model:<run>, adapter:PATH[@BASE], control:random-features, control:random-init:<arch>, "
                      "embeddings:PATH (.parquet or .npy + keys, by SecuritiesCode and Date).")]
-ProtocolOpt = Annotated[str | None, typer.Option("--protocol", "-p", help="Comma-separated: legacy,purged,walk_forward.")]
+ProtocolOpt = Annotated[str | None, typer.Option("--protocol", "-p", help=f"Comma-separated: {','.join(PROTOCOLS)}.")]
 
 
 def _protocols(text: str | None) -> list[str] | None:

@@ -32,17 +32,31 @@ import numpy as np
 from pitlm.errors import PitlmError
 from pitlm.eval.bootstrap import summarize
 from pitlm.eval.portfolio import DAY_DRAWS
+from pitlm.eval.protocols import registry
 from pitlm.log import format_value
 
-HEADLINE = ("r2_leakage_off", "r2_leakage_on", "leakage_premium", "rank_ic_leakage_off", "rank_ic_leakage_on",
-            "rank_ic_premium", "r2_purged", "rank_ic_purged", "r2_walk_forward", "rank_ic_walk_forward")
-REDUCTIONS = {"leakage_premium": "premium_reduction", "r2_purged": "r2_purged_reduction",
-              "r2_walk_forward": "r2_walk_forward_reduction", "sharpe_leakage_off": "sharpe_gap_leakage_off",
-              "sharpe_purged": "sharpe_gap_purged", "sharpe_walk_forward": "sharpe_gap_walk_forward"}
-# long-short Sharpe ratios (pitlm/eval/portfolio.py): printed after each model's HEADLINE lines
-SHARPES = ("sharpe_leakage_off", "sharpe_purged", "sharpe_walk_forward")
-LEAKAGE_ORDER = ("r2_purged", "r2_walk_forward", "leakage_premium")
 INTERVALS = {"percentile": ("ci_lo", "ci_hi"), "bca": ("bca_lo", "bca_hi"), "basic": ("basic_lo", "basic_hi")}
+
+
+def headline() -> tuple[str, ...]:
+    """The statistics printed per model, every protocol's `headline` in registry order."""
+    return tuple(k for p in registry().values() for k in p.headline)
+
+
+def sharpes() -> tuple[str, ...]:
+    """Long-short Sharpe ratios (pitlm/eval/portfolio.py), printed after each model's `headline` lines."""
+    return tuple(f"sharpe_{p.series[1]}" for p in registry().values() if p.series)
+
+
+def reductions() -> dict[str, str]:
+    """Statistic -> name of its base - arm difference: each protocol's leakage statistic, then its Sharpe gap."""
+    return ({p.statistic: p.reduction_name for p in registry().values()}
+            | {k: k.replace("sharpe_", "sharpe_gap_", 1) for k in sharpes()})
+
+
+def leakage_order() -> tuple[str, ...]:
+    """The protocols' leakage statistics, most preferred as the calibrated estimate first."""
+    return tuple(p.statistic for p in sorted(registry().values(), key=lambda p: p.preference))
 
 
 def is_portfolio_stat(key: str) -> bool:
@@ -119,7 +133,7 @@ class EvalResult:
             if arm in (self.base, self.control):
                 continue
             a, prefix = self.values[arm], "" if arm == self.primary else f"{arm}_"
-            out.update({prefix + name: b[k] - a[k] for k, name in REDUCTIONS.items() if k in a and k in b})
+            out.update({prefix + name: b[k] - a[k] for k, name in reductions().items() if k in a and k in b})
         return out
 
     def leakage_statistic(self) -> str | None:
@@ -127,7 +141,7 @@ class EvalResult:
         if stat:
             return stat
         have = set().union(*(v.keys() for v in self.values.values())) if self.values else set()
-        return next((k for k in LEAKAGE_ORDER if k in have), None)
+        return next((k for k in leakage_order() if k in have), None)
 
     def leakage(self) -> dict[str, dict]:
         """Per non-control model: the calibrated leakage estimate (net of the control when there is one) and
@@ -161,7 +175,7 @@ class EvalResult:
         return out
 
     def to_json(self, include_draws: bool = False) -> dict:
-        """Nested dict (strict JSON: NaN and infinities become None); layout in `pitlm.eval.protocols`."""
+        """Nested dict (strict JSON: NaN and infinities become None); layout in `pitlm.eval.protocols.run`."""
         return _finite(self._json(include_draws))
 
     def _json(self, include_draws: bool) -> dict:
@@ -195,13 +209,14 @@ class EvalResult:
 
         order = [m for m in (self.primary, self.base, self.control) if m is not None]
         order += [m for m in self.values if m not in order]
+        heads = headline()
         for m in order:
             p, metrics = self.prefix(m), self.metrics(m)
             net = self.net(m)
-            for k in HEADLINE:
+            for k in heads:
                 if k in metrics:
                     put(p + k, metrics[k])
-            for k in HEADLINE:
+            for k in heads:
                 if f"net_{k}" in net:
                     put(f"{p}net_{k}", net[f"net_{k}"])
             self._put_sharpes(m, p, metrics, net, put, out)
@@ -228,7 +243,7 @@ class EvalResult:
         """`<p>sharpe_<s>` (+ CI, day CI), its Newey-West t `<p>sharpe_<s>_nw_t`, and `<p>net_sharpe_<s>`
         (+ CI, day CI)."""
         days = self.day_intervals()
-        for k in SHARPES:
+        for k in sharpes():
             if k not in metrics:
                 continue
             put(p + k, metrics[k])

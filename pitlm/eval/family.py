@@ -55,11 +55,13 @@ import pandas as pd
 from pitlm.errors import PitlmError
 from pitlm.eval.bootstrap import summarize
 from pitlm.eval.evalresult import EvalResult
+from pitlm.eval.protocols.walk_forward import PROTOCOL as WALK_FORWARD
 from pitlm.log import format_value
 
 EPOCH = date(2000, 1, 1)
-WALK_FORWARD_PREFIX = "r2_walk_forward_"
-CALIBRATED = "r2_walk_forward"
+# the matrix's cells are the walk-forward protocol's per-test-year statistic, its slope the protocol's statistic
+WALK_FORWARD_PREFIX = WALK_FORWARD.per_year
+CALIBRATED = WALK_FORWARD.statistic
 SEED_PREMIUM = "leakage_premium"
 
 

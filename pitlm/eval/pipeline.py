@@ -1,7 +1,7 @@
 """`pitlm eval`: sample rows -> prompts -> embeddings (cached) -> X = [embedding || numeric] -> protocols.
 
 Every model, and always the knowledge-free control, is scored on the same rows with the same bootstrap draws
-(DESIGN.md §4); `pitlm.eval.protocols.evaluate` does the statistics and this module does the plumbing and the
+(DESIGN.md §4); `pitlm.eval.protocols.run.evaluate` does the statistics and this module does the plumbing and the
 record (`runs/<id>/results.json`, see pitlm/eval/results.py). What would stop the statistics (too few stocks,
 a fold layout the sampled dates cannot fill) is checked on the rows before any embedding is computed
 (`check_rows`); the statistics show a progress bar per model and fold layout.
@@ -20,6 +20,7 @@ from pydantic import Field
 
 from pitlm.config import StageConfig
 from pitlm.errors import PitlmError
+from pitlm.eval.protocols import PROTOCOLS, get
 from pitlm.market.features import FEATURES, add_features, sample_rows
 
 log = logging.getLogger("pitlm.eval")
@@ -45,7 +46,7 @@ class EvalConfig(StageConfig):
         "directions), `dim+scale`: its total variance. Ridge with a fixed alpha overfits by the design's spectrum; "
         "an unmatched control makes any model look 'net positive' (see `pitlm calibrate --set "
         "control_design=matched`).")
-    protocols: list[str] = Field(default_factory=lambda: ["legacy", "purged", "walk_forward"])
+    protocols: list[str] = Field(default_factory=lambda: list(PROTOCOLS))
     max_stocks: int = Field(1000, ge=1)
     dates_per_stock: int = Field(30, ge=1)
     seed: int = 0
@@ -89,9 +90,9 @@ EVAL_PROTOCOL_DEFAULTS: dict[str, Any] = {"alpha_cv": True}
 
 
 def protocol_config(protocols: list[str], options: dict[str, Any], seed: int):
-    """pitlm.eval.protocols.ProtocolConfig from the stage's `protocols`, `seed` and `protocol.*` options."""
+    """pitlm.eval.protocols.run.ProtocolConfig from the stage's `protocols`, `seed` and `protocol.*` options."""
     from pitlm.config import build_config
-    from pitlm.eval.protocols import ProtocolConfig
+    from pitlm.eval.protocols.run import ProtocolConfig
 
     # --set parses 2021-01-01 as a YAML date; the protocol windows are ISO strings.
     options = {k: v.isoformat() if isinstance(v, date) else v for k, v in options.items()}
@@ -118,11 +119,11 @@ def resolve_models(cfg: EvalConfig, vol):
 
 def family_models(cfg: EvalConfig, vol) -> list[str]:
     """The families' members as NAME=SPEC entries (checked: one-line errors before any work)."""
-    from pitlm.eval.family import parse_families
+    from pitlm.eval.family import WALK_FORWARD, parse_families
 
-    if cfg.family and "walk_forward" not in cfg.protocols:
-        raise PitlmError("--family needs the walk_forward protocol (the knowledge matrix is its per-year R2); add "
-                         "it to --protocol")
+    if cfg.family and WALK_FORWARD.name not in cfg.protocols:
+        raise PitlmError(f"--family needs the {WALK_FORWARD.name} protocol (the knowledge matrix is its per-year R2); "
+                         "add it to --protocol")
     return [f"{m}={spec}" for members in parse_families(cfg.family, vol).values() for m, (spec, _) in members.items()]
 
 
@@ -206,11 +207,11 @@ def check_rows(rows: pd.DataFrame, pcfg) -> None:
     """What would stop the statistics, checked on the sampled rows before any embedding is computed: too few
     stocks for the folds, a legacy chronological split with a side the rows' dates miss, a walk-forward with
     no test year, a purged grid that cannot be built (each one PitlmError line)."""
-    from pitlm.eval.protocols import Panel, build_layouts
+    from pitlm.eval.protocols.run import Panel, build_layouts
 
     panel = Panel(rows[["Date", "SecuritiesCode", "Target"]], pcfg)
     for protocol in pcfg.protocols:
-        build_layouts(protocol, panel.calendar, pcfg)
+        build_layouts(get(protocol), panel.calendar, pcfg)
 
 
 def embed_models(cfg: EvalConfig, specs: dict, prompts: list[str], vol,
@@ -246,7 +247,7 @@ def embed_models(cfg: EvalConfig, specs: dict, prompts: list[str], vol,
 def run_eval(cfg: EvalConfig, vol, run, prepared=None) -> dict[str, Any]:
     """The whole stage; writes results.json in the run dir and prints the summary lines."""
     from pitlm.eval.prompts import build_prompts, prompts_hash
-    from pitlm.eval.protocols import evaluate
+    from pitlm.eval.protocols.run import evaluate
     from pitlm.eval.results import eval_results, summary_from_lines
 
     t0 = time.time()

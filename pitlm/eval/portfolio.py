@@ -38,9 +38,6 @@ import numpy as np
 
 from pitlm.eval.engine import _chunks, _run_all
 
-# protocol -> (out-of-fold group of `protocols.ic_groups`, statistic suffix)
-SERIES = {"legacy": ("off", "leakage_off"), "purged": ("all", "purged"), "walk_forward": ("all", "walk_forward")}
-
 
 class LongShort:
     """Per-date top-minus-bottom quantile returns of many prediction vectors against one target."""

@@ -20,7 +20,7 @@ planted move of its period (`move=planted`, the world's ground truth; rows witho
 
 Every LM statistic is also reported net of a knowledge-free control of the same architecture and tokenizer, by
 default `control:random-init:<the model's own dir>` (random weights; random-features has no likelihood), per draw.
-All draws are the eval's stock-clustered count vectors of the same rows and seed (pitlm.eval.protocols.
+All draws are the eval's stock-clustered count vectors of the same rows and seed (pitlm.eval.protocols.run.
 count_vectors), so probe statistics are paired with each other and with the regression. A probe is *flagged* when
 the 95% interval of its net statistic lies above 0. How often that happens in null and planted worlds: `pitlm
 calibrate --probe mink,entity,lap` (pitlm/eval/probecal.py, which says what it does and does not calibrate).
@@ -250,7 +250,7 @@ def entity_probe(cfg: ProbeConfig, vol, rows: pd.DataFrame, pcfg) -> dict[str, d
     """Per model: the net leakage statistic with the named and the anonymised prompt, and their gap per draw."""
     from pitlm.eval.pipeline import EvalConfig, design_matrix, embed_models, resolve_models
     from pitlm.eval.prompts import build_prompts
-    from pitlm.eval.protocols import evaluate
+    from pitlm.eval.protocols.run import evaluate
 
     anon = anonymised_template(cfg)
     ecfg = EvalConfig(market=cfg.market, models=cfg.models, control=cfg.entity_control, control_match=cfg.control_match,
@@ -282,7 +282,7 @@ def run_probe(cfg: ProbeConfig, vol, run) -> dict[str, Any]:
     from pitlm.eval.models import describe, parse_named_specs
     from pitlm.eval.pipeline import EVAL_PROTOCOL_DEFAULTS, check_rows, load_rows, protocol_config
     from pitlm.eval.prompts import build_prompts
-    from pitlm.eval.protocols import Panel, count_vectors
+    from pitlm.eval.protocols.run import Panel, count_vectors
     from pitlm.eval.results import rows_summary
     from pitlm.volume import package_versions
 

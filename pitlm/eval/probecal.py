@@ -75,7 +75,7 @@ def entity_values(rows: pd.DataFrame, cfg, pcfg, planted_daily: float, world_see
     from pitlm.eval.embed import random_features
     from pitlm.eval.pipeline import design_matrix, match_control
     from pitlm.eval.prompts import build_prompts
-    from pitlm.eval.protocols import evaluate
+    from pitlm.eval.protocols.run import evaluate
 
     features = {}
     planted = rows["planted_target"].to_numpy()
@@ -97,7 +97,7 @@ def probe_world(rows: pd.DataFrame, cfg, pcfg, planted_daily: float, world_seed:
     """One world: per probe statistic the oracle's net estimate, its interval and the flags."""
     from pitlm.eval.bootstrap import summarize
     from pitlm.eval.prompts import build_prompts
-    from pitlm.eval.protocols import Panel, count_vectors
+    from pitlm.eval.protocols.run import Panel, count_vectors
 
     panel = Panel(rows[["Date", "SecuritiesCode", "Target"]], pcfg)
     counts = count_vectors(panel.n_stocks, pcfg)

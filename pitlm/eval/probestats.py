@@ -10,7 +10,7 @@ Per-row probe values (what `pitlm probe` computes with an LM, and `pitlm calibra
             or the next-token direction margin (`direction`: logsumexp over up-words - down-words)
     up      whether the realised move was up (rows without a move are masked out)
 Per draw (row weight = the draw's count of the row's stock, 0 for masked rows), every statistic a (C,) array over
-count vectors [original rows, bootstrap draws, jackknife replicates] (pitlm.eval.protocols.count_vectors), so that
+count vectors [original rows, bootstrap draws, jackknife replicates] (pitlm.eval.protocols.run.count_vectors), so that
 a model's statistic, its control's, and the regression's share the draws (paired):
     true_minus_false    0.5 * (mean z over up rows - mean z over down rows) of the up-minus-down score z: the
                         realised statement's advantage over the opposite one, with up and down rows weighted

@@ -1,4 +1,4 @@
-"""Leakage protocols on one set of rows, for every model, with one set of paired bootstrap draws.
+"""The leakage protocols on one set of rows, for every model, with one set of paired bootstrap draws.
 
     result = evaluate({"control": Xc, "base": Xb, "lora": Xa}, rows, ProtocolConfig(), control="control", base="base")
     print("\n".join(result.summary_lines()))
@@ -6,15 +6,14 @@
 `rows` has Date, SecuritiesCode, Target (one row per stock and date); `features[name]` is that model's
 (n_rows, n_features) design X = [embedding || numeric], rows in the same order.
 
-Protocols (DESIGN.md §4), every statistic computed for every model on the same draws:
-- `legacy` (the seed, exactly): Ridge(alpha); `r2_leakage_off` = R2 on rows dated >= test_start of a fit on
-  rows <= train_end; `r2_leakage_on` = mean over sklearn GroupKFold(n_splits) by stock of the fold R2s;
-  `leakage_premium` = on - off.
-- `purged`: `PurgedPanelSplit` (stock folds x date blocks, purge + embargo); `r2_purged` = out-of-fold R2:
-  every row is predicted once, by the fold that tests it, and R2 = 1 - sum SSE / SST of all rows around
-  their mean (sklearn's r2_score on cross_val_predict output); `r2_purged_foldmean` = the mean of fold R2s.
-- `walk_forward`: `WalkForwardSplit`; `r2_walk_forward_<year>` per test year and `r2_walk_forward` = their
-  mean.
+Protocols (DESIGN.md §4), every statistic computed for every model on the same draws; each protocol is a
+`Protocol` record in its own module (pitlm/eval/protocols/__init__.py says what a record holds), run here by
+`build_layouts` -> `run_layout` per layout and model -> `Protocol.metrics`:
+- `legacy` (legacy.py, the seed, exactly): `r2_leakage_off` (chronological split), `r2_leakage_on` (GroupKFold),
+  `leakage_premium` = on - off;
+- `purged` (purged.py): `r2_purged` (out-of-fold R2 of `PurgedPanelSplit`), `r2_purged_foldmean`;
+- `walk_forward` (walk_forward.py): `r2_walk_forward_<year>` per test year and `r2_walk_forward`, their mean.
+Options:
 - rank IC (option): per-date Spearman of out-of-fold predictions against Target, averaged over dates:
   `rank_ic_leakage_off`, `rank_ic_leakage_on`, `rank_ic_premium`, `rank_ic_purged`,
   `rank_ic_walk_forward` (all test dates) and `rank_ic_walk_forward_<year>`.
@@ -24,8 +23,9 @@ Protocols (DESIGN.md §4), every statistic computed for every model on the same 
   original series and their Newey-West t in `EvalResult.portfolio`.
 Derived, per draw, hence paired: `net_<stat>` = model - control; `<stat>_reduction` = base - primary
 (`premium_reduction` for the legacy premium). The calibrated leakage estimate of a model is
-`net_r2_purged` (else `net_r2_walk_forward`, else `net_leakage_premium`; `leakage_statistic` overrides), and
-a model is *flagged* when the lower end of its 95% interval (`decision_ci`) is above 0.
+`net_r2_purged` (else `net_r2_walk_forward`, else `net_leakage_premium`: `Protocol.preference`;
+`leakage_statistic` overrides), and a model is *flagged* when the lower end of its 95% interval (`decision_ci`) is
+above 0.
 """
 
 from __future__ import annotations
@@ -33,40 +33,47 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import nullcontext
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field
+from pydantic import AfterValidator, Field
+from pydantic_core import PydanticCustomError
 
 from pitlm.config import StageConfig
 from pitlm.errors import PitlmError
 from pitlm.eval.bootstrap import draw_counts, jackknife_counts
 from pitlm.eval.engine import ClusterRidge, RankIC
 from pitlm.eval.evalresult import EvalResult
-from pitlm.eval.portfolio import SERIES, LongShort, series_metrics, tested_dates
-from pitlm.eval.splitters import (
-    PanelFolds,
-    PurgedPanelSplit,
-    WalkForwardSplit,
-    as_dates,
-    group_kfold_assignment,
-    legacy_folds,
-)
+from pitlm.eval.portfolio import LongShort, series_metrics, tested_dates
+from pitlm.eval.protocols import PROTOCOLS, Protocol, get, registry
+from pitlm.eval.splitters import PanelFolds, as_dates, group_kfold_assignment
 from pitlm.log import progress_task
 
 log = logging.getLogger("pitlm.eval")
-PROTOCOLS = ("legacy", "purged", "walk_forward")
+
+
+def _known_protocol(name: str) -> str:
+    if name not in registry():  # pydantic's own wording for a Literal: a bad name reads as it always did
+        names = [repr(n) for n in registry()]
+        expected = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+        raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+    return name
+
+
+# a config field's type: the name of a registered protocol (pitlm/eval/protocols/__init__.py)
+ProtocolName = Annotated[str, AfterValidator(_known_protocol)]
 
 
 class ProtocolConfig(StageConfig):
     """Protocols, Ridge, bootstrap and engine settings of one evaluation."""
 
-    protocols: list[Literal["legacy", "purged", "walk_forward"]] = ["legacy", "purged", "walk_forward"]
+    protocols: list[ProtocolName] = list(PROTOCOLS)
     alpha: float = Field(1.0, ge=0)
     # alpha per fold by inner leave-one-stock-fold-out CV over alpha_grid, for the calibrated protocols (purged,
-    # walk_forward). legacy always keeps the seed's fixed alpha: it must reproduce the seed exactly.
+    # walk_forward). A protocol with `fixed_alpha` (legacy) keeps the seed's fixed alpha: it must reproduce the seed.
     alpha_cv: bool = False
     alpha_grid: list[float] = [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0]
     n_boot: int = Field(200, ge=0)
@@ -136,28 +143,26 @@ def _broadcast_stock_folds(pf: PanelFolds, K: int) -> PanelFolds:
     return PanelFolds(pf.calendar, pf.cell_of_pos, np.tile(pf.train, rep), np.tile(pf.test, rep), pf.names)
 
 
-def build_layouts(protocol: str, calendar: np.ndarray, cfg: ProtocolConfig) -> dict[str, PanelFolds]:
-    """The fold layouts of one protocol (legacy has two: the chronological split and GroupKFold)."""
+@dataclass
+class Layout(PanelFolds):
+    """A fold layout of one protocol: its folds plus their out-of-fold sets (`Protocol.ic_groups`) and the sets
+    whose long-short series are reported (`Protocol.series`)."""
+
+    groups: dict[str, list[int]] = field(default_factory=dict)
+    ls_groups: list[str] = field(default_factory=list)
+
+
+def build_layouts(protocol: Protocol, calendar: np.ndarray, cfg: ProtocolConfig) -> dict[str, Layout]:
+    """The fold layouts of one protocol (legacy has one: the chronological split, then GroupKFold's folds)."""
     try:
-        if protocol == "legacy":
-            out = {"legacy": legacy_folds(calendar, cfg.train_end, cfg.test_start, cfg.n_splits)}
-        elif protocol == "purged":
-            out = {"purged": PurgedPanelSplit(cfg.n_splits, cfg.n_time_blocks, cfg.embargo_days, cfg.horizon).folds(calendar)}
-        elif protocol == "walk_forward":
-            out = {"walk_forward": WalkForwardSplit(cfg.embargo_days, cfg.horizon, cfg.first_test_year).folds(calendar)}
-        else:
-            raise PitlmError(f"unknown protocol '{protocol}'; known: {', '.join(PROTOCOLS)}")
+        out = protocol.layouts(calendar, cfg)
     except ValueError as e:
-        raise PitlmError(f"protocol {protocol}: {e}") from None
-    if protocol == "legacy":
-        chrono = out["legacy"]
-        for cell, side in ((0, "train"), (1, "test")):
-            if not (chrono.cell_of_pos == cell).any():
-                raise PitlmError(f"legacy: no rows on the chronological {side} side (train_end={cfg.train_end}, "
-                                 f"test_start={cfg.test_start}, panel {calendar[0]}..{calendar[-1]})")
+        raise PitlmError(f"protocol {protocol.name}: {e}") from None
     if cfg.alpha_cv:
         out = {k: _broadcast_stock_folds(v, cfg.n_splits) for k, v in out.items()}
-    return out
+    series = protocol.series[0] if protocol.series else None
+    return {k: Layout(v.calendar, v.cell_of_pos, v.train, v.test, v.names, protocol.ic_groups(v),
+                      [series] if series is not None and k == protocol.name else []) for k, v in out.items()}
 
 
 def stock_fold_assignments(counts: np.ndarray, rows_per_stock: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:
@@ -170,17 +175,15 @@ def stock_fold_assignments(counts: np.ndarray, rows_per_stock: np.ndarray, K: in
     return assign, ok
 
 
-def ic_groups(folds: PanelFolds) -> dict[str, list[int]]:
+def ic_groups(folds: Layout) -> dict[str, list[int]]:
     """Sets of folds whose test rows are disjoint, each giving one out-of-fold prediction per tested row."""
-    if folds.names and folds.names[0] == "chrono":
-        return {"off": [0], "on": list(range(1, folds.n_folds))}
-    return {"all": list(range(folds.n_folds))}
+    return folds.groups
 
 
-def _ls_groups(folds: PanelFolds) -> list[str]:
+def _ls_groups(folds: Layout) -> list[str]:
     """The out-of-fold groups whose long-short series are reported (legacy: its chronological test split only;
     GroupKFold's "on" predictions mix dates and are not a backtest)."""
-    return [g for g in ic_groups(folds) if g != "on"]
+    return folds.ls_groups
 
 
 def run_layout(X: np.ndarray, panel: Panel, folds: PanelFolds, counts: np.ndarray, assign: np.ndarray,
@@ -281,66 +284,25 @@ def _oof_predictions(eng: ClusterRidge, folds: PanelFolds, panel: Panel, counts:
     return out
 
 
-def _fold_r2(raw: dict) -> np.ndarray:
+def fold_r2(raw: dict) -> np.ndarray:
+    """(C, F) R2 of every fold of every count vector; NaN where the fold could not be fit or scored."""
     good = raw["ok"] & (raw["n"] >= 2) & (raw["sst"] > 0)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(good, 1.0 - raw["sse"] / raw["sst"], np.nan)
 
 
-def _mean_ic(ic: np.ndarray, dates: np.ndarray | None = None) -> np.ndarray:
+def mean_ic(ic: np.ndarray, dates: np.ndarray | None = None) -> np.ndarray:
+    """(C,) mean over dates (all, or the `dates` mask) of per-date rank ICs, skipping dates without one."""
     sub = ic if dates is None else ic[:, dates]
     good = np.isfinite(sub)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(good.any(1), np.nansum(sub, 1) / good.sum(1), np.nan)
 
 
-def legacy_metrics(raw: dict, groups_ok: np.ndarray) -> dict[str, np.ndarray]:
-    """Fold 0 is the chronological split, folds 1.. GroupKFold's; a draw missing either side is skipped."""
-    r2 = _fold_r2(raw)
-    off, on = r2[:, 0], np.where(groups_ok, r2[:, 1:].mean(1), np.nan)
-    both = np.isfinite(off) & np.isfinite(on)
-    off, on = np.where(both, off, np.nan), np.where(both, on, np.nan)
-    out = {"r2_leakage_off": off, "r2_leakage_on": on, "leakage_premium": on - off}
-    if "ic_off" in raw:
-        ic_off, ic_on = _mean_ic(raw["ic_off"]), np.where(groups_ok, _mean_ic(raw["ic_on"]), np.nan)
-        out.update(rank_ic_leakage_off=ic_off, rank_ic_leakage_on=ic_on, rank_ic_premium=ic_on - ic_off)
-    return out
-
-
-def purged_metrics(raw: dict, groups_ok: np.ndarray) -> dict[str, np.ndarray]:
-    tested = raw["n"] > 0
-    fits = np.all(raw["ok"] | ~tested, axis=1) & groups_ok
-    n, sy = raw["n"].sum(1), raw["sy"].sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        sst = raw["syy"].sum(1) - sy ** 2 / n
-        pooled = np.where(fits & (sst > 0), 1.0 - raw["sse"].sum(1) / sst, np.nan)
-    r2 = _fold_r2(raw)
-    good = np.isfinite(r2)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        foldmean = np.where(fits & good.any(1), np.nansum(r2, 1) / good.sum(1), np.nan)
-    out = {"r2_purged": pooled, "r2_purged_foldmean": foldmean}
-    if "ic_all" in raw:
-        out["rank_ic_purged"] = np.where(fits, _mean_ic(raw["ic_all"]), np.nan)
-    return out
-
-
-def walk_forward_metrics(raw: dict, folds: PanelFolds, panel: Panel) -> dict[str, np.ndarray]:
-    r2 = _fold_r2(raw)
-    out = {"r2_walk_forward": r2.mean(1)}
-    years = panel.calendar.astype("datetime64[Y]").astype(int) + 1970
-    for f, name in enumerate(folds.names):
-        out[f"r2_walk_forward_{name}"] = r2[:, f]
-    if "ic_all" in raw:
-        out["rank_ic_walk_forward"] = _mean_ic(raw["ic_all"])
-        for name in folds.names:
-            out[f"rank_ic_walk_forward_{name}"] = _mean_ic(raw["ic_all"], years == int(name))
-    return out
-
-
-def _add_portfolio(values: dict, portfolio: dict, model: str, protocol: str, raw: dict, folds: PanelFolds,
+def _add_portfolio(values: dict, portfolio: dict, model: str, protocol: Protocol, raw: dict, folds: Layout,
                    panel: Panel) -> None:
     """The protocol's long-short statistics (per draw) into `values`, its original series into `portfolio`."""
-    group, suffix = SERIES[protocol]
+    group, suffix = protocol.series
     tested = tested_dates(folds, ic_groups(folds)[group])
     stats, record = series_metrics(raw[f"ls_{group}"], tested, panel.calendar, suffix)
     values.update(stats)
@@ -390,9 +352,10 @@ def evaluate(features: dict[str, np.ndarray], rows: pd.DataFrame, cfg: ProtocolC
     seconds: dict[str, float] = {}
     portfolio = ({"quantile": cfg.ls_quantile, "min_stocks": cfg.ls_min_stocks, "series": {}}
                  if cfg.portfolio else None)
-    for protocol in cfg.protocols:
+    for name in cfg.protocols:
+        protocol = get(name)
         t_protocol = time.perf_counter()
-        pcfg = cfg.model_copy(update={"alpha_cv": False}) if protocol == "legacy" else cfg
+        pcfg = cfg.model_copy(update={"alpha_cv": False}) if protocol.fixed_alpha else cfg
         layouts = build_layouts(protocol, panel.calendar, pcfg)
         for model, X in features.items():
             raw = {}
@@ -405,15 +368,10 @@ def evaluate(features: dict[str, np.ndarray], rows: pd.DataFrame, cfg: ProtocolC
                 alphas[model][lname] = raw[lname]["alpha"][0].tolist()
                 log.info("%s/%s: %d folds x %d draws in %.2fs (%s engine)", model, lname, folds.n_folds,
                          len(counts), time.perf_counter() - t1, modes[lname])
-            if protocol == "legacy":
-                values[model].update(legacy_metrics(raw["legacy"], groups_ok))
-            elif protocol == "purged":
-                values[model].update(purged_metrics(raw["purged"], groups_ok))
-            else:
-                values[model].update(walk_forward_metrics(raw["walk_forward"], layouts["walk_forward"], panel))
-            if cfg.portfolio:
-                _add_portfolio(values[model], portfolio, model, protocol, raw[protocol], layouts[protocol], panel)
-        seconds[protocol] = round(time.perf_counter() - t_protocol, 3)
+            values[model].update(protocol.metrics(raw, layouts, panel, groups_ok))
+            if cfg.portfolio and protocol.series:
+                _add_portfolio(values[model], portfolio, model, protocol, raw[name], layouts[name], panel)
+        seconds[name] = round(time.perf_counter() - t_protocol, 3)
     info = {"n_rows": len(rows), "n_stocks": panel.n_stocks, "n_dates": panel.n_dates,
             "first_date": str(panel.calendar[0]), "last_date": str(panel.calendar[-1]),
             "n_features": {m: int(np.shape(X)[1]) for m, X in features.items()}, "engine_modes": modes,
