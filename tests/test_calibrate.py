@@ -6,7 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pitlm.eval.calibrate import CalibrateConfig, oracle_features, rates, wilson
+from pitlm.eval.bootstrap import wilson
+from pitlm.eval.calibrate import CalibrateConfig, rates
+from pitlm.world.oracle import oracle_features
 
 
 def test_oracle_knows_the_planted_component_and_nests_the_control():
@@ -68,7 +70,7 @@ def test_calibrate_bad_input(cli, args, message):
 
 
 def test_family_rates_by_cell_type_by_hand():
-    from pitlm.eval.calibrate import CalibrateConfig, family_rates, wilson
+    from pitlm.eval.calibrate import CalibrateConfig, family_rates
 
     def cell(t, y, flagged):
         return {"type": t, "year": y, "flagged": flagged}

@@ -51,8 +51,10 @@ from pydantic import Field, model_validator
 
 from pitlm.config import StageConfig
 from pitlm.errors import ConfigError
+from pitlm.eval.bootstrap import wilson
 from pitlm.eval.protocols import PROTOCOLS, get
 from pitlm.eval.protocols.run import ProtocolName
+from pitlm.world.oracle import oracle_features
 
 log = logging.getLogger("pitlm.eval")
 # Calibration needs only R2 statistics and percentile intervals: rank ICs and BCa jackknife replicates would
@@ -106,16 +108,6 @@ class CalibrateConfig(StageConfig):
         if self.family and self.probes:
             raise ConfigError("--family and --probe calibrate different tests; run them as two calibrations")
         return self
-
-
-def oracle_features(control: np.ndarray, planted_target: np.ndarray, cfg: CalibrateConfig, planted_daily: float,
-                    world_seed: int) -> np.ndarray:
-    """The `oracle:planted` embedding (see the module doc)."""
-    rng = np.random.default_rng([world_seed, 7])
-    q = cfg.knowledge_gain * np.nan_to_num(planted_target) / planted_daily
-    q = q + cfg.knowledge_noise * rng.standard_normal(len(q))
-    w = np.random.default_rng([cfg.seed, 11]).standard_normal(cfg.knowledge_dim)
-    return np.hstack([np.outer(q, w), control]).astype(np.float32)
 
 
 def score_world(rows: pd.DataFrame, cfg: CalibrateConfig, pcfg, planted_daily: float, world_seed: int) -> dict:
@@ -256,15 +248,6 @@ def quiet(logger: logging.Logger):
         yield
     finally:
         logger.setLevel(level)
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson 95% interval of a binomial rate (k of n): with 20 worlds an FPR of 0.05 could be 0.01..0.24."""
-    if n == 0:
-        return float("nan"), float("nan")
-    p = k / n
-    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
 def rates(records: list[dict], protocols: list[str], cfg: CalibrateConfig) -> dict[str, dict]:

@@ -71,11 +71,11 @@ def probe_values(sim: dict[str, np.ndarray], y: np.ndarray, W: np.ndarray) -> di
 
 def entity_values(rows: pd.DataFrame, cfg, pcfg, planted_daily: float, world_seed: int) -> np.ndarray:
     """Per draw: net leakage statistic with the named prompt minus with the anonymised prompt (oracle embeddings)."""
-    from pitlm.eval.calibrate import oracle_features
     from pitlm.eval.embed import random_features
     from pitlm.eval.pipeline import design_matrix, match_control
     from pitlm.eval.prompts import build_prompts
     from pitlm.eval.protocols.run import evaluate
+    from pitlm.world.oracle import oracle_features
 
     features = {}
     planted = rows["planted_target"].to_numpy()
@@ -137,7 +137,7 @@ def _finite_mean(values: list[float]) -> float:
 
 def probe_rates(records: list[dict], cfg) -> dict[str, dict]:
     """Per probe statistic: FPR and power of its net test, the raw (not net) rejection rates, the verdict."""
-    from pitlm.eval.calibrate import wilson
+    from pitlm.eval.bootstrap import wilson
 
     out = {}
     stats = list(records[0]["probes"]) if records else []
