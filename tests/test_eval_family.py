@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 
 from pitlm.errors import PitlmError
-from pitlm.eval.evalresult import EvalResult
 from pitlm.eval.family import (
     cutoff_years,
     family_report,
@@ -23,6 +22,7 @@ from pitlm.eval.family import (
     staircase_ok,
 )
 from pitlm.eval.protocols.run import ProtocolConfig, evaluate
+from pitlm.eval.result import EvalResult
 
 B = 40
 YEARS = (2018, 2019, 2020)

@@ -8,9 +8,9 @@ from test_eval_stats_protocols import rows_and_features
 
 from pitlm.config import build_config
 from pitlm.errors import ConfigError, PitlmError
-from pitlm.eval.evalresult import headline, leakage_order, reductions, sharpes
 from pitlm.eval.protocols import PROTOCOLS, Protocol, get, register, registry, unregister
 from pitlm.eval.protocols.run import ProtocolConfig, evaluate, fold_r2
+from pitlm.eval.result import headline, leakage_order, reductions, sharpes
 from pitlm.eval.splitters import ChronologicalSplit
 
 

@@ -18,7 +18,7 @@
     >>> print("\\n".join(line for line in res.summary_lines() if line.startswith("leakage_flagged")))
     leakage_flagged: false
 
-`res` is the `EvalResult` of `pitlm eval` (pitlm/eval/evalresult.py): `summary_lines()` are the CLI's key lines,
+`res` is the `EvalResult` of `pitlm eval` (pitlm/eval/result.py): `summary_lines()` are the CLI's key lines,
 `to_json()` its results.json `protocols` block, `portfolio` the long-short series. Models are arrays (n_rows, d) in
 the rows' order, or any `--model` SPEC: `embeddings:PATH` (aligned by SecuritiesCode, Date), an HF id or dir,
 `model:<run>`, ... (those embed the rows' prompts and cache on the volume `vol`, default PITLM_HOME).

@@ -114,10 +114,10 @@ def score_world(rows: pd.DataFrame, cfg: CalibrateConfig, pcfg, planted_daily: f
     """Evaluate control and oracle on one world's rows; per protocol the net/raw estimates and flags."""
     from pitlm.eval.bootstrap import summarize
     from pitlm.eval.embed import random_features
-    from pitlm.eval.evalresult import INTERVALS
     from pitlm.eval.pipeline import design_matrix, match_control
     from pitlm.eval.prompts import build_prompts
     from pitlm.eval.protocols.run import evaluate
+    from pitlm.eval.result import INTERVALS
 
     prompts = build_prompts(rows, cfg.template)
     control = random_features(prompts, cfg.features_dim, seed=cfg.seed)

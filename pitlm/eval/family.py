@@ -54,8 +54,8 @@ import pandas as pd
 
 from pitlm.errors import PitlmError
 from pitlm.eval.bootstrap import summarize
-from pitlm.eval.evalresult import EvalResult
 from pitlm.eval.protocols.walk_forward import PROTOCOL as WALK_FORWARD
+from pitlm.eval.result import EvalResult
 from pitlm.log import format_value
 
 EPOCH = date(2000, 1, 1)

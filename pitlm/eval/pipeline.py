@@ -2,7 +2,7 @@
 
 Every model, and always the knowledge-free control, is scored on the same rows with the same bootstrap draws
 (DESIGN.md §4); `pitlm.eval.protocols.run.evaluate` does the statistics and this module does the plumbing and the
-record (`runs/<id>/results.json`, see pitlm/eval/results.py). What would stop the statistics (too few stocks,
+record (`runs/<id>/results.json`, see pitlm/eval/record.py). What would stop the statistics (too few stocks,
 a fold layout the sampled dates cannot fill) is checked on the rows before any embedding is computed
 (`check_rows`); the statistics show a progress bar per model and fold layout.
 """
@@ -248,7 +248,7 @@ def run_eval(cfg: EvalConfig, vol, run, prepared=None) -> dict[str, Any]:
     """The whole stage; writes results.json in the run dir and prints the summary lines."""
     from pitlm.eval.prompts import build_prompts, prompts_hash
     from pitlm.eval.protocols.run import evaluate
-    from pitlm.eval.results import eval_results, summary_from_lines
+    from pitlm.eval.record import eval_results, summary_from_lines
 
     t0 = time.time()
     specs, pcfg = prepared or prepare_eval(cfg, vol)

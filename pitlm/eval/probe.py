@@ -278,12 +278,12 @@ def entity_probe(cfg: ProbeConfig, vol, rows: pd.DataFrame, pcfg) -> dict[str, d
 def run_probe(cfg: ProbeConfig, vol, run) -> dict[str, Any]:
     """The whole stage: writes results.json (stage 'probe') in the run dir and prints the summary lines."""
     from pitlm.eval.bootstrap import summarize
-    from pitlm.eval.evalresult import _finite
     from pitlm.eval.models import describe, parse_named_specs
     from pitlm.eval.pipeline import EVAL_PROTOCOL_DEFAULTS, check_rows, load_rows, protocol_config
     from pitlm.eval.prompts import build_prompts
     from pitlm.eval.protocols.run import Panel, count_vectors
-    from pitlm.eval.results import rows_summary
+    from pitlm.eval.record import rows_summary
+    from pitlm.eval.result import _finite
     from pitlm.volume import package_versions
 
     t0 = time.time()
@@ -341,7 +341,7 @@ def run_probe(cfg: ProbeConfig, vol, run) -> dict[str, Any]:
               if probes.get("entity") else "probe_statistic_entity: none",
               f"move: {cfg.move}", f"rows_with_move: {int(has_move.sum())}",
               f"rows_up: {int((has_move & (move > 0)).sum())}", f"bootstrap_draws: {pcfg.n_boot}"]
-    from pitlm.eval.results import summary_from_lines
+    from pitlm.eval.record import summary_from_lines
 
     results = {"stage": "probe", "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "versions": package_versions(),

@@ -46,9 +46,9 @@ from pitlm.config import StageConfig
 from pitlm.errors import PitlmError
 from pitlm.eval.bootstrap import draw_counts, jackknife_counts
 from pitlm.eval.engine import ClusterRidge, RankIC
-from pitlm.eval.evalresult import EvalResult
 from pitlm.eval.portfolio import LongShort, series_metrics, tested_dates
 from pitlm.eval.protocols import PROTOCOLS, Protocol, get, registry
+from pitlm.eval.result import EvalResult
 from pitlm.eval.splitters import PanelFolds, as_dates, group_kfold_assignment
 from pitlm.log import progress_task
 

@@ -1,4 +1,4 @@
-"""`results.json` of an eval run, and the summary lines' values.
+"""The record of an eval run: `runs/<id>/results.json`, and the summary lines' values.
 
 Layout (top-level keys):
     stage, created_utc, versions          what made it
@@ -9,7 +9,7 @@ Layout (top-level keys):
                                           prompts_per_s; the control also control_match (+ control_scale or
                                           control_rank)
     control, base                         names of the control and of the base model
-    protocols                             EvalResult.to_json() (pitlm/eval/evalresult.py): per model the metrics
+    protocols                             EvalResult.to_json() (pitlm/eval/result.py): per model the metrics
                                           and net-of-control figures with percentile/basic/BCa intervals and draw
                                           counts, comparisons (premium_reduction ...), the leakage decision,
                                           bootstrap settings and skipped draws, statistics outside their CI,
