@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -61,8 +62,6 @@ def make_progress() -> Progress:
 
 def progress(items: Iterable[T], description: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
     """Iterate with a rich progress bar (rate in `unit`/s); silent off rank 0 or with PITLM_NO_PROGRESS=1."""
-    import time
-
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
     with make_progress() as bar:
@@ -80,8 +79,6 @@ def progress_task(description: str, total: int, unit: str = "it") -> Iterator[Ca
     with done/total, rate and ETA. Where stderr is not a terminal (a batch job's log) rich draws only the final
     bar, so a plain line (done/total, rate, ETA) is also printed every PLAIN_PROGRESS_S seconds. Silent off
     rank 0 or with PITLM_NO_PROGRESS=1."""
-    import time
-
     enabled = progress_enabled()
     with make_progress() as bar:
         task = bar.add_task(description, total=total, rate="")

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from pitlm.log import emit_summary, is_rank_zero
+from pitlm.log import emit_summary, format_value, is_rank_zero
 from pitlm.secrets import Redactor
 from pitlm.volume import Volume, atomic_write_json, atomic_write_text, package_versions
 
@@ -139,8 +139,6 @@ HEADLINE_METRICS = ("r2_leakage_off", "r2_leakage_on", "leakage_premium", "premi
 
 
 def headline(row: dict[str, Any]) -> str:
-    from pitlm.log import format_value
-
     parts = [f"{k}={format_value(row[k])}" for k in HEADLINE_KEYS if k in row and row[k] is not None]
     metrics = row.get("metrics")
     if isinstance(metrics, dict):  # a batch job's captured summary: the headline metrics first

@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -358,8 +359,6 @@ class Volume:
 
     def guard(self, require: bool | None = None, stage: str = "this stage") -> Persistence:
         """Warn (or, when required, refuse before any work) when the volume is ephemeral."""
-        import logging
-
         if require is None:
             require = os.environ.get("PITLM_REQUIRE_PERSISTENT", "") not in ("", "0", "false", "no")
         verdict = self.persistence()

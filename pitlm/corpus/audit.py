@@ -26,6 +26,7 @@ from pitlm.corpus.dates import end_of_day, format_utc, parse_cutoff, parse_doc_d
 from pitlm.corpus.scan import DocFilter, iter_eligible, text_hash
 from pitlm.corpus.shards import INDEX, ShardIndex
 from pitlm.corpus.sources import iter_records, resolve_source
+from pitlm.corpus.tokenizer import load_tokenizer
 from pitlm.errors import PitlmError
 from pitlm.volume import Volume, sha256_file
 
@@ -283,8 +284,6 @@ def audit_tokenizer(vol: Volume, spec: str, pit_source: str, cutoff: str | dt.da
                     top: int = 30, min_count: int = 3, max_docs: int | None = None, lang: str | None = "en") -> dict:
     """Vocabulary entries of `spec` that never occur in the PIT corpus (docs of `pit_source` crawled on or before
     the cutoff) but occur >= min_count times in the later corpus (docs of `later_source` crawled after it)."""
-    from pitlm.corpus.tokenizer import load_tokenizer
-
     cutoff = parse_cutoff(cutoff)
     tok = load_tokenizer(spec, vol)
     pit = resolve_source(pit_source, vol, cutoff)

@@ -11,8 +11,10 @@ a projection, not a measurement (see `project`).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
+import multiprocessing as mp
 import os
 import resource
 import tempfile
@@ -49,8 +51,6 @@ def _spin(n: int) -> int:
 def control_speedup(workers: int, n: int = 5_000_000) -> float:
     """What the machine allows right now: N copies of a pure-Python loop in N processes vs one copy in one
     (N on idle cores; ~1 when other jobs hold the cores)."""
-    import multiprocessing as mp
-
     t0 = time.perf_counter()
     _spin(n)
     t1 = time.perf_counter() - t0
@@ -72,8 +72,6 @@ def parse_executors(text: str | None) -> list[str]:
     if bad or not names:
         raise PitlmError(f"--executor {text!r}: expected a comma-separated list of {', '.join(BENCH_EXECUTORS)}")
     if "ray" in names:
-        import importlib.util
-
         if importlib.util.find_spec("ray") is None:
             raise PitlmError("--executor ray needs ray: pip install 'pitlm[distributed]'")
     return names

@@ -139,7 +139,7 @@ def make_pool(cfg: CorpusConfig, tokenizer_json: str | None, work: Path) -> Work
     if cfg.executor == "mp":
         return WorkerPool(cfg.workers, tokenizer_json)
     try:
-        from pitlm.corpus.executors import DatatrovePool
+        from pitlm.corpus.executors import DatatrovePool  # noqa: PLC0415 - optional dependency datatrove
     except ImportError as e:
         raise PitlmError(f"--executor {cfg.executor} needs datatrove ({e}): pip install 'pitlm[distributed]'") from None
     return DatatrovePool(cfg, tokenizer_json, work / "datatrove")

@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+import multiprocess
 from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
 from datatrove.executor.ray import RayPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
@@ -179,8 +180,6 @@ class DatatrovePool:
         init_worker(self.tokenizer_json)  # reading the results back may call a job function here
         quiet_datatrove()
         if self.kind == "local":
-            import multiprocess
-
             # datatrove's local tasks fork from a forkserver (threads here, such as progress bars, stay here);
             # preload pitlm rather than re-import __main__, which may be any script that calls build_corpus
             multiprocess.set_forkserver_preload(["pitlm.corpus.executors"])
@@ -190,12 +189,12 @@ class DatatrovePool:
 
     def __exit__(self, *exc) -> None:
         if self._ray_started:
-            import ray
+            import ray  # noqa: PLC0415 - optional dependency ray
 
             ray.shutdown()
 
     def _init_ray(self) -> None:
-        import ray
+        import ray  # noqa: PLC0415 - optional dependency ray
 
         if ray.is_initialized():
             return

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pitlm.corpus.dates import UTC, dump_for_date
 
@@ -43,9 +45,6 @@ def fake_records(n: int, seed: int = 0, start: str = "2016-01-01", end: str = "2
 
 
 def write_parquet(records: list[dict], path: str | Path, row_group_size: int = 1000) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(records), path, row_group_size=row_group_size)

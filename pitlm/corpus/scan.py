@@ -22,6 +22,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from pitlm.corpus.dates import end_of_day, format_utc, parse_doc_date
 from pitlm.corpus.sources import Unit, iter_records
 
@@ -163,9 +166,6 @@ def scan_unit(job: ScanJob) -> dict:
     """Filter one unit; write its eligible documents' metadata and its counts. Skips a finished unit."""
     if job.stats_path.is_file():
         return json.loads(job.stats_path.read_text())
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     counts: Counter[str] = Counter()
     cols: dict[str, list] = {k: [] for k in ("row", "id", "date", "dump", "n_chars", "est_tokens", "priority", "is_val")}
     if job.keep_text:

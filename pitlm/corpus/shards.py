@@ -41,6 +41,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from pitlm.corpus.dates import parse_cutoff
 from pitlm.errors import PitlmError
 from pitlm.volume import Volume, atomic_path, sha256_file
 
@@ -159,8 +160,6 @@ class ShardIndex:
         """The corpus of documents crawled on or before `cutoff`: periods 1..k where c_k = cutoff, each split's
         shards in period order. The cutoff must be one of `cutoffs` (a date between two would silently mean the
         earlier one)."""
-        from pitlm.corpus.dates import parse_cutoff
-
         c = parse_cutoff(cutoff)
         have = self.cutoffs
         if c not in have:
@@ -201,8 +200,6 @@ def _single_period(root: Path) -> list[dict] | None:
 def parse_corpus_spec(spec: str) -> tuple[str, dt.date | None]:
     """'NAME' -> (NAME, None); 'NAME@YYYY-MM-DD' -> (NAME, that date): the slice of a nested corpus (or the one
     cutoff of a plain one). NAME may be a corpus name on the volume or a path to a corpus directory."""
-    from pitlm.corpus.dates import parse_cutoff
-
     spec = str(spec).strip()
     name, at, tail = spec.rpartition("@")
     if not at or "/" in tail:  # no '@', or an '@' inside a directory name of a path

@@ -22,6 +22,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from pitlm.corpus.dates import FINEWEB_DUMPS, crawl_period, format_utc, is_dump_name, parse_dump, select_dumps
 from pitlm.errors import PitlmError
 from pitlm.volume import Volume
@@ -75,9 +80,7 @@ class Source:
 def hub_dump_names(repo: str) -> list[str]:
     """The dump configs of a hub dataset; FineWeb v1's shipped list when the hub cannot be asked (offline)."""
     try:
-        from datasets import get_dataset_config_names
-
-        names = [n for n in get_dataset_config_names(repo) if is_dump_name(n)]
+        names = [n for n in datasets.get_dataset_config_names(repo) if is_dump_name(n)]
         if names:
             return names
         log.warning("%s lists no CC-MAIN-YYYY-WW configs; using FineWeb v1's 96 dumps", repo)
@@ -198,8 +201,6 @@ def iter_records(unit: Unit) -> Iterator[tuple[int, dict]]:
 
 
 def _parquet_file(path: str):
-    import pyarrow.parquet as pq
-
     try:
         return pq.ParquetFile(path)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
@@ -245,11 +246,7 @@ def _iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
 
 def _iter_hub(repo: str, dump: str | None) -> Iterator[tuple[int, dict]]:
     try:
-        from datasets import load_dataset
-    except ImportError:
-        raise PitlmError("hub sources need the `datasets` package: pip install datasets") from None
-    try:
-        stream = load_dataset(repo, name=dump, split="train", streaming=True)
+        stream = datasets.load_dataset(repo, name=dump, split="train", streaming=True)
         yield from enumerate(stream)
     except PitlmError:
         raise
@@ -273,9 +270,6 @@ def read_texts(unit: Unit, rows: list[int]) -> list[str]:
 
 
 def _parquet_texts(path: str, rows: list[int]) -> list[str]:
-    import numpy as np
-    import pyarrow as pa
-
     pf = _parquet_file(path)
     sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
     starts = np.concatenate([[0], np.cumsum(sizes)])

@@ -14,10 +14,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from pitlm.corpus.dates import format_utc, parse_doc_date
+from pitlm.corpus.scan import DocFilter, iter_eligible
+from pitlm.corpus.sources import resolve_source
 from pitlm.errors import PitlmError
-from pitlm.volume import Volume, check_entry_name
+from pitlm.volume import Volume, atomic_dir, build_manifest, check_entry_name, write_manifest
 
 log = logging.getLogger("pitlm.corpus")
 
@@ -46,8 +53,6 @@ def load_tokenizer(spec: str, vol: Volume):
     looks_local = path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
     if looks_local and not Path(path).expanduser().exists():
         raise PitlmError(f"tokenizer path {path} does not exist")
-    from transformers import AutoTokenizer
-
     try:
         tok = AutoTokenizer.from_pretrained(str(Path(path).expanduser()) if looks_local else path)
     except Exception as e:  # noqa: BLE001 - hub / file errors become one line
@@ -80,9 +85,6 @@ def backend_json(tok) -> str:
 def train_bpe(texts, vocab_size: int, min_frequency: int = 2):
     """A byte-level BPE (`tokenizers`) trained on `texts`, wrapped as a transformers fast tokenizer with
     EOS (= BOS) `<|endoftext|>` and PAD `<|pad|>`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -97,13 +99,6 @@ def train_bpe(texts, vocab_size: int, min_frequency: int = 2):
 def train_pit_tokenizer(cfg, vol: Volume) -> dict:
     """`pitlm corpus tokenizer`: train a byte-level BPE on documents crawled on or before `cfg.cutoff` and save it
     (transformers-loadable, with a manifest) at PITLM_HOME/corpus/_tokenizers/NAME/. Returns the manifest."""
-    import time
-
-    from pitlm.corpus.dates import format_utc, parse_doc_date
-    from pitlm.corpus.scan import DocFilter, iter_eligible
-    from pitlm.corpus.sources import resolve_source
-    from pitlm.volume import atomic_dir, build_manifest, write_manifest
-
     t0 = time.time()
     final = pit_tokenizer_dir(vol, cfg.name)
     if final.exists() and not cfg.overwrite:

@@ -15,15 +15,20 @@ Every job writes its outputs under a name derived from its inputs only, so a kil
 
 from __future__ import annotations
 
+import ctypes
 import json
 import multiprocessing as mp
 import os
+import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tokenizers import Tokenizer
 
 from pitlm.corpus.scan import staged_path, text_hash, write_staged_json
 from pitlm.corpus.shards import write_shard
@@ -39,9 +44,6 @@ def _die_with_parent(parent_pid: int) -> None:
     """A killed build must not leave workers behind: forked pool workers never see their queue close (they hold
     its write end themselves), so ask Linux to kill them when the parent dies."""
     try:
-        import ctypes
-        import signal
-
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
@@ -54,8 +56,6 @@ def init_worker(tokenizer_json: str | None, parent_pid: int | None = None) -> No
         _die_with_parent(parent_pid)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process = one core; the pool provides the parallelism
     if tokenizer_json:
-        from tokenizers import Tokenizer
-
         _STATE["tokenizer"] = Tokenizer.from_str(tokenizer_json)
 
 
@@ -121,9 +121,6 @@ def tokenize_job(job: TokenizeJob) -> str:
     a table of (id, n_tokens, text_hash). The table is written last: it is the completion marker."""
     if job.meta_path.is_file():
         return job.job_id
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     _test_delay()
     tok = _STATE["tokenizer"]
     texts = read_texts(job.unit, list(job.rows))
@@ -176,9 +173,6 @@ def pack_shard(job: PackJob) -> dict:
     """Write one shard (documents end to end, EOS after each) and its ids table; returns the index entry."""
     if job.done_path.is_file():
         return json.loads(job.done_path.read_text())
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     _test_delay()
     maps: dict[str, np.ndarray] = {}
     out = []

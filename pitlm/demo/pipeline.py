@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from pitlm.errors import PitlmError
 from pitlm.volume import Volume, atomic_write_json
 
@@ -116,8 +118,6 @@ def summary_of(step: Step) -> dict[str, str]:
 
 def latest_run(vol: Volume, stage: str, match: dict[str, str] | None = None) -> Path | None:
     """The newest successful run of `stage` whose config.yaml has the given key/values."""
-    import yaml
-
     root = vol.path("runs")
     for d in sorted(root.glob(f"{stage}-*"), reverse=True):
         summary = d / "summary.json"

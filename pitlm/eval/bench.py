@@ -23,13 +23,20 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Annotated
 
 import numpy as np
 import pandas as pd
-import typer
+import torch
+from sklearn.linear_model import Ridge
+from sklearn.metrics import r2_score
+from sklearn.model_selection import GroupKFold
 
+from pitlm.errors import PitlmError
+from pitlm.eval.bootstrap import draw_counts
+from pitlm.eval.pipeline import EVAL_PROTOCOL_DEFAULTS
 from pitlm.eval.protocols import PROTOCOLS
+from pitlm.eval.protocols.run import ProtocolConfig, evaluate
+from pitlm.eval.splitters import PurgedPanelSplit
 
 PRESETS = {"demo-small": (30, 30, 133), "demo": (100, 30, 256), "us-473": (473, 30, 133), "seed": (1000, 30, 2053)}
 BENCH_PROTOCOLS = (*PROTOCOLS, "eval")
@@ -85,12 +92,6 @@ def compare_values(path: str, res) -> dict:
 
 def sklearn_protocol(X: np.ndarray, rows: pd.DataFrame, counts: np.ndarray, protocol: str, cfg) -> dict[str, float]:
     """One bootstrap draw of a protocol, plainly: duplicate the drawn stocks' rows, refit every fold."""
-    from sklearn.linear_model import Ridge
-    from sklearn.metrics import r2_score
-    from sklearn.model_selection import GroupKFold
-
-    from pitlm.eval.splitters import PurgedPanelSplit
-
     codes = rows["SecuritiesCode"].to_numpy()
     uniq, inv = np.unique(codes, return_inverse=True)
     by_stock = [np.flatnonzero(inv == s) for s in range(len(uniq))]
@@ -136,9 +137,6 @@ class StatsBench:
         return tuple(v if v is not None else p for v, p in zip(given, PRESETS[self.scale], strict=True))
 
     def protocol_config(self):
-        from pitlm.eval.pipeline import EVAL_PROTOCOL_DEFAULTS
-        from pitlm.eval.protocols.run import ProtocolConfig
-
         common = {"n_boot": self.draws, "seed": self.seed, "device": self.device, "engine": self.engine}
         if self.protocol == "eval":  # the eval's defaults: jackknife and rank IC on, alpha by inner CV
             return ProtocolConfig(protocols=list(PROTOCOLS), **EVAL_PROTOCOL_DEFAULTS, **common)
@@ -146,10 +144,6 @@ class StatsBench:
 
 
 def _check(b: StatsBench) -> None:
-    import torch
-
-    from pitlm.errors import PitlmError
-
     if b.scale not in PRESETS:
         raise PitlmError(f"unknown scale '{b.scale}'; known: {', '.join(PRESETS)}")
     if b.protocol not in BENCH_PROTOCOLS:
@@ -163,11 +157,6 @@ def _check(b: StatsBench) -> None:
 def run_bench_stats(bench: StatsBench | None = None, **options) -> dict:
     """Time the engine (and scikit-learn, where it has the same protocol) on the same draws; returns the
     summary (key -> value). `options` are StatsBench fields."""
-    import torch
-
-    from pitlm.eval.bootstrap import draw_counts
-    from pitlm.eval.protocols.run import evaluate
-
     b = bench or StatsBench(**options)
     _check(b)
     S, m, d = b.shape()
@@ -218,28 +207,3 @@ def _sklearn_side(b: StatsBench, X, rows, res, cfg, engine_per_draw: float, coun
     return {"sklearn_draws": n_sk, "sklearn_s_per_draw": sklearn_per_draw,
             "sklearn_s_extrapolated": sklearn_per_draw * (b.draws + 1),
             "speedup": sklearn_per_draw / engine_per_draw, "max_abs_diff": max(diffs) if diffs else float("nan")}
-
-
-def bench_stats(
-    scale: Annotated[str, typer.Option(help="Preset: demo-small (30x30x133), demo (100x30x256), us-473 "
-                                            "(473x30x133), seed (1000x30x2053).")] = "demo",
-    stocks: Annotated[int | None, typer.Option(help="Override the preset's number of stocks.")] = None,
-    dates_per_stock: Annotated[int | None, typer.Option(help="Override the preset's dates per stock.")] = None,
-    features: Annotated[int | None, typer.Option(help="Override the preset's number of features.")] = None,
-    draws: Annotated[int, typer.Option(help="Bootstrap draws for the engine.")] = 200,
-    sklearn_draws: Annotated[int, typer.Option(help="Draws for scikit-learn (its time per draw is extrapolated).")] = 10,
-    protocol: Annotated[str, typer.Option(help="legacy (chronological + GroupKFold), purged, walk_forward, or eval "
-                                               "(all three with the eval's defaults: alpha by inner CV, jackknife, "
-                                               "rank IC; engine only).")] = "legacy",
-    designs: Annotated[int, typer.Option(help="Designs scored on the same draws (a control + N-1 models).")] = 1,
-    device: Annotated[str, typer.Option(help="cpu or cuda (float64 torch).")] = "cpu",
-    engine: Annotated[str, typer.Option(help="Engine mode: auto, stats (per-stock statistics) or rows.")] = "auto",
-    seed: Annotated[int, typer.Option(help="Data and bootstrap seed.")] = 0,
-    save_values: Annotated[str | None, typer.Option(help="Write every statistic of every draw to this .npz.")] = None,
-    compare_values: Annotated[str | None, typer.Option(help="Compare every statistic with this saved .npz.")] = None,
-) -> None:
-    """Time the exact statistics engine (against scikit-learn where it has the protocol); print the figures."""
-    from pitlm.log import emit_summary
-
-    emit_summary(run_bench_stats(StatsBench(scale, stocks, dates_per_stock, features, draws, sklearn_draws, protocol,
-                                            designs, device, engine, seed, save_values, compare_values)))

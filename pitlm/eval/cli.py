@@ -10,7 +10,6 @@ from typing import Annotated
 import typer
 
 from pitlm.cliutil import RecipeOpt, SetOpt, guarded_volume
-from pitlm.eval.bench import bench_stats
 from pitlm.eval.protocols import PROTOCOLS
 
 ModelOpt = Annotated[list[str] | None, typer.Option("--model", "-m", help="NAME=SPEC (repeatable). SPEC: HF id or dir, "
@@ -146,9 +145,35 @@ def bench_embed_command(
     emit_summary(out)
 
 
+def bench_stats_command(
+    scale: Annotated[str, typer.Option(help="Preset: demo-small (30x30x133), demo (100x30x256), us-473 "
+                                            "(473x30x133), seed (1000x30x2053).")] = "demo",
+    stocks: Annotated[int | None, typer.Option(help="Override the preset's number of stocks.")] = None,
+    dates_per_stock: Annotated[int | None, typer.Option(help="Override the preset's dates per stock.")] = None,
+    features: Annotated[int | None, typer.Option(help="Override the preset's number of features.")] = None,
+    draws: Annotated[int, typer.Option(help="Bootstrap draws for the engine.")] = 200,
+    sklearn_draws: Annotated[int, typer.Option(help="Draws for scikit-learn (its time per draw is extrapolated).")] = 10,
+    protocol: Annotated[str, typer.Option(help="legacy (chronological + GroupKFold), purged, walk_forward, or eval "
+                                               "(all three with the eval's defaults: alpha by inner CV, jackknife, "
+                                               "rank IC; engine only).")] = "legacy",
+    designs: Annotated[int, typer.Option(help="Designs scored on the same draws (a control + N-1 models).")] = 1,
+    device: Annotated[str, typer.Option(help="cpu or cuda (float64 torch).")] = "cpu",
+    engine: Annotated[str, typer.Option(help="Engine mode: auto, stats (per-stock statistics) or rows.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Data and bootstrap seed.")] = 0,
+    save_values: Annotated[str | None, typer.Option(help="Write every statistic of every draw to this .npz.")] = None,
+    compare_values: Annotated[str | None, typer.Option(help="Compare every statistic with this saved .npz.")] = None,
+) -> None:
+    """Time the exact statistics engine (against scikit-learn where it has the protocol); print the figures."""
+    from pitlm.eval.bench import StatsBench, run_bench_stats
+    from pitlm.log import emit_summary
+
+    emit_summary(run_bench_stats(StatsBench(scale, stocks, dates_per_stock, features, draws, sklearn_draws, protocol,
+                                            designs, device, engine, seed, save_values, compare_values)))
+
+
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     app.command("eval")(eval_command)
     app.command("calibrate")(calibrate_command)
     app.command("probe")(probe_command)
     bench_app.command("embed")(bench_embed_command)
-    bench_app.command("stats")(bench_stats)
+    bench_app.command("stats")(bench_stats_command)

@@ -24,8 +24,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
+from sklearn.feature_extraction.text import HashingVectorizer
+from transformers import AutoModel
 
+from pitlm.archs import arch_config
 from pitlm.eval.cache import EmbeddingCache, cache_key
+from pitlm.eval.embfile import load_for_rows
 from pitlm.eval.models import (
     ModelSpec,
     backbone_of,
@@ -38,6 +43,8 @@ from pitlm.eval.models import (
     resolve_device,
 )
 from pitlm.eval.prompts import prompts_hash
+from pitlm.kernels import cpu_safe_delta_rules, install_fast_kernels
+from pitlm.kernels.profiling import profile_call
 from pitlm.log import make_progress
 from pitlm.volume import Volume
 
@@ -51,8 +58,6 @@ def random_features(prompts: list[str], dim: int = 256, seed: int = 0, ngram_min
                     n_hash: int = 2 ** 14, scale: float = 1.0) -> np.ndarray:
     """A fixed random-feature map of the prompt text: tanh(scale * hashed_char_ngrams(prompt) @ G), G ~ N(0, 1)
     of shape (n_hash, dim) drawn from `seed`. Deterministic; depends on the prompt text only."""
-    from sklearn.feature_extraction.text import HashingVectorizer
-
     hv = HashingVectorizer(analyzer="char", ngram_range=(ngram_min, ngram_max), n_features=n_hash,
                            alternate_sign=False, norm="l2")
     S = hv.transform(prompts)
@@ -64,8 +69,6 @@ def random_features(prompts: list[str], dim: int = 256, seed: int = 0, ngram_min
 
 def last_token_states(backbone, input_ids, attention_mask):
     """Last-layer hidden state at each row's last non-pad token (either padding side)."""
-    import torch
-
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
@@ -75,8 +78,6 @@ def last_token_states(backbone, input_ids, attention_mask):
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "right"):
-    import torch
-
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -90,8 +91,6 @@ def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "right"):
 def embed_token_ids(backbone, seqs: list[list[int]], batch_size: int, device: str, pad_id: int = 0,
                     padding_side: str = "right", description: str = "embed") -> np.ndarray:
     """Embed pre-tokenized sequences in length-sorted batches; rows returned in input order (float32)."""
-    import torch
-
     if any(len(s) == 0 for s in seqs):
         raise ValueError("cannot embed an empty token sequence")
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
@@ -204,8 +203,6 @@ def embed(spec: ModelSpec | str, prompts: list[str], vol: Volume, opts: EmbedOpt
 
 
 def _embedding_file(spec: ModelSpec, fp: str, keys) -> Embedding:
-    from pitlm.eval.embfile import load_for_rows
-
     if keys is None:
         raise ValueError(f"{spec.raw} needs the rows' (SecuritiesCode, Date) keys, not prompts")
     t0 = time.perf_counter()
@@ -234,11 +231,6 @@ def bench_embed(arch: str, n_prompts: int = 256, batch_sizes: tuple[int, ...] = 
     the routed experts' Triton kernels, pitlm.kernels.routed); `profile_path`: a
     torch.profiler table of one more batch of the first size. Keys: the first batch size's figures, plus
     `prompts_per_s_batch<B>` for every B."""
-    import torch
-    from transformers import AutoModel
-
-    from pitlm.archs import arch_config
-
     device = resolve_device(device)
     dtype = default_dtype(device)
     cuda = device.startswith("cuda")
@@ -247,8 +239,6 @@ def bench_embed(arch: str, n_prompts: int = 256, batch_sizes: tuple[int, ...] = 
     t0 = time.perf_counter()
     with torch.device(device):
         model = AutoModel.from_config(config, dtype=dtype).eval()
-    from pitlm.kernels import cpu_safe_delta_rules, install_fast_kernels
-
     cpu_safe_delta_rules()
     kernels = install_fast_kernels(model, experts=True, routed=routed_kernels) if fast_kernels and cuda else []
     out: dict[str, Any] = {"arch": arch, "device": device, "dtype": str(dtype).replace("torch.", ""),
@@ -276,8 +266,6 @@ def bench_embed(arch: str, n_prompts: int = 256, batch_sizes: tuple[int, ...] = 
             row["peak_vram_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
         out[f"prompts_per_s_batch{b}"] = row["prompts_per_s"]
         if profile_path and b == batch_sizes[0]:  # one more forward of the first batch size, profiled
-            from pitlm.kernels.profiling import profile_call
-
             profile_call(lambda b=b: embed_token_ids(model, seqs[:b], b, device, description="profile"),
                          profile_path, cuda)
         if b == batch_sizes[0]:

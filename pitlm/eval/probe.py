@@ -35,12 +35,41 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+import torch
 from pydantic import Field
 from scipy.special import logsumexp
 
 from pitlm.config import StageConfig
 from pitlm.errors import PitlmError
+from pitlm.eval.bootstrap import summarize
+from pitlm.eval.embed import pad_batch, pad_id_of, tokenize
+from pitlm.eval.models import (
+    default_dtype,
+    describe,
+    load_causal_lm,
+    load_tokenizer,
+    parse_named_specs,
+    parse_spec,
+    resolve_device,
+)
+from pitlm.eval.pipeline import (
+    EVAL_PROTOCOL_DEFAULTS,
+    EvalConfig,
+    check_rows,
+    design_matrix,
+    embed_models,
+    family_world,
+    load_rows,
+    protocol_config,
+    resolve_models,
+)
 from pitlm.eval.probestats import balanced_accuracy, lap_interaction, min_k, min_k_pp, row_weights, true_minus_false
+from pitlm.eval.prompts import build_prompts
+from pitlm.eval.protocols.run import Panel, count_vectors, evaluate
+from pitlm.eval.record import rows_summary, summary_from_lines
+from pitlm.eval.result import _finite
+from pitlm.log import format_value, make_progress
+from pitlm.volume import package_versions
 
 log = logging.getLogger("pitlm.eval")
 PROBES = ("mink", "entity", "lap")
@@ -86,11 +115,6 @@ def token_scores(model, seqs: list[list[int]], batch_size: int, device: str, pad
                  description: str) -> list[dict[str, np.ndarray]]:
     """Per sequence: lp (log p of tokens 1..L-1 given the tokens before), and mu, sd: the mean and standard
     deviation of log p(z) under the model's next-token distribution at the same positions (for Min-K%++)."""
-    import torch
-
-    from pitlm.eval.embed import pad_batch
-    from pitlm.log import make_progress
-
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     out: list[dict[str, np.ndarray]] = [{} for _ in seqs]
     with torch.inference_mode(), make_progress() as bar:
@@ -116,8 +140,6 @@ def token_scores(model, seqs: list[list[int]], batch_size: int, device: str, pad
 
 def word_sequences(tok, prompts: list[str], words: list[str], max_length: int, name: str):
     """Token ids of every prompt and of prompt + word for each word (the prompt's tokens must be a prefix)."""
-    from pitlm.eval.embed import tokenize
-
     prefix = tokenize(tok, prompts, max_length)
     if min(len(a) for a in prefix) < 2:
         raise PitlmError(f"'{name}': a prompt tokenizes to one token; Min-K% needs at least one scored token")
@@ -138,9 +160,6 @@ def score_rows(spec, prompts: list[str], cfg: ProbeConfig) -> dict[str, np.ndarr
     word), margin = logsumexp over up-words of log p(word | prompt) - the same over down-words (a word's log p
     sums its tokens'; with one-token words this is scripts/probe_direction.py's margin), and lap = Min-K% of
     the prompt's own tokens."""
-    from pitlm.eval.embed import pad_id_of
-    from pitlm.eval.models import default_dtype, load_causal_lm, load_tokenizer, resolve_device
-
     if not spec.needs_lm:
         raise PitlmError(f"'{spec.raw}' has no likelihood: the mink and lap probes need a language model "
                          f"(use --probe entity for embeddings and random features)")
@@ -183,16 +202,12 @@ def lm_probe_values(scores: dict[str, np.ndarray], move: np.ndarray, W: np.ndarr
 
 def summarise_probe(values: np.ndarray, control: np.ndarray, n_boot: int, level: float) -> dict[str, Any]:
     """The raw statistic, its control's and the net (model - control, per draw) with intervals; the decision."""
-    from pitlm.eval.bootstrap import summarize
-
     net = summarize(values - control, n_boot, level)
     return {"model": summarize(values, n_boot, level), "control": summarize(control, n_boot, level), "net": net,
             "flagged": bool(np.isfinite(net["ci_lo"]) and net["ci_lo"] > 0)}
 
 
 def probe_lines(name: str, stat: str, s: dict[str, Any]) -> list[str]:
-    from pitlm.log import format_value
-
     lines = []
     for key, part in ((f"{name}_{stat}", s["model"]), (f"{name}_net_{stat}", s["net"])):
         lines += [f"{key}: {format_value(part['estimate'])}", f"{key}_ci_lo: {format_value(part['ci_lo'])}",
@@ -215,8 +230,6 @@ def probe_moves(vol, cfg: ProbeConfig, rows: pd.DataFrame) -> np.ndarray:
     """The realised move of every row (NaN or 0: no move, left out of the LM probes)."""
     if cfg.move == "target":
         return rows["Target"].to_numpy(dtype=np.float64)
-    from pitlm.eval.pipeline import family_world
-
     world = family_world(SimpleNamespace(family_ground_truth="auto", market=cfg.market), vol)
     if world is None:
         raise PitlmError(f"move=planted needs a market built from a synthetic world (`pitlm market world`); "
@@ -228,8 +241,6 @@ def probe_moves(vol, cfg: ProbeConfig, rows: pd.DataFrame) -> np.ndarray:
 
 def lm_controls(cfg: ProbeConfig, specs: dict, vol) -> dict[str, Any]:
     """Each model's knowledge-free LM control: cfg.control, or the random-init twin of its own architecture."""
-    from pitlm.eval.models import parse_spec
-
     out = {}
     for name, spec in specs.items():
         if cfg.control:
@@ -248,10 +259,6 @@ def lm_controls(cfg: ProbeConfig, specs: dict, vol) -> dict[str, Any]:
 
 def entity_probe(cfg: ProbeConfig, vol, rows: pd.DataFrame, pcfg) -> dict[str, dict]:
     """Per model: the net leakage statistic with the named and the anonymised prompt, and their gap per draw."""
-    from pitlm.eval.pipeline import EvalConfig, design_matrix, embed_models, resolve_models
-    from pitlm.eval.prompts import build_prompts
-    from pitlm.eval.protocols.run import evaluate
-
     anon = anonymised_template(cfg)
     ecfg = EvalConfig(market=cfg.market, models=cfg.models, control=cfg.entity_control, control_match=cfg.control_match,
                       protocols=cfg.protocols, template=cfg.template, numeric_features=cfg.numeric_features,
@@ -277,15 +284,6 @@ def entity_probe(cfg: ProbeConfig, vol, rows: pd.DataFrame, pcfg) -> dict[str, d
 
 def run_probe(cfg: ProbeConfig, vol, run) -> dict[str, Any]:
     """The whole stage: writes results.json (stage 'probe') in the run dir and prints the summary lines."""
-    from pitlm.eval.bootstrap import summarize
-    from pitlm.eval.models import describe, parse_named_specs
-    from pitlm.eval.pipeline import EVAL_PROTOCOL_DEFAULTS, check_rows, load_rows, protocol_config
-    from pitlm.eval.prompts import build_prompts
-    from pitlm.eval.protocols.run import Panel, count_vectors
-    from pitlm.eval.record import rows_summary
-    from pitlm.eval.result import _finite
-    from pitlm.volume import package_versions
-
     t0 = time.time()
     if not cfg.models:
         raise PitlmError("give at least one model: --model NAME=SPEC")
@@ -341,8 +339,6 @@ def run_probe(cfg: ProbeConfig, vol, run) -> dict[str, Any]:
               if probes.get("entity") else "probe_statistic_entity: none",
               f"move: {cfg.move}", f"rows_with_move: {int(has_move.sum())}",
               f"rows_up: {int((has_move & (move > 0)).sum())}", f"bootstrap_draws: {pcfg.n_boot}"]
-    from pitlm.eval.record import summary_from_lines
-
     results = {"stage": "probe", "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "versions": package_versions(),
                "config": {**cfg.model_dump(mode="json"), "protocol_resolved": pcfg.model_dump(mode="json")},

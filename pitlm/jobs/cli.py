@@ -50,7 +50,8 @@ def submit(
 
     Records runs/<job id>/job.json and job.log; prints `job_*` lines and the command's `key: value` metrics.
     Exits with the command's exit status (124 when --timeout passes first; the job keeps running)."""
-    from pitlm.jobs.core import SubmitOptions, submit_job, wait_jobs
+    from pitlm.jobs.core import SubmitOptions
+    from pitlm.jobs.submit import submit_job, wait_jobs
     from pitlm.log import emit_summary
 
     opts = SubmitOptions(
@@ -118,7 +119,8 @@ def jobs_wait(ctx: typer.Context,
     """Wait for jobs to finish, then tabulate their headline metrics (like the seed's wait-jobs.sh).
 
     Exits 0 when every job succeeded, 124 when some are still running at --timeout, else 1."""
-    from pitlm.jobs.core import find_job, wait_jobs
+    from pitlm.jobs.core import find_job
+    from pitlm.jobs.submit import wait_jobs
     from pitlm.log import emit_summary
 
     vol = volume(ctx)

@@ -19,6 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pitlm
 from pitlm.errors import PitlmError
 from pitlm.jobs.core import (
     WRITING_STAGES,
@@ -104,8 +105,6 @@ def resolve_source(opts: SubmitOptions) -> dict:
         if not re.fullmatch(r"[0-9a-fA-F]{7,40}", opts.commit):
             raise PitlmError(f"--commit {opts.commit!r}: give a commit SHA (or --repo-dir to resolve a ref)")
         return {"repo_url": opts.repo_url, "commit": opts.commit, "checked": False}
-    import pitlm
-
     repo = Path(opts.repo_dir or Path(pitlm.__file__).resolve().parent.parent)
     top = _git(repo, "rev-parse", "--show-toplevel")
     if top is None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -308,12 +309,10 @@ def download_jpx(dest: str | Path) -> Path:
     if kaggle_credentials() is None:
         raise PitlmError(NO_CREDENTIALS)
     try:
-        from kaggle.api.kaggle_api_extended import KaggleApi
+        from kaggle.api.kaggle_api_extended import KaggleApi  # noqa: PLC0415 - optional dependency kaggle
     except Exception as e:  # the package authenticates and imports optional modules at import time
         raise PitlmError(f"cannot import the kaggle package ({e}); pip install 'kaggle>=1.6', or stage the files "
                          f"by hand: {STAGE_BY_HAND}") from e
-    import zipfile
-
     dest = Path(dest)
     (dest / "train_files").mkdir(parents=True, exist_ok=True)
     api = KaggleApi()

@@ -31,6 +31,7 @@ import warnings
 
 import numpy as np
 import pandas as pd
+from pandas.tseries.api import guess_datetime_format
 
 from pitlm.errors import PitlmError
 
@@ -230,8 +231,6 @@ def numbers(check: RowCheck, raw: pd.Series, column: str) -> pd.Series:
 def guess_date_format(values: pd.Series, sample: int = 200) -> str | None:
     """The strftime format that parses most of the first `sample` distinct values (pandas' guesses, month-first
     and day-first); None when no value looks like a date."""
-    from pandas.tseries.api import guess_datetime_format
-
     distinct = pd.Series(values.dropna().astype(str).str.strip().head(20 * sample).unique()[:sample])
     candidates: list[str] = []
     with warnings.catch_warnings():

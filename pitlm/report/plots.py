@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.colors import TwoSlopeNorm
+from matplotlib.patches import Rectangle
 
 FLAG = "#c0392b"
 CLEAR = "#2c3e50"
@@ -157,9 +159,6 @@ def knowledge_heatmap(family: dict) -> plt.Figure:
     """The knowledge matrix of a family (results.json `family.<NAME>`): member cutoff (rows) x walk-forward test
     year (columns), colour = the cell's net R2 (diverging around 0), text = estimate and interval; a flagged cell
     is outlined; with ground truth, a known cell is marked K and a partial one P."""
-    from matplotlib.colors import TwoSlopeNorm
-    from matplotlib.patches import Rectangle
-
     matrix = family["matrix"]
     members, years = matrix["members"], matrix["years"]
     V = np.array([[np.nan if matrix["cells"][m["name"]][str(y)]["estimate"] is None

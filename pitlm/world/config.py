@@ -20,6 +20,7 @@ from pydantic import ConfigDict, Field
 
 from pitlm.config import StageConfig
 from pitlm.errors import ConfigError
+from pitlm.world.timeline import trading_days
 
 MIN_TRADING_DAYS = 40  # 30-day returns and 20-day volatility need 31 rows before a stock's first usable row
 MAX_LOG_MOVE = 600.0  # exp(600) x the dearest start price is still a finite float, and so is every Target
@@ -74,8 +75,6 @@ class WorldConfig(StageConfig):
             raise ConfigError(f"cutoff {self.cutoff} must lie between start_date and corpus_end")
         if self.n_sectors > self.n_companies:
             raise ConfigError(f"n_sectors ({self.n_sectors}) must not exceed n_companies ({self.n_companies})")
-        from pitlm.world.timeline import trading_days
-
         n_days = len(trading_days(self.start_date, self.end_date))
         if n_days < MIN_TRADING_DAYS:
             raise ConfigError(f"start_date {self.start_date} .. end_date {self.end_date} holds {n_days} trading days; a "

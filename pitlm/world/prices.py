@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from pitlm.market.features import jpx_target
-from pitlm.market.jpx import PRICE_COLUMNS, cumulative_factor
+from pitlm.market.jpx import PRICE_COLUMNS, cumulative_factor, jpx_panel
 from pitlm.world.companies import make_companies
 from pitlm.world.config import WorldConfig
 from pitlm.world.timeline import EXTRA_DAYS, periods, trading_days
@@ -46,8 +46,6 @@ class WorldMarket:
 
     def panel(self) -> pd.DataFrame:
         """The normalised panel, through the same JPX loader as real data."""
-        from pitlm.market.jpx import jpx_panel
-
         return jpx_panel(self.prices, self.stock_list[["SecuritiesCode", "Name", "17SectorName"]]
                          .rename(columns={"17SectorName": "Sector"}), source="world prices")[0]
 
