@@ -28,29 +28,15 @@ from pitlm.corpus.tokenizer import load_tokenizer
 from pitlm.errors import PitlmError
 from pitlm.log import make_progress
 from pitlm.runs import Run, start_run
-from pitlm.train.activations import compile_blocks, enable_activation_checkpointing
+from pitlm.train.assembly import ModelSource, assemble, autocast_dtype, param_dtype
 from pitlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from pitlm.train.config import TrainConfig, check_config, micro_batch_size, uses_fsdp
 from pitlm.train.data import PackedWindows
 from pitlm.train.merge import export_hf_model, export_lora, merge_adapter, merge_checkpoint
 from pitlm.train.mfu import count_flops, mfu_fields, peak_bf16_tflops
-from pitlm.train.model import (
-    apply_lora,
-    build_model_config,
-    build_scratch_model,
-    check_lora,
-    count_params,
-    load_pretrained_model,
-    torch_dtype,
-)
+from pitlm.train.model import build_model_config, count_params, torch_dtype
 from pitlm.train.optim import build_optimizer
-from pitlm.train.parallel import (
-    DistEnv,
-    barrier,
-    build_fsdp_model,
-    init_distributed,
-    shutdown_distributed,
-)
+from pitlm.train.parallel import DistEnv, barrier, init_distributed, shutdown_distributed
 from pitlm.train.paths import (
     MEMBER,
     ModelDir,
@@ -86,12 +72,6 @@ class Setup:
 
 # ----------------------------------------------------------------------------- set-up
 
-def _param_dtype(cfg: TrainConfig, device: torch.device) -> str:
-    if cfg.dtype != "auto":
-        return cfg.dtype
-    return "bf16" if device.type == "cuda" and cfg.mode != "scratch" else "fp32"
-
-
 def _tokenizer_path(cfg: TrainConfig, vol, corpus_dir: Path, base_path: str | None) -> str:
     spec = cfg.tokenizer or base_path or corpus_tokenizer_spec(corpus_dir)
     if not spec:
@@ -100,30 +80,14 @@ def _tokenizer_path(cfg: TrainConfig, vol, corpus_dir: Path, base_path: str | No
     return resolve_tokenizer_path(spec, vol)
 
 
-def build_model(cfg: TrainConfig, env: DistEnv, base_path: str | None, vocab_size: int, tokenizer: Any,
-                dtype: torch.dtype, fsdp: bool) -> nn.Module:
-    """The model for the mode, before LoRA: a fresh one (scratch), or the base (full: sharded; lora: whole)."""
-    on_gpu = env.device.type == "cuda"
+def model_source(cfg: TrainConfig, base_path: str | None, vocab_size: int, tokenizer: Any,
+                 dtype: torch.dtype) -> ModelSource:
+    """The model for the mode, before LoRA: a fresh one (scratch: rank 0's seeded init under FSDP2, the same weights
+    at any world size), or the base (lora/full)."""
     if cfg.mode == "scratch":
-        config = build_model_config(cfg.model, vocab_size, tokenizer)
-
-        def fresh_state() -> dict:  # rank 0's seeded init, broadcast: the same weights at any world size
-            torch.manual_seed(cfg.seed)
-            return build_scratch_model(config, dtype, "cpu", cfg.attn_implementation).state_dict()
-
-        if fsdp:
-            return build_fsdp_model(config, env, dtype, fresh_state, cfg.fsdp.activation_checkpointing,
-                                    torch.bfloat16 if on_gpu else None, cfg.attn_implementation)
-        return build_scratch_model(config, dtype, env.device, cfg.attn_implementation)
-    if cfg.mode == "full":
-        from transformers import AutoConfig
-
-        def base_state() -> dict:  # only rank 0 reads the checkpoint; the others receive their shards
-            return load_pretrained_model(base_path, dtype, "cpu", cfg.attn_implementation).state_dict()
-
-        return build_fsdp_model(AutoConfig.from_pretrained(base_path), env, dtype, base_state,
-                                cfg.fsdp.activation_checkpointing, None, cfg.attn_implementation)
-    return load_pretrained_model(base_path, dtype, env.device, cfg.attn_implementation)
+        return ModelSource(dtype, config=build_model_config(cfg.model, vocab_size, tokenizer), seed=cfg.seed,
+                           attn_implementation=cfg.attn_implementation)
+    return ModelSource(dtype, path=base_path, attn_implementation=cfg.attn_implementation)
 
 
 def prepare(cfg: TrainConfig, vol, env: DistEnv) -> Setup:
@@ -133,35 +97,17 @@ def prepare(cfg: TrainConfig, vol, env: DistEnv) -> Setup:
     base_path = resolve_model_path(cfg.base, vol) if cfg.base else None
     tok_path = _tokenizer_path(cfg, vol, corpus_dir, base_path)
     tokenizer = load_tokenizer(tok_path, vol)
-    dtype_name = _param_dtype(cfg, env.device)
+    dtype_name = param_dtype(cfg, env.device)
     fsdp = uses_fsdp(cfg, env.world_size)
     torch.manual_seed(cfg.seed)
 
-    model = build_model(cfg, env, base_path, max(len(tokenizer), index.vocab_size), tokenizer,
-                        torch_dtype(dtype_name), fsdp)
-    if cfg.fast_kernels and env.device.type == "cuda" and not fsdp:  # FSDP2 + these kernels: not verified yet
-        from pitlm.kernels import install_fast_kernels, set_fast_path
-
-        install_fast_kernels(model)
-        set_fast_path(model, "lora-in-k", cfg.lora.experts_in_k)
+    source = model_source(cfg, base_path, max(len(tokenizer), index.vocab_size), tokenizer, torch_dtype(dtype_name))
+    built = assemble(source, cfg, env, fsdp)
+    model = built.model
     vocab = _unwrapped_config(model).vocab_size
     if index.vocab_size > vocab:
         raise PitlmError(f"corpus {corpus_dir.name} was tokenized with a {index.vocab_size}-token vocabulary but the "
                          f"model has {vocab}; tokenize the corpus with the model's tokenizer")
-    if cfg.gradient_checkpointing and not fsdp:
-        enable_activation_checkpointing(model, cfg.gradient_checkpointing_skip_last,
-                                        offload=cfg.gradient_checkpointing_offload)
-    total_params = count_params(model)
-    if cfg.mode == "lora":
-        model = apply_lora(model, cfg.lora)
-        rep = check_lora(model, cfg.lora)
-        log.info("LoRA: %s adapter parameters (%.4f%% of %s), %d of %d decoder layers adapted, %s trained in full",
-                 f"{rep.adapter_params:,}", 100 * rep.fraction, f"{rep.total_params:,}", rep.layers_adapted,
-                 rep.layers_total, f"{rep.full_params:,}")
-    # FSDP2: the blocks compile after fully_shard (its hooks run eagerly around each compiled block); the LM-head
-    # loss stays the model's forward, whose root hook gathers the sharded embeddings, norm and lm_head
-    compile_blocks(model, cfg.compile, head_loss=not fsdp)
-    model.train()
 
     val_windows = PackedWindows.from_index(index, "val", cfg.seq_len)
     inputs = {"corpus": str(corpus_dir), "corpus_cutoff": str(index.cutoff) if index.cutoff else None,
@@ -171,8 +117,8 @@ def prepare(cfg: TrainConfig, vol, env: DistEnv) -> Setup:
     if (corpus_dir / "manifest.json").is_file():
         inputs["corpus_manifest_sha256"] = sha256_file(corpus_dir / "manifest.json")
     return Setup(model=model, optimizer=build_optimizer(model, cfg), tokenizer=tokenizer, schedule=schedule,
-                 val_windows=val_windows, autocast_dtype=torch.bfloat16 if env.device.type == "cuda" and not fsdp else None, fsdp=fsdp,
-                 total_params=total_params, trainable_params=count_params(model, trainable_only=True),
+                 val_windows=val_windows, autocast_dtype=autocast_dtype(env.device, fsdp), fsdp=fsdp,
+                 total_params=built.total_params, trainable_params=count_params(model, trainable_only=True),
                  inputs=inputs)
 
 

@@ -1,5 +1,6 @@
 """Distributed set-up and FSDP2, as plain functions (torchtitan style): init the process group, build the model on
-the meta device, `fully_shard` each decoder block then the root, materialise on the device, load weights.
+the meta device, `fully_shard` each decoder block then the root, materialise on the device, load weights (composed
+with activation checkpointing and compile in one order by pitlm.train.assembly).
 
 The seed's FSDP2 lessons, enforced elsewhere (config.check_config) and relied on here: gradient accumulation stays 1,
 no 8-bit optimizer on DTensor parameters, sharded (DCP) checkpoints only — no in-job gather of a full state dict.
@@ -16,8 +17,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from pitlm.train.activations import enable_activation_checkpointing
 from pitlm.train.model import decoder_layers
 
 log = logging.getLogger("pitlm.train")
@@ -109,8 +111,6 @@ def broadcast_object(obj, env: DistEnv):
 def apply_fsdp(model: nn.Module, param_dtype: torch.dtype | None = None) -> nn.Module:
     """fully_shard every decoder block, then the root (embeddings, final norm, lm_head). With fp32 parameters on a
     GPU, compute in `param_dtype` (bf16) and reduce gradients in fp32."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
     kwargs = {"mp_policy": mp} if mp else {}
     layers = decoder_layers(model)
@@ -144,34 +144,21 @@ def materialize(model: nn.Module, device: torch.device) -> None:
         model.tie_weights()  # a plain to_empty gives each module its own tensor
 
 
-def build_fsdp_model(config, env: DistEnv, dtype: torch.dtype, full_state_dict: Callable[[], dict],
-                     activation_checkpointing: bool = False, compute_dtype: torch.dtype | None = None,
-                     attn_implementation: str | None = None) -> nn.Module:
-    """Meta-build, shard, materialise, then load weights that only rank 0 holds in full (`full_state_dict()` is
-    called on rank 0 only: from_pretrained on CPU, or a seeded fresh model) and broadcast shard by shard."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    model = build_meta_model(config, dtype, attn_implementation)
-    if activation_checkpointing:
-        enable_activation_checkpointing(model)
-    apply_fsdp(model, param_dtype=compute_dtype if compute_dtype not in (None, dtype) else None)
+def load_full_state(model: nn.Module, env: DistEnv, full_state_dict: Callable[[], dict]) -> None:
+    """Materialise a sharded meta model on the device, then load weights that only rank 0 holds in full
+    (`full_state_dict()` is called on rank 0 only: from_pretrained on CPU, or a seeded fresh model), broadcast shard
+    by shard."""
     materialize(model, env.device)
     state = full_state_dict() if env.is_main else {}
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     del state
-    return model
 
 
-def build_fsdp_model_random(config, env: DistEnv, dtype: torch.dtype, activation_checkpointing: bool = False,
-                            attn_implementation: str | None = None) -> nn.Module:
-    """Random weights at any size (the bench): each block is materialised and initialised on the device, then sharded
-    before the next one, so no rank ever holds more than one full block. Shards come from different ranks' draws,
-    which is a valid random init (not bitwise reproducible across world sizes; training uses build_fsdp_model)."""
-    from torch.distributed.fsdp import fully_shard
-
-    model = build_meta_model(config, dtype, attn_implementation)
-    if activation_checkpointing:
-        enable_activation_checkpointing(model)
+def shard_random(model: nn.Module, env: DistEnv) -> None:
+    """Random weights at any size (the bench) for a meta model: each block is materialised and initialised on the
+    device, then sharded before the next one, so no rank ever holds more than one full block. Shards come from
+    different ranks' draws, which is a valid random init (not bitwise reproducible across world sizes; training
+    loads a rank-0 state with `load_full_state`)."""
     layers = decoder_layers(model)
     inside = {id(m) for layer in layers for m in layer.modules()}
     with torch.no_grad():
@@ -190,4 +177,3 @@ def build_fsdp_model_random(config, env: DistEnv, dtype: torch.dtype, activation
                 model._init_weights(m)
     model.tie_weights()
     fully_shard(model)
-    return model
