@@ -442,7 +442,7 @@ def test_bench_train_sweeps_batches_and_in_backward_on_one_model(run):
     code, out, err = run("bench", "train", "--arch", "tiny-qwen3.5-moe", "--batch", "2,x")
     assert code != 0 and "error:" in err and "--batch" in err
     code, out, err = run("bench", "train", "--arch", "tiny-qwen3.5-moe", "--in-backward", "on", "--grad-accum", "2")
-    assert code != 0 and "--grad-accum 1" in err
+    assert code != 0 and "use grad_accum_steps=1" in err  # the trainer's own rule (check_config)
 
 
 def test_bench_train_sweeps_uncheckpointed_layers_and_reports_the_loss_path(run):
@@ -480,6 +480,8 @@ def test_bench_ablation_switches_one_fast_path_off_and_refuses_unknown_names(run
     assert state() == {"routed-experts": [False], "lora-in-k": [True], "router": [False], "shared-gate": [False]}
     assert bench._switch_fast_paths(model, True, "lora-in-k") is True
     assert state() == {"routed-experts": [True], "lora-in-k": [False], "router": [True], "shared-gate": [True]}
+    assert bench._switch_fast_paths(model, True, "none", experts_in_k=False) is True  # a config's lora.experts_in_k
+    assert state() == {"routed-experts": [True], "lora-in-k": [False], "router": [True], "shared-gate": [True]}
     code, out, err = run("bench", "train", "--arch", "tiny-qwen3.5-moe", "--ablate", "none,fast")
     assert code != 0 and "unknown --ablate fast" in err and "Traceback" not in err
 
@@ -496,10 +498,31 @@ def test_bench_train_reports_each_measurement_before_the_next_starts(monkeypatch
         return real_measure(model, cfg, env, vocab, batch_size, *args, **kwargs)
 
     monkeypatch.setattr(bench, "_measure", recording_measure)
-    results = bench.bench_train("tiny-qwen3.5-moe", seq_len=16, batch_size=[1, 2], steps=1, warmup=0, device="cpu",
+    cfg = bench.bench_config(overrides=["seq_len=16", "device=cpu"])
+    results = bench.bench_train(cfg, bench.Sweep(batch_size=[1, 2]), steps=1, warmup=0,
                                 on_result=lambda r: events.append(("result", r["batch_per_rank"])))
     assert events == [("measure", 1), ("result", 1), ("measure", 2), ("result", 2)]
     assert [r["batch_per_rank"] for r in results] == [1, 2]
+
+
+def test_bench_train_of_a_recipe_measures_the_model_that_trains(run, world, tmp_path):
+    """`bench train --recipe R` assembles R's model as `pitlm train --recipe R` does (random weights of the same
+    architecture): the same parameter counts, the recipe's checkpointing and LoRA; its batch by default."""
+    recipe = write_recipe(tmp_path / "lora.yaml", mode="lora", base="model:base", tokenizer=None, steps=2,
+                          batch_size=4, eval={"every": 2, "batches": 1}, checkpoint={"every": 2},
+                          gradient_checkpointing=True, gradient_checkpointing_skip_last=1,
+                          lora={"preset": "dense", "r": 4, "full_modules": ["lm_head"], "merge_on_exit": False})
+    code, out, err = run("train", "--recipe", recipe, "--name", "bench-twin")
+    assert code == 0, err
+    trained = summary_of(out)
+    vocab = json.loads((world["home"] / "models" / "base" / "final" / "config.json").read_text())["vocab_size"]
+    code, out, err = run("bench", "train", "--recipe", recipe, "--seq", "16", "--steps", "1", "--warmup", "0",
+                         "--set", f"model.vocab_size={vocab}")
+    assert code == 0, err
+    s = summary_of(out)
+    assert (s["total_params"], s["trainable_params"]) == (trained["total_params"], trained["trainable_params"])
+    assert s["lora_preset"] == "dense" and s["full_modules"] == "lm_head" and s["uncheckpointed_layers"] == "1"
+    assert s["batch_per_rank"] == "4" and s["activation_checkpointing"] == "true"
 
 
 def test_bench_optim_steps_the_recipe_tensors(run):

@@ -5,12 +5,13 @@ import pytest
 import torch
 
 from pitlm.train.activations import compile_blocks, enable_activation_checkpointing
-from pitlm.train.bench import _bench_config
-from pitlm.train.model import apply_lora, build_scratch_model, decoder_layers
+from pitlm.train.bench import bench_config
+from pitlm.train.model import apply_lora, build_model_config, build_scratch_model, decoder_layers
 
 
 def _lora_moe(offload: bool = False):
-    config, _, cfg = _bench_config("tiny-qwen3_5_moe", "lora", None, None, 1e-3, "adamw", "fp32", "grouped", None)
+    cfg = bench_config(overrides=["model.arch=tiny-qwen3_5_moe", "optim.lr=1e-3"])
+    config = build_model_config(cfg.model)
     torch.manual_seed(0)
     model = build_scratch_model(config, torch.float32, "cpu")
     enable_activation_checkpointing(model, offload=offload)

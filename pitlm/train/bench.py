@@ -1,65 +1,87 @@
-"""`pitlm bench train`: tokens/s and peak memory of pitlm's own `train_step` on an arch preset with random weights.
+"""`pitlm bench train`: tokens/s and peak memory of pitlm's own `train_step` on a TrainConfig's model with random
+weights and tokens, assembled as `pitlm train` assembles it (pitlm.train.assembly).
 
-    bench_train("qwen3.5-35b-a3b", "lora", seq_len=2048, batch_size=[4, 8], in_backward=[False, True])  # one GPU
-    torchrun --nproc-per-node 8 -m pitlm.cli bench train --arch qwen3.5-35b-a3b --mode full --batch 1
+    cfg = bench_config("lora-qwen35-35b-74gb", ["model.arch=qwen3.5-35b-a3b"])        # a recipe, or None
+    bench_train(cfg, Sweep(batch_size=[4, 8], in_backward=[False, True]))             # one GPU
+    torchrun --nproc-per-node 8 -m pitlm.cli bench train --mode full --arch qwen3.5-35b-a3b --batch 1
 
-lora: the model is built directly on the device in bf16 (fp32 on CPU), then the LoRA preset is applied with
-lm_head/embed_tokens trained in full, as in the seed's recipe. full: meta device -> FSDP2 per block -> each block
-initialised on the device and sharded before the next (no rank ever holds the whole model).
+The model comes from `model:` (an arch preset and transformers keys; a recipe that trains a `base` names its arch
+with --arch), built once: lora on the device (bf16 on a GPU, fp32 on CPU: the trainer's dtype), full on the meta
+device, each block initialised on the device and sharded before the next (no rank ever holds the whole model). A
+Sweep varies what can change on the built model; everything else is the config's.
 """
 
 from __future__ import annotations
 
+import copy
+import gc
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from pitlm.config import apply_overrides, build_config
+from pitlm.config import apply_overrides, build_config, load_recipe, parse_override
 from pitlm.errors import ConfigError
-from pitlm.kernels import fast_path_switches, install_fast_kernels, set_fast_path
+from pitlm.kernels import fast_path_switches, set_fast_path
 from pitlm.kernels.availability import fast_path_summary
-from pitlm.train.activations import compile_blocks, enable_activation_checkpointing, set_uncheckpointed_layers
-from pitlm.train.config import TrainConfig, check_activations
+from pitlm.kernels.profiling import h100_step_range, profile_call
+from pitlm.train.activations import set_uncheckpointed_layers
+from pitlm.train.assembly import ModelSource, assemble, autocast_dtype, param_dtype
+from pitlm.train.config import TrainConfig, check_config, micro_batch_size, uses_fsdp
 from pitlm.train.loop import quiet_transformers
-from pitlm.train.model import (
-    apply_lora,
-    build_model_config,
-    build_scratch_model,
-    check_lora,
-    count_params,
-)
+from pitlm.train.model import apply_lora, build_model_config, build_scratch_model, count_params, torch_dtype
 from pitlm.train.optim import build_optimizer
-from pitlm.train.parallel import (
-    build_fsdp_model_random,
-    init_distributed,
-    shutdown_distributed,
-)
-from pitlm.train.step import train_step
+from pitlm.train.parallel import init_distributed, shutdown_distributed
+from pitlm.train.step import backbone_and_head, fused_ce_head, train_step
 
 log = logging.getLogger("pitlm.bench")
 
+# the bench's config without a recipe: LoRA on the tiny MoE hybrid, checkpointed, seq 2048, one sequence per rank
+BENCH_DEFAULTS: dict[str, Any] = {
+    "mode": "lora", "corpus": "bench", "base": "random", "model": {"arch": "tiny-qwen3.5-moe"}, "seq_len": 2048,
+    "batch_size": 1, "gradient_checkpointing": True, "fsdp": {"activation_checkpointing": True},
+    "optim": {"lr": 1e-5},
+}
 
-def _as_list(v) -> list:
-    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+def bench_config(recipe: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """The TrainConfig a bench measures: a recipe (or BENCH_DEFAULTS) with `--set key=value` overrides, as `pitlm
+    train` reads them. Without a recipe, and unless lora.preset is set, the arch picks the LoRA preset (qwen3.5-moe
+    for the Qwen3.5 MoE archs, else dense)."""
+    for item in overrides or []:
+        key = parse_override(item)[0][0]
+        if key not in TrainConfig.model_fields:
+            raise ConfigError(f"--set {item}: '{key}' is not a train config key; a transformers config key of the "
+                              f"bench's model goes under model: --set model.{item}")
+    data = load_recipe(recipe) if recipe else copy.deepcopy(BENCH_DEFAULTS)
+    data.pop("stage", None)
+    cfg = build_config(TrainConfig, apply_overrides(data, overrides))
+    if not cfg.model:
+        raise ConfigError("the bench builds its model from an arch with random weights: pass --arch (or --set "
+                          "model.arch=...)")
+    if recipe is None and not any(o.startswith("lora.preset=") for o in overrides or []):
+        preset = "qwen3.5-moe" if "qwen3_5_moe" in build_model_config(cfg.model).model_type else "dense"
+        cfg = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"preset": preset})})
+    return cfg
 
 
-def _bench_config(arch: str, mode: str, model_overrides: list[str] | None, lora_preset: str | None, lr: float,
-                  optim: str, adapter_dtype: str, experts_path: str, full_modules: list[str] | None,
-                  stochastic_round: str = "none", dense_path: str = "fused", activations: dict | None = None):
-    """(model config, LoRA preset, TrainConfig) of a bench: the arch's preset LoRA list unless one is named.
-    activations: the TrainConfig's checkpointing / offload / compile fields, checked by `check_activations`."""
-    config = build_model_config(apply_overrides({"arch": arch}, model_overrides))
-    preset = lora_preset or ("qwen3.5-moe" if "qwen3_5_moe" in config.model_type else "dense")
-    cfg = build_config(TrainConfig, {
-        "mode": mode, "corpus": "bench", "base": "random", **(activations or {}),
-        "optim": {"lr": lr, "name": optim, "stochastic_round": stochastic_round},
-        "lora": {"preset": preset, "adapter_dtype": adapter_dtype, "experts_path": experts_path,
-                 "dense_path": dense_path, **({} if full_modules is None else {"full_modules": full_modules})}})
-    return config, preset, cfg
+@dataclass
+class Sweep:
+    """What one bench varies on its one built model, every combination measured in turn; None keeps the config's
+    value. batch_size: sequences per micro-batch per rank (the config's: batch_size / (world size x
+    grad_accum_steps)). uncheckpointed_layers: gradient_checkpointing_skip_last (one process, checkpointed).
+    in_backward: optim.in_backward (on: no gradient clipping, pitlm.train.in_backward). routed_kernels: with the
+    fast kernels, the MoE block's Triton kernels (routed experts, router, shared-expert gate) on or off. ablate: with
+    the fast kernels, one installed fast path switched off (a `pitlm.kernels` switch name) or none."""
 
+    batch_size: list[int] | None = None
+    uncheckpointed_layers: list[int] | None = None
+    in_backward: list[bool] | None = None
+    routed_kernels: list[bool] = field(default_factory=lambda: [True])
+    ablate: list[str] = field(default_factory=lambda: ["none"])
 
 
 def timed_steps(one_step, warmup: int, steps: int, on_gpu: bool) -> tuple[list[float], float, float]:
@@ -80,105 +102,66 @@ def timed_steps(one_step, warmup: int, steps: int, on_gpu: bool) -> tuple[list[f
         torch.cuda.synchronize()
     return losses, time.perf_counter() - t_start, t_start - t_warm
 
-def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: int | list[int] = 1, steps: int = 5,
-                warmup: int = 2, device: str = "auto", lora_preset: str | None = None,
-                activation_checkpointing: bool = True, model_overrides: list[str] | None = None,
-                lr: float = 1e-5, ce_chunk: int | None = None, optim: str = "adamw",
-                adapter_dtype: str = "fp32", full_modules: list[str] | None = None, experts_path: str = "grouped",
-                profile_path: str | None = None, fast_kernels: bool = True, in_backward: bool | list[bool] = False,
-                grad_accum: int = 1, memory_cap_gib: float | None = None,
-                uncheckpointed_layers: int | list[int] = 0, stochastic_round: str = "none",
-                offload_checkpoints: bool = False, compile: str = "none",
-                routed_kernels: bool | list[bool] = True, dense_path: str = "fused",
-                ablate: str | list[str] = "none", rope: bool = True,
+
+def bench_train(cfg: TrainConfig, sweep: Sweep | None = None, steps: int = 5, warmup: int = 2,
+                memory_cap_gib: float | None = None, profile_path: str | None = None,
                 on_result: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]] | None:
-    """Run warmup + steps training steps on random tokens for every (uncheckpointed layers, in_backward, batch size)
-    combination, on one model built once; returns one measurement each on rank 0 (None elsewhere). One that runs out
+    """Run warmup + steps training steps on random tokens for every combination of `sweep` on one model assembled
+    from `cfg` as `pitlm train` assembles it; returns one measurement each on rank 0 (None elsewhere). Each
+    combination is checked by the trainer's own rules (check_config) before the model is built; one that runs out
     of memory is reported as such and the sweep goes on. memory_cap_gib: cap this process's GPU memory (e.g. an
-    H100's budget on an H200). uncheckpointed_layers: the last N decoder layers keep their activations.
-    offload_checkpoints: checkpointed blocks keep their input in pinned host memory. compile: torch.compile the MoE
-    blocks (moe); the warm-up steps pay the compilation. routed_kernels: with the fast kernels, the experts' fused
-    Triton kernels on or off (the MoE block's: pitlm.kernels.routed and moe); a list sweeps both on
-    one model. ablate: with the fast kernels, one installed fast path switched off (a `pitlm.kernels` switch name:
-    gdn, conv-split, router, shared-gate, routed-experts, lora-in-k, dense-one-node, rope) or none; a list measures
-    each on one model.
-    rope: install the Triton partial rotary embedding too (pitlm.kernels.install_fast_kernels; default on).
+    H100's budget on an H200). profile_path: a torch.profiler table of one extra step of the last combination.
     on_result: called on rank 0 with each measurement as soon as it exists, so a sweep cut short by a time limit
     (a new shape's kernel autotuning can take minutes) still reports what it measured."""
-    if mode not in ("lora", "full"):
-        raise ValueError(f"mode must be lora or full, got {mode!r}")
-    unknown = [a for a in _as_list(ablate) if a != "none" and a not in fast_path_switches()]
+    sweep = sweep or Sweep()
+    if cfg.mode not in ("lora", "full"):
+        raise ConfigError(f"bench_train measures mode lora or full, got {cfg.mode}; mode scratch is "
+                          "pitlm.train.bench_scratch (bench train --mode scratch)")
+    unknown = [a for a in sweep.ablate if a != "none" and a not in fast_path_switches()]
     if unknown:
         raise ConfigError(f"unknown --ablate {', '.join(unknown)}; known: none, {', '.join(fast_path_switches())}")
-    if mode == "full" and any(_as_list(in_backward)):
-        raise ValueError("in_backward is for one process (lora); FSDP2 frees gradients shard by shard")
-    activations = {"gradient_checkpointing": activation_checkpointing,
-                   "gradient_checkpointing_offload": offload_checkpoints, "compile": compile}
-    config, preset, cfg = _bench_config(arch, mode, model_overrides, lora_preset, lr, optim, adapter_dtype,
-                                        experts_path, full_modules, stochastic_round, dense_path, activations)
-    check_activations(cfg, fsdp=mode == "full")  # the trainer's own rules, before a model is built
     quiet_transformers()
-    env = init_distributed(device, need_group=mode == "full")
+    env = init_distributed(cfg.device, need_group=uses_fsdp(cfg, 1))
     try:
+        fsdp = uses_fsdp(cfg, env.world_size)
+        combos = _combos(cfg, sweep, env.world_size)
         on_gpu = env.device.type == "cuda"
         if memory_cap_gib and on_gpu:
             total_bytes = torch.cuda.get_device_properties(env.device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_gib * 2**30 / total_bytes), env.device)
-        dtype = torch.bfloat16 if on_gpu else torch.float32
+        dtype = torch_dtype(param_dtype(cfg, env.device))
+        config = build_model_config(cfg.model)
+        torch.manual_seed(cfg.seed)
         t0 = time.perf_counter()
-        if mode == "lora":
-            model = build_scratch_model(config, dtype, env.device)
-            total = count_params(model)
-            if activation_checkpointing:
-                enable_activation_checkpointing(model, offload=offload_checkpoints)
-            model = apply_lora(model, cfg.lora)
-            check_lora(model, cfg.lora)
-        else:
-            model = build_fsdp_model_random(config, env, dtype, activation_checkpointing)
-            total = count_params(model)
-        kernels = []
-        if fast_kernels and on_gpu and mode == "lora":  # FSDP2 (full) + these kernels: not verified yet
-            kernels = install_fast_kernels(model, rope=rope)
-        compile_blocks(model, compile)
-        model.train()
+        built = assemble(ModelSource(dtype, config=config, attn_implementation=cfg.attn_implementation), cfg, env,
+                         fsdp)
+        model = built.model
         build_seconds = time.perf_counter() - t0
-        log.info("bench %s %s on %s x%d: %s params, %s trainable, seq %d, built in %.1fs", arch, mode,
-                 env.device.type, env.world_size, f"{total:,}", f"{count_params(model, True):,}", seq_len,
-                 build_seconds)
-        common = {
-            "arch": arch, "mode": mode, "device": torch.cuda.get_device_name(env.device) if on_gpu else "cpu",
-            "world_size": env.world_size, "seq_len": seq_len, "steps": steps, "grad_accum": grad_accum,
-            "total_params": total, "trainable_params": count_params(model, True),
-            "activation_checkpointing": activation_checkpointing, "lora_preset": preset if mode == "lora" else None,
-            "build_seconds": round(build_seconds, 1), "ce_chunk": ce_chunk if mode == "lora" else None,
-            "optim": optim, "stochastic_round": stochastic_round, "adapter_dtype": adapter_dtype if mode == "lora" else None,
-            "experts_path": experts_path if mode == "lora" else None,
-            "dense_path": dense_path if mode == "lora" else None,
-            "full_modules": ",".join(cfg.lora.full_modules) if mode == "lora" else None,
-            "memory_cap_gib": memory_cap_gib if on_gpu else None,
-            "offload_checkpoints": offload_checkpoints, "compile": compile,
-            "fast_paths": fast_path_summary(), "fast_kernels": ", ".join(kernels) or "none",
-            "loss_path": _loss_path(model, mode, ce_chunk, env.device.type, dtype),
-        }
-        sweeps_checkpointing = activation_checkpointing and mode == "lora"
-        skips = _as_list(uncheckpointed_layers) if sweeps_checkpointing else [0]
+        log.info("bench %s %s on %s x%d: %s params, %s trainable, seq %d, built in %.1fs", _arch(cfg), cfg.mode,
+                 env.device.type, env.world_size, f"{built.total_params:,}", f"{count_params(model, True):,}",
+                 cfg.seq_len, build_seconds)
+        common = _common(cfg, env, built, fsdp, memory_cap_gib, build_seconds, dtype)
+        if not built.fast_kernels:  # nothing to switch: the kernel sweeps measure the same model
+            first = (sweep.routed_kernels[0], sweep.ablate[0])
+            combos = [c for c in combos if (c["routed"], c["ablate"]) == first]
+        sweeps_checkpointing = cfg.gradient_checkpointing and not fsdp
         if sweeps_checkpointing:
-            for skip in skips:  # a bad count fails now, not after the sweep's first (slow) measurements
-                set_uncheckpointed_layers(model, skip)
-        routed_sweep = _as_list(routed_kernels) if kernels else [False]
-        ablations = _as_list(ablate) if kernels else ["none"]
-        combos = [(s, b, ib, r, a) for s in skips for r in routed_sweep for a in ablations
-                  for ib in _as_list(in_backward) for b in _as_list(batch_size)]
+            for combo in combos:  # a bad count fails now, not after the sweep's first (slow) measurements
+                set_uncheckpointed_layers(model, combo["cfg"].gradient_checkpointing_skip_last)
         results = []
-        for i, (skip, batch, ib, routed, ablated) in enumerate(combos):
+        for i, combo in enumerate(combos):
+            c = combo["cfg"]
             if sweeps_checkpointing:
-                set_uncheckpointed_layers(model, skip)
-            routed_on = _switch_fast_paths(model, bool(routed), ablated)
+                set_uncheckpointed_layers(model, c.gradient_checkpointing_skip_last)
+            routed_on = bool(built.fast_kernels) and _switch_fast_paths(model, combo["routed"], combo["ablate"],
+                                                                        cfg.lora.experts_in_k)
             last = i == len(combos) - 1
-            result = _measure(model, cfg, env, config.vocab_size, batch, bool(ib), seq_len, steps, warmup, ce_chunk,
-                              grad_accum, profile_path if last else None)
-            results.append({"bench_config": f"{i + 1}/{len(combos)}", **common, "uncheckpointed_layers": skip,
-                            "routed_kernels": "triton" if routed_on else "torch", "ablated": ablated, **result})
+            result = _measure(model, c, env, config.vocab_size, combo["batch"], autocast_dtype(env.device, fsdp),
+                              steps, warmup, profile_path if last else None)
+            results.append({"bench_config": f"{i + 1}/{len(combos)}", **common,
+                            "uncheckpointed_layers": c.gradient_checkpointing_skip_last if sweeps_checkpointing else 0,
+                            "routed_kernels": "triton" if routed_on else "torch",
+                            "ablated": combo["ablate"] if built.fast_kernels else "none", **result})
             if on_result is not None and env.is_main:
                 on_result(results[-1])
         shutdown_distributed()
@@ -187,65 +170,104 @@ def bench_train(arch: str, mode: str = "lora", seq_len: int = 2048, batch_size: 
         shutdown_distributed(wait=False)
 
 
+def _arch(cfg: TrainConfig) -> str:
+    return str(cfg.model.get("arch") or cfg.model.get("model_type"))
+
+
+def _combos(cfg: TrainConfig, sweep: Sweep, world_size: int) -> list[dict[str, Any]]:
+    """Every (uncheckpointed layers, routed kernels, ablation, in_backward, batch size) of the sweep, in that
+    nesting, each with its TrainConfig checked by check_config."""
+    batches = sweep.batch_size or [micro_batch_size(cfg, world_size)]
+    if min(batches) < 1:
+        raise ConfigError(f"batch_size={cfg.batch_size} is less than one sequence per rank at world size "
+                          f"{world_size} x grad_accum_steps {cfg.grad_accum_steps}; set batch_size (or --batch)")
+    skips = sweep.uncheckpointed_layers or [cfg.gradient_checkpointing_skip_last]
+    in_backward = sweep.in_backward or [cfg.optim.in_backward]
+    combos = []
+    for skip in skips:
+        for routed in sweep.routed_kernels:
+            for ablated in sweep.ablate:
+                for ib in in_backward:
+                    for batch in batches:
+                        # an update inside backward cannot wait for the global gradient norm: no clipping
+                        optim = cfg.optim.model_copy(update={"in_backward": ib,
+                                                             "grad_clip": 0.0 if ib else cfg.optim.grad_clip})
+                        c = cfg.model_copy(update={"gradient_checkpointing_skip_last": skip, "optim": optim,
+                                                   "batch_size": batch * world_size * cfg.grad_accum_steps})
+                        check_config(c, world_size)
+                        combos.append({"cfg": c, "batch": batch, "routed": routed, "ablate": ablated})
+    return combos
+
+
+def _common(cfg: TrainConfig, env, built, fsdp: bool, memory_cap_gib: float | None, build_seconds: float,
+            dtype: torch.dtype) -> dict[str, Any]:
+    """What every measurement of one bench shares: the config and the built model."""
+    on_gpu = env.device.type == "cuda"
+    lora = cfg.mode == "lora"
+    return {
+        "arch": _arch(cfg), "mode": cfg.mode,
+        "device": torch.cuda.get_device_name(env.device) if on_gpu else "cpu",
+        "world_size": env.world_size, "seq_len": cfg.seq_len, "grad_accum": cfg.grad_accum_steps,
+        "total_params": built.total_params, "trainable_params": count_params(built.model, True),
+        "activation_checkpointing": cfg.fsdp.activation_checkpointing if fsdp else cfg.gradient_checkpointing,
+        "lora_preset": cfg.lora.preset if lora else None, "build_seconds": round(build_seconds, 1),
+        "ce_chunk": cfg.ce_chunk, "optim": cfg.optim.name, "stochastic_round": cfg.optim.stochastic_round,
+        "adapter_dtype": cfg.lora.adapter_dtype if lora else None,
+        "experts_path": cfg.lora.experts_path if lora else None,
+        "dense_path": cfg.lora.dense_path if lora else None,
+        "full_modules": ",".join(cfg.lora.full_modules) if lora else None,
+        "memory_cap_gib": memory_cap_gib if on_gpu else None,
+        "offload_checkpoints": cfg.gradient_checkpointing_offload, "compile": cfg.compile,
+        "fast_paths": fast_path_summary(), "fast_kernels": ", ".join(built.fast_kernels) or "none",
+        "loss_path": _loss_path(built.model, cfg, env.device.type, dtype, autocast_dtype(env.device, fsdp)),
+    }
+
+
 # what one measurement found (the rest of a result is its configuration): printed for every config of a sweep
 MEASURED_KEYS = ("tokens_per_second", "tokens_per_second_per_gpu", "step_seconds", "loss_last", "peak_vram_mb",
                  "peak_reserved_mb")
 MOE_BLOCK_PATHS = ("routed-experts", "router", "shared-gate")  # --routed-kernels off switches all three off
 
 
-def _switch_fast_paths(model, routed: bool, ablated: str) -> bool:
-    """Every installed fast path on except `ablated`, and the MoE block's Triton kernels only with `routed`;
-    returns whether any of those is on."""
+def _switch_fast_paths(model, routed: bool, ablated: str, experts_in_k: bool = True) -> bool:
+    """Every installed fast path on except `ablated` (lora-in-k per the config's lora.experts_in_k), and the MoE
+    block's Triton kernels only with `routed`; returns whether any of those is on."""
     routed_on = False
     for name in fast_path_switches():
-        on = name != ablated and (routed or name not in MOE_BLOCK_PATHS)
+        on = name != ablated and (routed or name not in MOE_BLOCK_PATHS) and (name != "lora-in-k" or experts_in_k)
         if set_fast_path(model, name, on) and on and name in MOE_BLOCK_PATHS:
             routed_on = True
     return routed_on
 
 
-def _autocast(device_type: str, mode: str) -> torch.dtype | None:
-    """The autocast dtype of a bench step (as pitlm train: bf16 for LoRA on a GPU)."""
-    return torch.bfloat16 if device_type == "cuda" and mode == "lora" else None
-
-
-def _loss_path(model, mode: str, ce_chunk: int | None, device_type: str, dtype: torch.dtype) -> str:
+def _loss_path(model, cfg: TrainConfig, device_type: str, dtype: torch.dtype, autocast: torch.dtype | None) -> str:
     """Which LM-head loss a step takes (pitlm.train.step.chunked_cross_entropy's own decision)."""
-    from pitlm.train.step import backbone_and_head, fused_ce_head
-
-    if mode != "lora" or not ce_chunk:
+    if not cfg.ce_chunk:
         return "plain"
-    fused = fused_ce_head(backbone_and_head(model)[1], dtype, device_type, _autocast(device_type, mode))
+    fused = fused_ce_head(backbone_and_head(model)[1], dtype, device_type, autocast)
     return "liger fused linear cross-entropy" if fused is not None else "chunked (checkpointed)"
 
 
-def _measure(model, cfg: TrainConfig, env, vocab: int, batch_size: int, in_backward: bool, seq_len: int,
-             steps: int, warmup: int, ce_chunk: int | None, grad_accum: int,
-             profile_path: str | None) -> dict[str, Any]:
-    """Time one (batch size, in_backward) pair on `model` with a fresh optimizer; frees it afterwards."""
-    import gc
-
+def _measure(model, cfg: TrainConfig, env, vocab: int, batch_size: int, autocast: torch.dtype | None, steps: int,
+             warmup: int, profile_path: str | None) -> dict[str, Any]:
+    """Time one combination (`cfg`: its optimizer, clipping, ce_chunk, accumulation) on `model` with a fresh
+    optimizer; frees it afterwards."""
     on_gpu = env.device.type == "cuda"
-    cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"in_backward": in_backward})})
     optimizer = build_optimizer(model, cfg)
     generator = torch.Generator().manual_seed(1234 + env.rank)
-    autocast = _autocast(env.device.type, cfg.mode)
-    clip = 0.0 if in_backward else 1.0  # in_backward cannot clip by the global norm (pitlm.train.in_backward)
-    out: dict[str, Any] = {"batch_per_rank": batch_size, "in_backward": in_backward, "profile": profile_path}
+    in_backward, accum = cfg.optim.in_backward, cfg.grad_accum_steps
+    out: dict[str, Any] = {"batch_per_rank": batch_size, "in_backward": in_backward, "steps": steps,
+                           "profile": profile_path}
 
     def one_step(i: int) -> float:
-        blocks = [torch.randint(0, vocab, (batch_size, seq_len + 1), generator=generator) for _ in range(grad_accum)]
-        return train_step(model, blocks, optimizer, step=i, grad_clip=clip, autocast_dtype=autocast,
-                          env=env, ce_chunk=ce_chunk if cfg.mode == "lora" else None).loss
+        blocks = [torch.randint(0, vocab, (batch_size, cfg.seq_len + 1), generator=generator) for _ in range(accum)]
+        return train_step(model, blocks, optimizer, step=i, grad_clip=cfg.optim.grad_clip, autocast_dtype=autocast,
+                          env=env, ce_chunk=cfg.ce_chunk).loss
 
     try:
         losses, seconds, _ = timed_steps(one_step, warmup, steps, on_gpu)
-        classes = {}
-        if profile_path:
-            from pitlm.kernels.profiling import profile_call
-
-            classes = profile_call(lambda: one_step(warmup + steps), profile_path, on_gpu)
-        tokens = steps * batch_size * grad_accum * seq_len * env.world_size
+        classes = profile_call(lambda: one_step(warmup + steps), profile_path, on_gpu) if profile_path else {}
+        tokens = steps * batch_size * accum * cfg.seq_len * env.world_size
         out.update({"tokens_per_second": round(tokens / seconds, 1),
                     "tokens_per_second_per_gpu": round(tokens / seconds / env.world_size, 1),
                     "step_seconds": round(seconds / steps, 4), "loss_last": round(losses[-1], 4)})
@@ -271,8 +293,6 @@ def _measure(model, cfg: TrainConfig, env, vocab: int, batch_size: int, in_backw
 def _projection(classes: dict[str, float], tokens_per_step: float, step_seconds: float, device) -> dict[str, Any]:
     """The profiled step's device time by class (ms) and, measured on an H200, the tokens/s an H100 would run by
     pitlm.kernels.profiling.h100_step_range (a range: an estimate, not a measurement)."""
-    from pitlm.kernels.profiling import h100_step_range
-
     out: dict[str, Any] = {f"gpu_ms_{k}": v for k, v in classes.items()}
     if classes and "H200" in torch.cuda.get_device_name(device):
         shortest, longest = h100_step_range(classes, step_seconds)
@@ -293,8 +313,12 @@ def bench_optim(arch: str, optim: str = "adamw8bit", steps: int = 10, warmup: in
     dev = pick_device(device)
     on_gpu = dev.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    config, _, cfg = _bench_config(arch, "lora", model_overrides, lora_preset, 1e-4, optim, adapter_dtype, "peft",
-                                   full_modules)
+    config = build_model_config(apply_overrides({"arch": arch}, model_overrides))
+    preset = lora_preset or ("qwen3.5-moe" if "qwen3_5_moe" in config.model_type else "dense")
+    lora = {"preset": preset, "adapter_dtype": adapter_dtype, "experts_path": "peft",
+            **({} if full_modules is None else {"full_modules": full_modules})}
+    cfg = build_config(TrainConfig, {"mode": "lora", "corpus": "bench", "base": "random",
+                                     "optim": {"lr": 1e-4, "name": optim}, "lora": lora})
     quiet_transformers()
     meta = apply_lora(build_scratch_model(config, dtype, "meta"), cfg.lora)
     groups_meta = param_groups(meta, cfg)  # the trainer's groups (LR, weight decay), their tensors' shapes

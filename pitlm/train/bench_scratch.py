@@ -22,9 +22,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch._dynamo
 
 from pitlm.config import apply_overrides, build_config
 from pitlm.errors import ConfigError
+from pitlm.train.assembly import ModelSource, assemble
 from pitlm.train.bench import timed_steps
 from pitlm.train.config import TrainConfig
 from pitlm.train.mfu import count_flops, mfu_fields, peak_bf16_tflops
@@ -80,21 +82,16 @@ def _train_config(path: str, lr: float) -> TrainConfig:
 
 def _bench_path(path, backend, config, env, batches, seq_len, steps, warmup, lr, peak, seed, device_name, arch,
                 on_result) -> list[dict[str, Any]]:
-    import torch._dynamo
-
-    from pitlm.train.activations import compile_blocks
-
     on_gpu = env.device.type == "cuda"
     torch._dynamo.reset()
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    model = build_scratch_model(config, torch.float32, env.device).train()  # the trainer's scratch dtype: fp32
     cfg = _train_config(path, lr)
-    compiled = model
-    if path == "pitlm":
-        compile_blocks(model, "blocks")
-    elif path == "baseline":
+    if path == "baseline":  # a plain transformers model (the trainer's scratch dtype: fp32), compiled whole
+        model = build_scratch_model(config, torch.float32, env.device).train()
         compiled = torch.compile(model)
+    else:  # the model pitlm train assembles for this config (pitlm: compile blocks)
+        model = compiled = assemble(ModelSource(torch.float32, config=config), cfg, env, fsdp=False).model
     build_seconds = time.perf_counter() - t0
     flops = count_flops(model, seq_len)
     autocast = torch.bfloat16 if on_gpu else None

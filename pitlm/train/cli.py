@@ -124,64 +124,85 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
     @bench_app.command("train")
     def bench_train_cmd(
-            arch: Annotated[str, typer.Option("--arch", help="Arch preset: tiny-qwen3, tiny-qwen3_5_moe (= tiny-qwen3.5-moe), demo-qwen3, qwen3.5-35b-a3b.")] = "tiny-qwen3.5-moe",
-            mode: Annotated[str, typer.Option("--mode", help="lora (one process), full (FSDP2; torchrun for several GPUs) or scratch (one process: tokens/s, MFU, memory of --path).")] = "lora",
-            seq: Annotated[int, typer.Option("--seq")] = 2048,
-            batch: Annotated[str, typer.Option("--batch", help="Sequences per micro-batch per rank; a comma list sweeps them on one model (4,6,8).")] = "1",
+            recipe: RecipeOpt = None, set_: SetOpt = None,
+            arch: Annotated[str | None, typer.Option("--arch", help="model.arch: tiny-qwen3, tiny-qwen3_5_moe (= tiny-qwen3.5-moe), demo-qwen3, qwen3.5-35b-a3b, pit-1b (default without a recipe: tiny-qwen3.5-moe).")] = None,
+            mode: Annotated[str | None, typer.Option("--mode", help="lora (one process), full (FSDP2; torchrun for several GPUs) or scratch (one process: tokens/s, MFU, memory of --path).")] = None,
+            seq: Annotated[int | None, typer.Option("--seq", help="seq_len (default without a recipe: 2048).")] = None,
+            batch: Annotated[str | None, typer.Option("--batch", help="Sequences per micro-batch per rank; a comma list sweeps them on one model (4,6,8). Default: 1 without a recipe, else its batch_size / (ranks x grad_accum_steps).")] = None,
             steps: Annotated[int, typer.Option("--steps", help="Timed steps (after --warmup).")] = 5,
             warmup: Annotated[int, typer.Option("--warmup", help="Untimed steps first (compilation, allocator).")] = 2,
-            device: Annotated[str, typer.Option("--device")] = "auto",
-            lora_preset: Annotated[str | None, typer.Option("--lora-preset", help="Default: qwen3.5-moe for the Qwen3.5 MoE archs, else dense.")] = None,
-            activation_checkpointing: Annotated[bool, typer.Option("--activation-checkpointing/--no-activation-checkpointing")] = True,
-            ce_chunk: Annotated[int | None, typer.Option("--ce-chunk", help="lora: LM head + loss this many tokens at a time (logits recomputed in backward).")] = None,
-            optim: Annotated[str, typer.Option("--optim", help="adamw | adamw8bit (bitsandbytes: 2 bytes of state per parameter instead of 4-8).")] = "adamw",
-            adapter_dtype: Annotated[str, typer.Option("--adapter-dtype", help="lora: fp32 (peft's default) | base (bf16 adapters on a bf16 base).")] = "fp32",
-            full_modules: Annotated[str | None, typer.Option("--full-modules", help="lora: comma list trained in full (default lm_head,embed_tokens as the seed; '' for none).")] = None,
-            experts_path: Annotated[str, typer.Option("--experts-path", help="lora: grouped (LoRA on routed tokens, grouped GEMMs) | peft (peft materialises W + B·A).")] = "grouped",
-            dense_path: Annotated[str, typer.Option("--dense-path", help="lora: fused (scale on the rank side, add in the GEMM) | peft (peft's lora.Linear forward).")] = "fused",
+            device: Annotated[str | None, typer.Option("--device")] = None,
+            lora_preset: Annotated[str | None, typer.Option("--lora-preset", help="lora.preset (default without a recipe: qwen3.5-moe for the Qwen3.5 MoE archs, else dense).")] = None,
+            activation_checkpointing: Annotated[bool | None, typer.Option("--activation-checkpointing/--no-activation-checkpointing", help="gradient_checkpointing and fsdp.activation_checkpointing (default without a recipe: on).")] = None,
+            ce_chunk: Annotated[int | None, typer.Option("--ce-chunk", help="ce_chunk (lora): LM head + loss this many tokens at a time (logits recomputed in backward).")] = None,
+            optim: Annotated[str | None, typer.Option("--optim", help="optim.name: adamw | adamw8bit (bitsandbytes: 2 bytes of state per parameter instead of 4-8).")] = None,
+            adapter_dtype: Annotated[str | None, typer.Option("--adapter-dtype", help="lora.adapter_dtype: fp32 (peft's default) | base (bf16 adapters on a bf16 base).")] = None,
+            full_modules: Annotated[str | None, typer.Option("--full-modules", help="lora.full_modules: comma list trained in full (default lm_head,embed_tokens as the seed; '' for none).")] = None,
+            experts_path: Annotated[str | None, typer.Option("--experts-path", help="lora.experts_path: grouped (LoRA on routed tokens, grouped GEMMs) | peft (peft materialises W + B·A).")] = None,
+            dense_path: Annotated[str | None, typer.Option("--dense-path", help="lora.dense_path: fused (scale on the rank side, add in the GEMM) | peft (peft's lora.Linear forward).")] = None,
             profile: Annotated[str | None, typer.Option("--profile", help="Write a torch.profiler table of one extra step to this file.")] = None,
-            fast_kernels: Annotated[bool, typer.Option("--fast-kernels/--no-fast-kernels", help="GPU: fla's fused causal conv1d and RMSNorms (pitlm.kernels).")] = True,
-            in_backward: Annotated[str, typer.Option("--in-backward", help="lora: off | on | off,on -- each parameter's optimizer step inside backward, its gradient freed at once (no clipping).")] = "off",
-            grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Micro-batches per optimizer step.")] = 1,
+            fast_kernels: Annotated[bool | None, typer.Option("--fast-kernels/--no-fast-kernels", help="fast_kernels (GPU): fla's fused kernels and pitlm's Triton paths (pitlm.kernels).")] = None,
+            in_backward: Annotated[str | None, typer.Option("--in-backward", help="optim.in_backward: off | on | off,on -- each parameter's optimizer step inside backward, its gradient freed at once (no clipping).")] = None,
+            grad_accum: Annotated[int | None, typer.Option("--grad-accum", min=1, help="grad_accum_steps: micro-batches per optimizer step.")] = None,
             memory_cap_gib: Annotated[float | None, typer.Option("--memory-cap-gib", help="GPU: cap this process's memory (79.0 ~ an 80 GB H100 on an H200).")] = None,
-            stochastic_round: Annotated[str, typer.Option("--stochastic-round", help="adamw8bit: none | full_modules | all -- bf16 weights written back with stochastic rounding.")] = "none",
-            uncheckpointed: Annotated[str, typer.Option("--uncheckpointed-layers", help="lora: the last N decoder layers keep their activations (no recompute); a comma list sweeps (0,4,8).")] = "0",
-            offload_checkpoints: Annotated[bool, typer.Option("--offload-checkpoints/--no-offload-checkpoints", help="lora: checkpointed blocks keep their input in pinned host memory (copied back one block ahead).")] = False,
-            compile_: Annotated[str, typer.Option("--compile", help="lora: none | moe -- torch.compile each MoE block (the warm-up compiles).")] = "none",
+            stochastic_round: Annotated[str | None, typer.Option("--stochastic-round", help="optim.stochastic_round (adamw8bit): none | full_modules | all -- bf16 weights written back with stochastic rounding.")] = None,
+            uncheckpointed: Annotated[str | None, typer.Option("--uncheckpointed-layers", help="gradient_checkpointing_skip_last (lora): the last N decoder layers keep their activations (no recompute); a comma list sweeps (0,4,8).")] = None,
+            offload_checkpoints: Annotated[bool | None, typer.Option("--offload-checkpoints/--no-offload-checkpoints", help="gradient_checkpointing_offload (lora): checkpointed blocks keep their input in pinned host memory (copied back one block ahead).")] = None,
+            compile_: Annotated[str | None, typer.Option("--compile", help="compile (lora): none | moe -- torch.compile each MoE block (the warm-up compiles).")] = None,
             routed_kernels: Annotated[str, typer.Option("--routed-kernels", help="GPU, with the fast kernels: on | off | on,off -- the MoE block's fused Triton kernels (routed experts, router, shared-expert gate).")] = "on",
-            rope: Annotated[bool, typer.Option("--rope/--no-rope", help="GPU, with the fast kernels: also the Triton partial rotary embedding (default on).")] = True,
             ablate: Annotated[str, typer.Option("--ablate", help="GPU, with the fast kernels: none | gdn | conv-split | router | shared-gate | routed-experts | lora-in-k | dense-one-node | rope -- that fast path off; a comma list measures each on one model.")] = "none",
             path: Annotated[str, typer.Option("--path", help="scratch: comma list of reference (eager trainer step) | pitlm (compile: blocks + fused AdamW) | baseline (transformers + torch.compile + fused AdamW).")] = "pitlm",
             sdpa: Annotated[str, typer.Option("--sdpa", help="scratch: comma list of SDPA backends, auto | flash | cudnn | efficient.")] = "auto",
-            peak_tflops: Annotated[float | None, typer.Option("--peak-tflops", help="scratch: dense bf16 peak for MFU (default: pitlm.train.mfu's table, H100/H200 SXM 989).")] = None,
-            set_: SetOpt = None) -> None:
-        """Training throughput and peak memory of pitlm's own train_step on random weights and tokens."""
+            peak_tflops: Annotated[float | None, typer.Option("--peak-tflops", help="scratch: dense bf16 peak for MFU (default: pitlm.train.mfu's table, H100/H200 SXM 989).")] = None) -> None:
+        """Training throughput and peak memory of pitlm's own train_step on random weights and tokens: the model of
+        a TrainConfig (--recipe, or the bench's defaults; the flags and --set key=value override it as in `pitlm
+        train`; transformers config keys as --set model.KEY=VALUE), assembled as `pitlm train` assembles it."""
         from pitlm.errors import ConfigError
         from pitlm.log import emit_summary
-        from pitlm.train.bench import MEASURED_KEYS, bench_train
+        from pitlm.train.bench import MEASURED_KEYS, Sweep, bench_config, bench_train
 
-        try:
-            batches = [int(b) for b in batch.split(",") if b.strip()]
-            ib = [{"off": False, "on": True}[v.strip()] for v in in_backward.split(",") if v.strip()]
-            routed = [{"off": False, "on": True}[v.strip()] for v in routed_kernels.split(",") if v.strip()]
-            skips = [int(s) for s in uncheckpointed.split(",") if s.strip()]
-        except (ValueError, KeyError) as e:
-            raise ConfigError("--batch and --uncheckpointed-layers take integers and --in-backward / --routed-kernels "
-                              f"off/on, comma-separated (got {e})") from e
-        if not batches or min(batches) < 1 or not ib or not routed or not skips or min(skips) < 0:
-            raise ConfigError("--batch needs positive integers, --uncheckpointed-layers integers >= 0 and "
-                              "--in-backward / --routed-kernels at least one of off, on")
-        if any(ib) and grad_accum > 1:
-            raise ConfigError("--in-backward on steps once per micro-batch: use --grad-accum 1")
-        first: dict = {}
-        if mode == "scratch":
+        def split(value: str | None, parse, flag: str, what: str) -> list | None:
+            if value is None:
+                return None
+            try:
+                items = [parse(v.strip()) for v in value.split(",") if v.strip()]
+            except (ValueError, KeyError):
+                raise ConfigError(f"{flag} takes a comma list of {what}, got {value!r}") from None
+            if not items:
+                raise ConfigError(f"{flag} needs at least one of {what}")
+            return items
+
+        on_off = {"off": False, "on": True}.__getitem__
+        batches = split(batch, int, "--batch", "integers") or (None if recipe else [1])
+        skips = split(uncheckpointed, int, "--uncheckpointed-layers", "integers")
+        if (batches and min(batches) < 1) or (skips and min(skips) < 0):
+            raise ConfigError("--batch needs positive integers and --uncheckpointed-layers integers >= 0")
+        flags = {"model.arch": arch, "mode": mode, "seq_len": seq, "device": device, "lora.preset": lora_preset,
+                 "gradient_checkpointing": activation_checkpointing,
+                 "fsdp.activation_checkpointing": activation_checkpointing, "ce_chunk": ce_chunk,
+                 "optim.name": optim, "lora.adapter_dtype": adapter_dtype,
+                 "lora.full_modules": None if full_modules is None else [m for m in full_modules.split(",") if m],
+                 "lora.experts_path": experts_path, "lora.dense_path": dense_path, "fast_kernels": fast_kernels,
+                 "grad_accum_steps": grad_accum, "optim.stochastic_round": stochastic_round,
+                 "gradient_checkpointing_offload": offload_checkpoints, "compile": compile_}
+        overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None] + list(set_ or [])
+        cfg = bench_config(recipe, overrides)
+        if cfg.mode == "scratch":
             from pitlm.train.bench_scratch import bench_scratch
 
-            bench_scratch(arch, seq_len=seq, batch_size=batches, steps=steps, warmup=warmup, device=device,
-                          model_overrides=set_, paths=[p.strip() for p in path.split(",") if p.strip()],
+            model = dict(cfg.model)
+            bench_scratch(model.pop("arch"), seq_len=cfg.seq_len, batch_size=batches or [cfg.batch_size],
+                          steps=steps, warmup=warmup, device=cfg.device,
+                          model_overrides=[f"{k}={json.dumps(v)}" for k, v in model.items()],
+                          paths=[p.strip() for p in path.split(",") if p.strip()],
                           sdpa=[b.strip() for b in sdpa.split(",") if b.strip()], peak_tflops=peak_tflops,
                           on_result=emit_summary)
             return
+        sweep = Sweep(batch_size=batches, uncheckpointed_layers=skips,
+                      in_backward=split(in_backward, on_off, "--in-backward", "off, on"),
+                      routed_kernels=split(routed_kernels, on_off, "--routed-kernels", "off, on"),
+                      ablate=split(ablate, str, "--ablate", "fast path names or none"))
+        first: dict = {}
 
         def emit(result: dict) -> None:  # as each one is measured: the first in full, then what changes
             if not first:
@@ -191,13 +212,5 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                 emit_summary({k: v for k, v in result.items()
                               if k == "bench_config" or k in MEASURED_KEYS or first.get(k) != v})
 
-        bench_train(arch, mode, seq_len=seq, batch_size=batches, steps=steps, warmup=warmup, device=device,
-                    lora_preset=lora_preset, activation_checkpointing=activation_checkpointing,
-                    model_overrides=set_, ce_chunk=ce_chunk, optim=optim, adapter_dtype=adapter_dtype,
-                    full_modules=None if full_modules is None else [m for m in full_modules.split(",") if m],
-                    experts_path=experts_path, dense_path=dense_path, profile_path=profile, fast_kernels=fast_kernels,
-                    in_backward=ib, grad_accum=grad_accum, memory_cap_gib=memory_cap_gib,
-                    uncheckpointed_layers=skips, stochastic_round=stochastic_round,
-                    offload_checkpoints=offload_checkpoints, compile=compile_, routed_kernels=routed,
-                    ablate=[a.strip() for a in ablate.split(",") if a.strip()] or ["none"], rope=rope,
+        bench_train(cfg, sweep, steps=steps, warmup=warmup, memory_cap_gib=memory_cap_gib, profile_path=profile,
                     on_result=emit)
