@@ -125,7 +125,7 @@ elif [ "$1" = 8 ]; then  # several GPUs (nvidia-h200-x2 or larger), after 0, car
   N=$(python3 -c "import torch; print(torch.cuda.device_count())")
   nvidia-smi --query-gpu=index,memory.used,memory.total --format=csv -l 2 > "$OUT/smi.csv" 2>&1 &
   F="--arch qwen3.5-35b-a3b --mode full --seq 2048 --steps 3 --warmup 1"
-  T=220 run python3 -m torch.distributed.run --standalone --nproc-per-node=$N -m pitlm.cli bench train $F --batch 1 --set num_hidden_layers=${LAYERS:-20}
+  T=220 run python3 -m torch.distributed.run --standalone --nproc-per-node=$N -m pitlm.cli bench train $F --batch 1 --set model.num_hidden_layers=${LAYERS:-20}
   T=360 run python3 scripts/fsdp_merge_check.py --arch qwen3.5-35b-a3b --layers 4 --nproc $N --seq 512 --batch 4
   kill %1 2>/dev/null
 elif [ "$1" = 9 ]; then
@@ -294,7 +294,7 @@ elif [ "$1" = 32 ]; then
     -k "gpu or cuda" 2>&1 | tail -1
   M="--adapter-dtype base --optim adamw8bit --ce-chunk 512 --offload-checkpoints"
   T=${T1:-300} run $B train $L $M --full-modules "" --batch 8 --in-backward on --memory-cap-gib 74.0 \
-    --rope --ablate ${ABL:-rope,none} --profile "$OUT/profile_s9c.txt"
+    --ablate ${ABL:-rope,none} --profile "$OUT/profile_s9c.txt"
   tail -8 "$OUT/profile_s9c.txt"
 elif [ "$1" = 33 ]; then
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -303,7 +303,7 @@ elif [ "$1" = 33 ]; then
   grep -E "PASSED|FAILED|ERROR|passed|failed|Error" "$OUT/tests33.txt" | tail -12
   M="--adapter-dtype base --optim adamw8bit --ce-chunk 512 --offload-checkpoints"
   T=${T1:-300} run $B train $L $M --full-modules "" --batch 8 --in-backward on --memory-cap-gib 74.0 \
-    --rope ${EXTRA:-} --profile "$OUT/profile_s10.txt"
+    ${EXTRA:-} --profile "$OUT/profile_s10.txt"
   sed -n '/# own device time by class/,$p' "$OUT/profile_s10.txt"
 elif [ "$1" = 34 ]; then
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True

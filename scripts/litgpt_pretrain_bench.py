@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=4)
-    ap.add_argument("--set", action="append", default=[], help="transformers config overrides, as bench train's")
+    ap.add_argument("--set", action="append", default=[], help="transformers config keys, as bench train's --set model.KEY=VALUE without model.")
     ap.add_argument("--precision", default=None, help="default: bf16-mixed on a GPU, 32-true on a CPU")
     args = ap.parse_args()
 

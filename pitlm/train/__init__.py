@@ -4,6 +4,7 @@ and `pitlm merge`. A plain torch loop over transformers models; see loop.py for 
 Public entry points:
     train(cfg, vol, run_name, resume=False)     pitlm.train.loop     the whole stage
     train_step(model, batches, optimizer, ...)  pitlm.train.step     one optimizer step (the bench calls it too)
-    bench_train(arch, mode, ...)                pitlm.train.bench    tok/s and peak memory on random weights
+    assemble(source, cfg, env, fsdp)            pitlm.train.assembly the model train and the bench build, in one order
+    bench_train(cfg, sweep)                     pitlm.train.bench    tok/s and peak memory on random weights
     merge_target(target, vol)                   pitlm.train.merge    DCP checkpoint / adapter -> HF directory
 """

@@ -228,8 +228,8 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> None:
 
 
 def check_activations(cfg: TrainConfig, fsdp: bool) -> None:
-    """The rules on where activations live (checkpointing, offloading, compiled blocks): check_config's, and
-    pitlm bench train's for its flags."""
+    """The rules on where activations live (checkpointing, offloading, compiled blocks), part of check_config (which
+    pitlm bench train runs on each configuration it measures)."""
     if cfg.gradient_checkpointing_offload and not cfg.gradient_checkpointing:
         raise ConfigError("gradient_checkpointing_offload offloads the checkpointed blocks' inputs: set "
                           "gradient_checkpointing: true as well")
