@@ -33,8 +33,8 @@ from pitlm.train.assembly import ModelSource, assemble, autocast_dtype, param_dt
 from pitlm.train.config import TrainConfig, check_config, micro_batch_size, uses_fsdp
 from pitlm.train.loop import quiet_transformers
 from pitlm.train.model import apply_lora, build_model_config, build_scratch_model, count_params, torch_dtype
-from pitlm.train.optim import build_optimizer
-from pitlm.train.parallel import init_distributed, shutdown_distributed
+from pitlm.train.optim import bnb_adamw8bit_class, build_optimizer, param_groups
+from pitlm.train.parallel import init_distributed, pick_device, shutdown_distributed
 from pitlm.train.step import backbone_and_head, fused_ce_head, train_step
 
 log = logging.getLogger("pitlm.bench")
@@ -307,9 +307,6 @@ def bench_optim(arch: str, optim: str = "adamw8bit", steps: int = 10, warmup: in
     the meta device: no forward, no kernels to compile). adamw8bit: bitsandbytes' own AdamW8bit against pitlm's
     (the same loop without a device synchronisation per tensor), on identical weights and gradients; the
     `max_abs_diff` of the weights afterwards must be 0."""
-    from pitlm.train.optim import bnb_adamw8bit_class, param_groups
-    from pitlm.train.parallel import pick_device
-
     dev = pick_device(device)
     on_gpu = dev.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
