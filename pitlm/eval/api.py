@@ -32,15 +32,28 @@ import numpy as np
 import pandas as pd
 
 from pitlm.errors import PitlmError
+from pitlm.eval.embed import EmbedOptions, compute_embedding, embed
+from pitlm.eval.models import ModelSpec, parse_spec
+from pitlm.eval.pipeline import (
+    EVAL_PROTOCOL_DEFAULTS,
+    check_rows,
+    design_matrix,
+    match_control,
+    matched_control,
+    protocol_config,
+)
+from pitlm.eval.prompts import build_prompts
 from pitlm.eval.protocols import PROTOCOLS
+from pitlm.eval.protocols.run import ProtocolConfig
+from pitlm.eval.protocols.run import evaluate as evaluate_features
+from pitlm.market.features import FEATURES
+from pitlm.volume import Volume
 
 # the prompt of rows that carry no price features: what the control sees of a (stock, date) row
 KEY_TEMPLATE = "On {date}, securities code {code}"
 
 
 def _features_in(rows: pd.DataFrame, numeric_features: bool | None) -> bool:
-    from pitlm.market.features import FEATURES
-
     have = all(c in rows.columns for c in FEATURES)
     if numeric_features and not have:
         raise PitlmError(f"numeric_features=True needs the rows' columns {', '.join(FEATURES)}")
@@ -48,9 +61,6 @@ def _features_in(rows: pd.DataFrame, numeric_features: bool | None) -> bool:
 
 
 def _protocol(protocol, seed: int):
-    from pitlm.eval.pipeline import EVAL_PROTOCOL_DEFAULTS, protocol_config
-    from pitlm.eval.protocols.run import ProtocolConfig
-
     if isinstance(protocol, ProtocolConfig):
         return protocol
     options = dict(protocol or {})
@@ -59,9 +69,6 @@ def _protocol(protocol, seed: int):
 
 
 def _embedding(name: str, model, rows: pd.DataFrame, prompts, vol, opts, seed: int) -> np.ndarray:
-    from pitlm.eval.embed import compute_embedding, embed
-    from pitlm.eval.models import ModelSpec, parse_spec
-
     if isinstance(model, (str, ModelSpec)):
         spec = parse_spec(model, vol, seed) if isinstance(model, str) else model
         keys = rows[["SecuritiesCode", "Date"]]
@@ -69,8 +76,6 @@ def _embedding(name: str, model, rows: pd.DataFrame, prompts, vol, opts, seed: i
             return compute_embedding(spec, prompts(), opts)[0]
         if spec.kind == "embeddings":
             return embed(spec, [], vol, opts, keys).X
-        from pitlm.volume import Volume
-
         return embed(spec, prompts(), vol or Volume.resolve(), opts).X
     X = np.asarray(model)
     if X.ndim != 2 or len(X) != len(rows):
@@ -93,11 +98,6 @@ def evaluate(models: dict[str, Any], rows: pd.DataFrame, *, base: str | None = N
     template: the prompts of the control and of LM specs (default: the seed's when the rows carry its price
     features, else "On {date}, securities code {code}"). numeric_features: X = [embedding || the seed's five
     features] (default: when the rows have them)."""
-    from pitlm.eval.embed import EmbedOptions
-    from pitlm.eval.pipeline import check_rows, design_matrix, match_control, matched_control
-    from pitlm.eval.prompts import build_prompts
-    from pitlm.eval.protocols.run import evaluate as evaluate_features
-
     if not models:
         raise PitlmError("give at least one model: {name: embeddings array or SPEC}")
     if control is not None and "control" in models:
@@ -121,8 +121,6 @@ def evaluate(models: dict[str, Any], rows: pd.DataFrame, *, base: str | None = N
     arrays = {name: _embedding(name, m, rows, prompts, vol, opts, seed) for name, m in models.items()}
     primary_name = primary or next((n for n in arrays if n != base), base)
     if control is not None:
-        from pitlm.eval.models import parse_spec
-
         spec = parse_spec(control, vol, seed)
         if not spec.is_control:
             raise PitlmError(f"control must be a control:... spec (knowledge-free), got '{control}'")

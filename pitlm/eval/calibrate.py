@@ -43,17 +43,27 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
+from datetime import date
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
-from pitlm.config import StageConfig
+from pitlm.config import StageConfig, build_config
 from pitlm.errors import ConfigError
-from pitlm.eval.bootstrap import wilson
+from pitlm.eval.bootstrap import summarize, wilson
+from pitlm.eval.embed import random_features
+from pitlm.eval.family import knowledge_matrix
+from pitlm.eval.pipeline import design_matrix, match_control, protocol_config
+from pitlm.eval.probecal import format_probe_table, probe_rates, probe_summary, probe_world
+from pitlm.eval.prompts import build_prompts
 from pitlm.eval.protocols import PROTOCOLS, get
-from pitlm.eval.protocols.run import ProtocolName
+from pitlm.eval.protocols.run import ProtocolName, evaluate
+from pitlm.eval.result import INTERVALS
+from pitlm.log import progress
+from pitlm.market.features import add_features, sample_rows
+from pitlm.world import WorldConfig, generate_market
 from pitlm.world.oracle import oracle_features
 
 log = logging.getLogger("pitlm.eval")
@@ -112,13 +122,6 @@ class CalibrateConfig(StageConfig):
 
 def score_world(rows: pd.DataFrame, cfg: CalibrateConfig, pcfg, planted_daily: float, world_seed: int) -> dict:
     """Evaluate control and oracle on one world's rows; per protocol the net/raw estimates and flags."""
-    from pitlm.eval.bootstrap import summarize
-    from pitlm.eval.embed import random_features
-    from pitlm.eval.pipeline import design_matrix, match_control
-    from pitlm.eval.prompts import build_prompts
-    from pitlm.eval.protocols.run import evaluate
-    from pitlm.eval.result import INTERVALS
-
     prompts = build_prompts(rows, cfg.template)
     control = random_features(prompts, cfg.features_dim, seed=cfg.seed)
     oracle = oracle_features(control, rows["planted_target"].to_numpy(), cfg, planted_daily, world_seed)
@@ -154,9 +157,6 @@ def family_features(control_dim: int, rows: pd.DataFrame, cfg: CalibrateConfig, 
                     world_seed: int, prompts: list[str]) -> dict[str, np.ndarray]:
     """The control (matched to the first member, as `pitlm eval` matches it to its primary model) and one
     `oracle_features` embedding per member with the planted signal kept in the years it knows."""
-    from pitlm.eval.embed import random_features
-    from pitlm.eval.pipeline import match_control
-
     control = random_features(prompts, control_dim, seed=cfg.seed)
     year = rows["Date"].dt.year.to_numpy()
     planted = rows["planted_target"].to_numpy()
@@ -172,13 +172,6 @@ def family_features(control_dim: int, rows: pd.DataFrame, cfg: CalibrateConfig, 
 def score_family_world(rows: pd.DataFrame, cfg: CalibrateConfig, pcfg, planted_daily: float, world_seed: int,
                        kind: str) -> list[dict]:
     """One world's knowledge-matrix cells: member, test year, type (known | unknown | null), flagged, estimate."""
-    from datetime import date
-
-    from pitlm.eval.family import knowledge_matrix
-    from pitlm.eval.pipeline import design_matrix
-    from pitlm.eval.prompts import build_prompts
-    from pitlm.eval.protocols.run import evaluate
-
     prompts = build_prompts(rows, cfg.template)
     feats = family_features(cfg.features_dim, rows, cfg, planted_daily, world_seed, prompts)
     members = family_members(sorted(rows["Date"].dt.year.unique().tolist()))
@@ -288,13 +281,6 @@ def format_table(table: dict[str, dict], cfg: CalibrateConfig) -> str:
 
 
 def run_calibrate(cfg: CalibrateConfig, run=None) -> dict[str, Any]:
-    from pitlm.config import build_config
-    from pitlm.eval.pipeline import protocol_config
-    from pitlm.eval.probecal import probe_world
-    from pitlm.log import progress
-    from pitlm.market.features import add_features, sample_rows
-    from pitlm.world import WorldConfig, generate_market
-
     # the family's cells are walk-forward years; the entity probe runs `pitlm probe`'s default protocol
     protocols = ["walk_forward"] if cfg.family else ["purged"] if cfg.probes else cfg.protocols
     pcfg = protocol_config(protocols, {**PROTOCOL_DEFAULTS, **cfg.protocol}, cfg.seed)
@@ -335,8 +321,6 @@ def run_calibrate(cfg: CalibrateConfig, run=None) -> dict[str, Any]:
                        "family of oracle:planted members, member knows_K keeping the planted signal in years <= K; "
                        "see pitlm/eval/calibrate.py")
     if cfg.probes:
-        from pitlm.eval.probecal import format_probe_table, probe_rates, probe_summary
-
         table = probe_rates(records, cfg)
         print(format_probe_table(table, cfg))
         return _finish(cfg, pcfg, base, strength, records, t0, run, {"probes": table},

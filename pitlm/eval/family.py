@@ -57,6 +57,8 @@ from pitlm.eval.bootstrap import summarize
 from pitlm.eval.protocols.walk_forward import PROTOCOL as WALK_FORWARD
 from pitlm.eval.result import EvalResult
 from pitlm.log import format_value
+from pitlm.train.paths import model_dir, split_member_spec
+from pitlm.volume import Volume
 
 EPOCH = date(2000, 1, 1)
 # the matrix's cells are the walk-forward protocol's per-test-year statistic, its slope the protocol's statistic
@@ -264,9 +266,6 @@ def parse_family(item: str, vol=None) -> tuple[str, dict[str, tuple[str, date]]]
     (SPEC: hf:ID for a hub id, model:RUN for a run's member, an HF id or a model dir) -> (NAME, {member name:
     (model spec, cutoff)}), members by cutoff. One-line errors for a bad item, a run without members, a
     repeated cutoff."""
-    from pitlm.train.paths import model_dir, split_member_spec
-    from pitlm.volume import Volume
-
     name, sep, body = item.partition("=")
     name = name.strip()
     if not sep or not name or not body.strip():

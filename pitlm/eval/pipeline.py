@@ -9,8 +9,10 @@ a fold layout the sampled dates cannot fill) is checked on the rows before any e
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from dataclasses import replace
 from datetime import date
 from typing import Any, Literal
 
@@ -18,10 +20,17 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from pitlm.config import StageConfig
+from pitlm.config import StageConfig, build_config
 from pitlm.errors import PitlmError
+from pitlm.eval.embed import EmbedOptions, embed
+from pitlm.eval.family import WALK_FORWARD, family_report, family_summary_lines, known_shares, parse_families
+from pitlm.eval.models import describe, parse_named_specs, parse_spec
+from pitlm.eval.prompts import build_prompts, prompts_hash
 from pitlm.eval.protocols import PROTOCOLS, get
+from pitlm.eval.protocols.run import Panel, ProtocolConfig, build_layouts, evaluate
+from pitlm.eval.record import eval_results, summary_from_lines
 from pitlm.market.features import FEATURES, add_features, sample_rows
+from pitlm.market.panel import load_panel
 
 log = logging.getLogger("pitlm.eval")
 
@@ -65,8 +74,6 @@ class EvalConfig(StageConfig):
 
 def load_rows(vol, cfg: EvalConfig) -> pd.DataFrame:
     """The seeded eval sample of the market panel (features added, rows sorted by stock then date)."""
-    from pitlm.market.panel import load_panel
-
     panel = load_panel(vol, cfg.market)
     rows = sample_rows(add_features(panel), cfg.max_stocks, cfg.dates_per_stock, cfg.seed)
     log.info("sampled %d rows: %d stocks x <= %d dates, %s .. %s", len(rows), rows["SecuritiesCode"].nunique(),
@@ -91,9 +98,6 @@ EVAL_PROTOCOL_DEFAULTS: dict[str, Any] = {"alpha_cv": True}
 
 def protocol_config(protocols: list[str], options: dict[str, Any], seed: int):
     """pitlm.eval.protocols.run.ProtocolConfig from the stage's `protocols`, `seed` and `protocol.*` options."""
-    from pitlm.config import build_config
-    from pitlm.eval.protocols.run import ProtocolConfig
-
     # --set parses 2021-01-01 as a YAML date; the protocol windows are ISO strings.
     options = {k: v.isoformat() if isinstance(v, date) else v for k, v in options.items()}
     return build_config(ProtocolConfig, {"protocols": list(protocols), "seed": seed, **options})
@@ -101,8 +105,6 @@ def protocol_config(protocols: list[str], options: dict[str, Any], seed: int):
 
 def resolve_models(cfg: EvalConfig, vol):
     """{name: ModelSpec} with the control first; checks names and the base."""
-    from pitlm.eval.models import parse_named_specs, parse_spec
-
     if not cfg.models and not cfg.family:
         raise PitlmError("give at least one model: --model NAME=SPEC or --family NAME=... (the control is added by "
                          "itself)")
@@ -119,8 +121,6 @@ def resolve_models(cfg: EvalConfig, vol):
 
 def family_models(cfg: EvalConfig, vol) -> list[str]:
     """The families' members as NAME=SPEC entries (checked: one-line errors before any work)."""
-    from pitlm.eval.family import WALK_FORWARD, parse_families
-
     if cfg.family and WALK_FORWARD.name not in cfg.protocols:
         raise PitlmError(f"--family needs the {WALK_FORWARD.name} protocol (the knowledge matrix is its per-year R2); "
                          "add it to --protocol")
@@ -129,8 +129,6 @@ def family_models(cfg: EvalConfig, vol) -> list[str]:
 
 def family_world(cfg: EvalConfig, vol):
     """The synthetic world that gives the families' ground truth, or None (a real market, or `none`)."""
-    import json
-
     if cfg.family_ground_truth == "none":
         return None
     if cfg.family_ground_truth != "auto":
@@ -149,8 +147,6 @@ def family_world(cfg: EvalConfig, vol):
 
 def family_reports(cfg: EvalConfig, vol, result) -> tuple[dict[str, dict], list[str]]:
     """Each family's report (knowledge matrix, slopes, with ground truth the staircase) and its summary lines."""
-    from pitlm.eval.family import family_report, family_summary_lines, known_shares, parse_families
-
     families = parse_families(cfg.family, vol)
     world = family_world(cfg, vol) if families else None
     reports, lines = {}, []
@@ -166,8 +162,6 @@ def family_reports(cfg: EvalConfig, vol, result) -> tuple[dict[str, dict], list[
 
 def matched_control(spec, reference: np.ndarray, match: str):
     """The random-features control with the reference embedding's dimension (unless its spec sets dim=)."""
-    from dataclasses import replace
-
     if spec.kind != "random-features" or match == "none" or "dim=" in spec.raw:
         return spec
     return replace(spec, options={**spec.options, "dim": int(reference.shape[1])})
@@ -207,8 +201,6 @@ def check_rows(rows: pd.DataFrame, pcfg) -> None:
     """What would stop the statistics, checked on the sampled rows before any embedding is computed: too few
     stocks for the folds, a legacy chronological split with a side the rows' dates miss, a walk-forward with
     no test year, a purged grid that cannot be built (each one PitlmError line)."""
-    from pitlm.eval.protocols.run import Panel, build_layouts
-
     panel = Panel(rows[["Date", "SecuritiesCode", "Target"]], pcfg)
     for protocol in pcfg.protocols:
         build_layouts(get(protocol), panel.calendar, pcfg)
@@ -220,9 +212,6 @@ def embed_models(cfg: EvalConfig, specs: dict, prompts: list[str], vol,
     matched to the primary model (the first that is neither the control nor the base) per `control_match`.
     `keys` (the rows' SecuritiesCode, Date) serve `embeddings:PATH` models, read first: a file that lacks a
     row fails before any language model runs."""
-    from pitlm.eval.embed import EmbedOptions, embed
-    from pitlm.eval.models import describe
-
     opts = EmbedOptions(batch_size=cfg.batch_size, device=cfg.device, max_length=cfg.max_length,
                         padding_side=cfg.padding_side, reembed=cfg.reembed)
     primary = next((n for n in specs if n not in (cfg.control_name, cfg.base)), cfg.base)
@@ -246,10 +235,6 @@ def embed_models(cfg: EvalConfig, specs: dict, prompts: list[str], vol,
 
 def run_eval(cfg: EvalConfig, vol, run, prepared=None) -> dict[str, Any]:
     """The whole stage; writes results.json in the run dir and prints the summary lines."""
-    from pitlm.eval.prompts import build_prompts, prompts_hash
-    from pitlm.eval.protocols.run import evaluate
-    from pitlm.eval.record import eval_results, summary_from_lines
-
     t0 = time.time()
     specs, pcfg = prepared or prepare_eval(cfg, vol)
     rows = load_rows(vol, cfg)

@@ -35,6 +35,7 @@ Sharpe ratio, the usual interval of a backtest's Sharpe.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from pitlm.eval.engine import _chunks, _run_all
 
@@ -181,8 +182,6 @@ def day_intervals(returns: dict[str, np.ndarray], ppy: float, gaps: dict[str, tu
 def long_short_returns(dates, pred, y, quantile: float = 0.2, min_stocks: int = 2):
     """The long-short series of one prediction vector (no bootstrap): a pandas Series by date, NaN where a date
     has no position. For notebooks and checks; the eval computes the same inside its draw loop."""
-    import pandas as pd
-
     d = pd.to_datetime(pd.Series(dates)).to_numpy()
     cal, idx = np.unique(d, return_inverse=True)
     ls = LongShort(idx, y, len(cal), quantile, min_stocks)(np.asarray(pred, dtype=np.float64), np.ones(len(idx)))

@@ -41,7 +41,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from pitlm.eval.bootstrap import summarize, wilson
+from pitlm.eval.embed import random_features
+from pitlm.eval.pipeline import design_matrix, match_control
 from pitlm.eval.probestats import balanced_accuracy, lap_interaction, row_weights, true_minus_false
+from pitlm.eval.prompts import build_prompts
+from pitlm.eval.protocols.run import Panel, count_vectors, evaluate
+from pitlm.world.oracle import oracle_features
 
 PROBE_STATS = {"mink": ("mink", "direction_accuracy"), "lap": ("lap_interaction",), "entity": ("entity_gap",)}
 PROBE_OF = {s: p for p, stats in PROBE_STATS.items() for s in stats}
@@ -54,8 +60,6 @@ def _standardise(x: np.ndarray) -> np.ndarray:
 
 def simulated_lm(prompts: list[str], q: np.ndarray | None, gain: float, seed: int) -> dict[str, np.ndarray]:
     """A simulated LM's per-row probe values (see the module doc): z (up-minus-down score) and lap (propensity)."""
-    from pitlm.eval.embed import random_features
-
     F = random_features(prompts, 64, seed=seed).astype(np.float64)
     rm = _standardise(F @ np.random.default_rng([seed, 3]).standard_normal((64, 2)))
     r, m = rm[:, 0], rm[:, 1]
@@ -71,12 +75,6 @@ def probe_values(sim: dict[str, np.ndarray], y: np.ndarray, W: np.ndarray) -> di
 
 def entity_values(rows: pd.DataFrame, cfg, pcfg, planted_daily: float, world_seed: int) -> np.ndarray:
     """Per draw: net leakage statistic with the named prompt minus with the anonymised prompt (oracle embeddings)."""
-    from pitlm.eval.embed import random_features
-    from pitlm.eval.pipeline import design_matrix, match_control
-    from pitlm.eval.prompts import build_prompts
-    from pitlm.eval.protocols.run import evaluate
-    from pitlm.world.oracle import oracle_features
-
     features = {}
     planted = rows["planted_target"].to_numpy()
     for tag, template, knows in (("", "bare", True), ("@anonymised", "bare-anonymised", False)):
@@ -95,10 +93,6 @@ def entity_values(rows: pd.DataFrame, cfg, pcfg, planted_daily: float, world_see
 
 def probe_world(rows: pd.DataFrame, cfg, pcfg, planted_daily: float, world_seed: int) -> dict[str, dict]:
     """One world: per probe statistic the oracle's net estimate, its interval and the flags."""
-    from pitlm.eval.bootstrap import summarize
-    from pitlm.eval.prompts import build_prompts
-    from pitlm.eval.protocols.run import Panel, count_vectors
-
     panel = Panel(rows[["Date", "SecuritiesCode", "Target"]], pcfg)
     counts = count_vectors(panel.n_stocks, pcfg)
     y = rows["Target"].to_numpy(dtype=np.float64)
@@ -137,8 +131,6 @@ def _finite_mean(values: list[float]) -> float:
 
 def probe_rates(records: list[dict], cfg) -> dict[str, dict]:
     """Per probe statistic: FPR and power of its net test, the raw (not net) rejection rates, the verdict."""
-    from pitlm.eval.bootstrap import wilson
-
     out = {}
     stats = list(records[0]["probes"]) if records else []
     for s in stats:

@@ -31,7 +31,7 @@ import numpy as np
 
 from pitlm.errors import PitlmError
 from pitlm.eval.bootstrap import summarize
-from pitlm.eval.portfolio import DAY_DRAWS
+from pitlm.eval.portfolio import DAY_DRAWS, day_intervals
 from pitlm.eval.protocols import registry
 from pitlm.log import format_value
 
@@ -265,8 +265,6 @@ class EvalResult:
             return {}
         if ("portfolio", "days") in self._cache:
             return self._cache[("portfolio", "days")]
-        from pitlm.eval.portfolio import day_intervals
-
         out: dict[str, list[float]] = {}
         for suffix, entry in self.portfolio["series"].items():
             rets = {m: np.asarray(v["returns"]) for m, v in entry["models"].items()}
