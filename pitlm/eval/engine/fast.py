@@ -32,11 +32,16 @@ class FastLayout(Solver):
         assert problem.sep is not None and problem.device.type == "cpu", "the fast path: separable layouts, CPU"
         own, allowed, inblock = self.problem.sep
         self._own = np.asarray(own)
-        allowed = allowed.cpu().numpy() > 0
-        inblock = inblock.cpu().numpy() > 0
-        d, F = self.d, self.folds.n_folds
-        m = d + 1
+        m = self.d + 1
         self._tri = m * (m + 1) // 2
+        self._training_patterns(allowed.cpu().numpy() > 0)
+        self._test_groups = self._group_tests(inblock.cpu().numpy() > 0)
+        self._H = self._bufs = self._out = self._Z = None  # work buffers, allocated on first use
+
+    def _training_patterns(self, allowed: np.ndarray) -> None:
+        """Super-cells, each row's super-cell, the training patterns over cells and super-cells, and the
+        contiguous fold ranges that share a pattern, from `allowed` (F, T): each fold's training cells."""
+        F = self.folds.n_folds
         # super-cells: cells that every training pattern takes or leaves together; -1: in no training set
         used = allowed.any(0)
         sig, sc = np.unique(allowed.T, axis=0, return_inverse=True)
@@ -57,11 +62,14 @@ class FastLayout(Solver):
         starts = np.flatnonzero(np.r_[True, q_of_fold[1:] != q_of_fold[:-1]])
         self._train_groups = [(int(a), int(b), int(q_of_fold[a]))
                               for a, b in zip(starts, np.r_[starts[1:], F], strict=True)]
-        # test groups: folds sharing their tested cells (and those cells' rows [1, X, y]) whose own stock folds
-        # differ, so that a row of a draw is tested by at most one fold of its group
+
+    def _group_tests(self, inblock: np.ndarray) -> list[tuple]:
+        """Test groups (members, rows, their [1, X, y], their stocks): folds sharing their tested cells (and
+        those cells' rows) whose own stock folds differ, so that a row of a draw is tested by at most one fold
+        of its group; `inblock` (F, T): each fold's test cells."""
         tpats, t_of_fold = np.unique(inblock, axis=0, return_inverse=True)
         t_of_fold = np.asarray(t_of_fold).reshape(-1)
-        self._test_groups = []
+        groups = []
         for r in range(len(tpats)):
             rows = np.flatnonzero(tpats[r][self.problem.cell_np])
             if len(rows) == 0:
@@ -73,10 +81,9 @@ class FastLayout(Solver):
                 while len(members):  # a repeated own stock fold starts another group
                     _, first = np.unique(self._own[members], return_index=True)
                     take = np.sort(first)
-                    self._test_groups.append((np.asarray(members)[take], rows, Zr, self.problem.stock_np[rows]))
+                    groups.append((np.asarray(members)[take], rows, Zr, self.problem.stock_np[rows]))
                     members = np.delete(np.asarray(members), take)
-        self._H = self._bufs = self._out = self._Z = None  # work buffers, allocated on first use
-
+        return groups
 
     def threads(self):
         """Single-threaded torch and BLAS: the fast path runs its own pool of threads, one BLAS thread each."""
@@ -91,7 +98,6 @@ class FastLayout(Solver):
         score = self._score_rows(counts, assign, theta, ic_groups)
         t = torch.from_numpy
         return FoldFit(t(theta[..., 1:]), t(theta[..., 0].copy()), t(ok), t(n_train)), score
-
 
     def _block_grams(self, counts, assign, H: np.ndarray, parallel: bool = True) -> None:
         """One draw's count-weighted Gram matrices of [1, X, y] per (stock fold, super-cell) block, into H (K,
@@ -143,7 +149,6 @@ class FastLayout(Solver):
             run_all(self.workers, gather, [(Z, idx, lo, hi) for lo, hi in chunks(len(idx), self.workers)])
             with blas_threads(self.workers):
                 np.matmul(Z.T, Z, out=flatH[int(keys[i])])
-
 
     def _score_rows(self, counts, assign, theta, ic_groups=None) -> FoldScore:
         """Test-side sums of every fold from its tested rows' residuals: SSE, n, sum y, sum y^2 (weights =

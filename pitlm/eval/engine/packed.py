@@ -58,7 +58,6 @@ class PackedSolver(FastLayout):
             fit, score = self._finish(counts, assign, theta, n_train, sy_train, info, ic_groups)
         return fit, score, np.full((B, F), self.alpha)
 
-
     def _pattern_stats(self) -> None:
         """(Q, S, tri + m) packed training statistics of every stock over every training pattern's cells:
         [Z'Z in RFP order (Z = [1, X]), Z'y]; stocks split over the pool."""
@@ -89,7 +88,6 @@ class PackedSolver(FastLayout):
             run_all(self.workers, stocks, chunks(self.S, self.workers))
         self._P = P
 
-
     def _fit_stats_mode(self, counts, assign, alpha, theta, n_train, sy_train, info) -> None:
         B, F, S, m = counts.shape[0], self.folds.n_folds, self.S, self.d + 1
         pt = self._tri + m
@@ -114,7 +112,6 @@ class PackedSolver(FastLayout):
         run_all(self.workers, solve, chunks(F * B, self.workers))
         theta[:] = flat[:, self._tri:].reshape(F, B, m).transpose(1, 0, 2)
         info[:] = res.reshape(F, B).T
-
 
     def _fit_rows_mode(self, counts, assign, alpha, theta, n_train, sy_train, info) -> None:
         """One draw: (F, m) solutions from count-weighted block Gram matrices of the rows."""

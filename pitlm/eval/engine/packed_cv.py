@@ -49,7 +49,8 @@ class PackedCVSolver(FastLayout):
         self._generic = BlockSolver(problem, "rows")  # near-tied draws' alphas
 
     def draw_batch_size(self) -> int:
-        per_draw = 8 * 4 * self.n * max(self.K, 1)  # scoring residuals
+        """Draws per batch: the scoring residuals within the memory budget (a draw's Grams are a worker's)."""
+        per_draw = 8 * 4 * self.n * max(self.K, 1)
         return int(max(1, min(64, self.problem.memory_bytes // max(per_draw, 1))))
 
     def _cv_setup(self) -> None:
@@ -75,9 +76,9 @@ class PackedCVSolver(FastLayout):
         self.cv_fallbacks = 0  # draws whose alpha choice went to select_alpha
 
     def _cv_work_bytes(self, n_alphas: int = 7) -> int:
+        """Bytes of one pool worker's buffers (`_CVWork`): the memory budget caps the workers."""
         Q, m1 = len(self._pattern_sc), self.d + 2
         return 8 * m1 * m1 * (self.K * self._T2 + (Q + 1) * (self.K + 1) + n_alphas + 2)
-
 
     def solve(self, counts, assign, ic_groups=None) -> tuple[FoldFit, FoldScore, np.ndarray]:
         counts = np.asarray(counts, dtype=np.float64)
@@ -105,7 +106,6 @@ class PackedCVSolver(FastLayout):
             fit, score = self._finish(counts, assign, out["theta"], out["n_train"], out["sy_train"], out["info"],
                                       ic_groups)
         return fit, score, out["alpha"]
-
 
     def _reference_alpha(self, counts, assign, grid, default) -> np.ndarray:
         """(F,) alphas of one draw by the generic path: block statistics from the rows, `select_alpha`."""
