@@ -10,9 +10,21 @@ from sklearn.linear_model import Ridge
 from sklearn.metrics import r2_score
 from sklearn.model_selection import GroupKFold
 
-import pitlm.eval.engine as engine_module
+import pitlm.eval.engine.fast as fast_module
 from pitlm.eval.bootstrap import draw_counts
-from pitlm.eval.engine import ClusterRidge, per_date_rank_ic
+from pitlm.eval.engine import (
+    BlockSolver,
+    DirectSolver,
+    PackedCVSolver,
+    PackedSolver,
+    RidgeProblem,
+    choose_solver,
+    per_date_rank_ic,
+)
+from pitlm.eval.engine.cost import block_mode
+from pitlm.eval.engine.lapack import batched_eigh, batched_linalg, cholesky_solve
+from pitlm.eval.engine.rankic import RankIC, weighted_midranks
+from pitlm.eval.protocols.run import Panel, ProtocolConfig, _broadcast_stock_folds
 from pitlm.eval.splitters import (
     ChronologicalSplit,
     PurgedPanelSplit,
@@ -45,15 +57,21 @@ def close(a, b):
     assert np.allclose(a, b, rtol=TOL, atol=TOL * np.abs(b).max()), (a, b)
 
 
+def generic(X, y, stock, cell, S, folds, mode="auto", device="cpu") -> BlockSolver:
+    """The block-statistics solver (`mode` auto: the cost model's choice)."""
+    pb = RidgeProblem(X, y, stock, cell, S, folds, device=device)
+    return BlockSolver(pb, block_mode(pb, mode))
+
+
 def engine_r2(X, y, stock, dates, folds, counts, alpha=1.0, mode="stats"):
     cell = folds.cell_of_pos[folds.positions(dates)]
     S = len(counts)
-    eng = ClusterRidge(X, y, stock, cell, S, folds, mode=mode)
+    eng = generic(X, y, stock, cell, S, folds, mode=mode)
     sizes = counts * np.bincount(stock, minlength=S)
     assign = group_kfold_assignment(sizes, folds.n_stock_folds) if folds.n_stock_folds > 1 else np.zeros(S, int)
     H = eng.block_stats(torch.tensor(counts[None], dtype=torch.float64), torch.tensor(assign[None]))
-    fit = eng.fit(H, alpha)
-    return eng.score(H, fit), eng, fit
+    fit = eng.problem.fit(H, alpha)
+    return eng.problem.score(H, fit), eng, fit
 
 
 def _materialised_folds(sc, X, y, stock, cell, folds, counts, assign):
@@ -105,7 +123,7 @@ def test_predictions_and_coefficients_equal_sklearn():
     X, y, stock, dates, cal = data(seed=3)
     counts = np.ones(24, int)
     _, eng, fit = engine_r2(X, y, stock, dates, group_kfold_folds(cal, 5), counts, alpha=0.5)
-    pred = eng.predict(fit)[0].numpy()
+    pred = eng.problem.predict(fit)[0].numpy()
     for j, (tr, _) in enumerate(GroupKFold(5).split(X, y, stock)):
         m = Ridge(alpha=0.5).fit(X[tr], y[tr])
         close(pred[j], m.predict(X))
@@ -117,7 +135,7 @@ def test_inner_cv_alpha_equals_brute_force():
     folds = group_kfold_folds(cal, 4)
     grid = [0.01, 1.0, 100.0, 1e4]
     cell = np.zeros(len(y), int)
-    eng = ClusterRidge(X, y, stock, cell, 24, folds)
+    eng = generic(X, y, stock, cell, 24, folds)
     assign = group_kfold_assignment(np.bincount(stock), 4)
     H = eng.block_stats(torch.ones(1, 24, dtype=torch.float64), torch.tensor(assign[None]))
     chosen = eng.select_alpha(H, grid, default=1.0)[0].numpy()
@@ -145,13 +163,13 @@ def test_inner_cv_alpha_on_purged_grid_equals_brute_force(draw):
     folds = PurgedPanelSplit(3, 3, embargo_days=5, horizon=2, calendar=cal).folds(cal)
     grid = [0.01, 1.0, 30.0, 1e3, 1e5]
     cell = folds.cell_of_pos[folds.positions(dates)]
-    eng = ClusterRidge(X, y, stock, cell, 24, folds)
+    eng = generic(X, y, stock, cell, 24, folds)
     assign = group_kfold_assignment(counts * np.bincount(stock, minlength=24), 3)
     H = eng.block_stats(torch.tensor(counts[None], dtype=torch.float64), torch.tensor(assign[None]))
     chosen = eng.select_alpha(H, grid, default=-1.0)[0].numpy()
     idx = expand(counts, stock)
     k, t = assign[stock][idx], cell[idx]
-    tr_cells = eng.train_cells  # (F, K, T)
+    tr_cells = eng.problem.train_cells  # (F, K, T)
     for f in range(tr_cells.shape[0]):
         in_train = tr_cells[f][k, t]
         sse = np.zeros(len(grid))
@@ -170,8 +188,6 @@ def test_inner_cv_alpha_on_purged_grid_equals_brute_force(draw):
 def test_thread_pooled_linalg_equals_one_call():
     """The CPU thread pool over a batch of small solves (fits and inner-CV eigh) gives what one call gives, for
     any batch shape, and leaves torch's intra-op thread count as it found it."""
-    from pitlm.eval.engine import _cholesky_solve, batched_eigh, batched_linalg
-
     g = torch.Generator().manual_seed(0)
     M = torch.randn(3, 50, 12, 20, dtype=torch.float64, generator=g)
     A = M @ M.mT + 0.1 * torch.eye(12, dtype=torch.float64)
@@ -179,7 +195,7 @@ def test_thread_pooled_linalg_equals_one_call():
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        x, info = batched_linalg(_cholesky_solve, A, b)
+        x, info = batched_linalg(cholesky_solve, A, b)
         assert torch.get_num_threads() == 2
         assert x.shape == b.shape and info.shape == (3, 50) and (info == 0).all()
         torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-10, atol=1e-12)
@@ -217,9 +233,9 @@ def test_cuda_engine_equals_cpu():
     assign = torch.tensor(group_kfold_assignment(counts * np.bincount(stock), 5)[None])
     out = []
     for device in ("cpu", "cuda"):
-        eng = ClusterRidge(X, y, stock, np.zeros(len(y), int), 24, folds, device=device)
+        eng = generic(X, y, stock, np.zeros(len(y), int), 24, folds, device=device)
         H = eng.block_stats(torch.tensor(counts[None], dtype=torch.float64, device=device), assign.to(device))
-        out.append(eng.score(H, eng.fit(H, 1.0)).r2.cpu().numpy())
+        out.append(eng.problem.score(H, eng.problem.fit(H, 1.0)).r2.cpu().numpy())
     close(out[1], out[0])
 
 
@@ -234,7 +250,7 @@ def _fast_layout(name, cal):
 @pytest.mark.parametrize("mode", ["stats", "rows", "rows-big-blocks"])
 @pytest.mark.parametrize("layout", ["legacy", "purged", "walk_forward"])
 def test_fast_path_equals_sklearn_on_draws(mode, layout, monkeypatch):
-    """solve_batch (fixed alpha: packed statistics + RFP Cholesky, or row blocks + dpotrf; test sides from
+    """PackedSolver (fixed alpha: packed statistics + RFP Cholesky, or row blocks + dpotrf; test sides from
     residuals) gives every fold's coefficients, predictions, SSE, SST and R2 of a scikit-learn Ridge refit on
     bootstrap draws materialised by row duplication."""
     X, y, stock, dates, cal = data(seed=21, d=7)
@@ -242,16 +258,17 @@ def test_fast_path_equals_sklearn_on_draws(mode, layout, monkeypatch):
     folds = _fast_layout(layout, cal)
     cell = folds.cell_of_pos[folds.positions(dates)]
     if mode == "rows-big-blocks":  # the seed-scale branch: blocks one at a time, gathered into a kept buffer
-        monkeypatch.setattr(engine_module, "BIG_BLOCK", 0.0)
+        monkeypatch.setattr(fast_module, "BIG_BLOCK", 0.0)
         mode = "rows"
-    eng = ClusterRidge(X, y, stock, cell, S, folds, mode=mode, fixed_alpha=True)
-    assert eng.fast and eng.mode == mode
+    eng = choose_solver(X, y, stock, cell, S, folds, alpha=alpha, mode=mode)
+    assert isinstance(eng, PackedSolver) and eng.mode == mode
     counts = np.concatenate([np.ones((1, S), int), draw_counts(S, 2, seed=5)])
     K = folds.n_stock_folds
     assign = np.stack([group_kfold_assignment(c * np.bincount(stock, minlength=S), K) if K > 1 else np.zeros(S, int)
                        for c in counts])
-    fit, sc = eng.solve_batch(counts, assign, alpha)
-    pred = eng.predict(fit).numpy()
+    fit, sc, alphas = eng.solve(counts, assign)
+    assert (alphas == alpha).all()
+    pred = eng.problem.predict(fit).numpy()
     checked = 0
     for b, f, Xb, yb, tr, te in _materialised_folds(sc, X, y, stock, cell, folds, counts, assign):
         assert fit.ok[b, f]
@@ -275,12 +292,12 @@ def test_fast_modes_agree_and_match_the_general_path():
     assign = np.stack([group_kfold_assignment(c * np.bincount(stock, minlength=24), 3) for c in counts])
     out = []
     for mode in ("stats", "rows"):
-        eng = ClusterRidge(X, y, stock, cell, 24, folds, mode=mode, fixed_alpha=True)
-        out.append(eng.solve_batch(counts, assign, 0.7))
-    eng = ClusterRidge(X, y, stock, cell, 24, folds, mode="stats")
+        eng = choose_solver(X, y, stock, cell, 24, folds, alpha=0.7, mode=mode)
+        out.append(eng.solve(counts, assign)[:2])
+    eng = generic(X, y, stock, cell, 24, folds, mode="stats")
     H = eng.block_stats(torch.tensor(counts, dtype=torch.float64), torch.tensor(assign))
-    fit = eng.fit(H, 0.7)
-    out.append((fit, eng.score(H, fit)))
+    fit = eng.problem.fit(H, 0.7)
+    out.append((fit, eng.problem.score(H, fit)))
     (f0, s0), rest = out[0], out[1:]
     for f1, s1 in rest:
         assert torch.equal(f0.ok, f1.ok)
@@ -295,11 +312,11 @@ def test_fast_path_flags_a_fold_without_training_rows(mode):
     others test nothing and train on that stock alone (equal to sklearn)."""
     X, y, stock, dates, cal = data(seed=6, d=4)
     folds = group_kfold_folds(cal, 4)
-    eng = ClusterRidge(X, y, stock, np.zeros(len(y), int), 24, folds, mode=mode, fixed_alpha=True)
+    eng = choose_solver(X, y, stock, np.zeros(len(y), int), 24, folds, alpha=1.0, mode=mode)
     counts = np.zeros((1, 24), int)
     counts[0, 3] = 2
     assign = (np.arange(24) % 4)[None]
-    fit, sc = eng.solve_batch(counts, assign, 1.0)
+    fit, sc, _ = eng.solve(counts, assign)
     own = 3
     assert not fit.ok[0, own] and (fit.beta[0, own] == 0).all() and sc.n[0, own] == 28
     rows = np.flatnonzero(stock == 3)
@@ -315,26 +332,20 @@ def test_direct_path_equals_block_path():
     X, y, stock, dates, cal = data(seed=8, d=5)
     folds = PurgedPanelSplit(3, 3, embargo_days=3, horizon=2).folds(cal)
     cell = folds.cell_of_pos[folds.positions(dates)]
-    counts = torch.tensor(draw_counts(24, 3, seed=2), dtype=torch.float64)
-    assign = torch.tensor(np.stack([group_kfold_assignment(c * np.bincount(stock, minlength=24), 3)
-                                    for c in counts.numpy().astype(int)]))
-    eng = ClusterRidge(X, y, stock, cell, 24, folds, mode="stats")
-    H = eng.block_stats(counts, assign)
-    fit = eng.fit(H, 1.5)
-    ref = eng.score(H, fit)
-    eng.patterns = eng._patterns()
-    assert eng.direct
-    train_s, test_s = eng.direct_fold_stats(counts, assign)
-    fit_d = eng.fit_stats(train_s, torch.full((folds.n_folds, 3), 1.5, dtype=torch.float64))
-    fit_d, sc = eng.unsort(fit_d, eng.score_stats(test_s, fit_d))
+    counts = draw_counts(24, 3, seed=2)
+    assign = np.stack([group_kfold_assignment(c * np.bincount(stock, minlength=24), 3) for c in counts])
+    eng = generic(X, y, stock, cell, 24, folds, mode="stats")
+    H = eng.block_stats(torch.tensor(counts, dtype=torch.float64), torch.tensor(assign))
+    fit = eng.problem.fit(H, 1.5)
+    ref = eng.problem.score(H, fit)
+    fit_d, sc, alphas = DirectSolver(eng.problem, alpha=1.5).solve(counts, assign)
+    assert (alphas == 1.5).all()
     torch.testing.assert_close(fit_d.beta, fit.beta, rtol=1e-9, atol=1e-12)
     for k in ("sse", "sst", "n"):
         torch.testing.assert_close(getattr(sc, k), getattr(ref, k), rtol=1e-9, atol=1e-10)
 
 
 def _cv_layout(name, cal, K=3):
-    from pitlm.eval.protocols.run import _broadcast_stock_folds
-
     if name == "purged":
         return PurgedPanelSplit(K, 3, embargo_days=5, horizon=2).folds(cal)
     return _broadcast_stock_folds(WalkForwardSplit(embargo_days=5, horizon=2).folds(cal), K)
@@ -348,7 +359,7 @@ def _cv_draws(stock, S, K, n=3, seed=5):
 
 @pytest.mark.parametrize("layout", ["purged", "walk_forward"])
 def test_fast_inner_cv_equals_generic_path_and_sklearn(layout):
-    """solve_batch_cv (alpha by inner CV from block Grams, one Cholesky per inner training set and alpha)
+    """PackedCVSolver (alpha by inner CV from block Grams, one Cholesky per inner training set and alpha)
     chooses select_alpha's alpha for every fold of every draw, and each fold's fit with that alpha equals a
     scikit-learn Ridge refit on the draw materialised by row duplication."""
     X, y, stock, dates, cal = data(seed=31, d=5)
@@ -356,10 +367,10 @@ def test_fast_inner_cv_equals_generic_path_and_sklearn(layout):
     folds = _cv_layout(layout, cal, K)
     cell = folds.cell_of_pos[folds.positions(dates)]
     counts, assign = _cv_draws(stock, S, K)
-    eng = ClusterRidge(X, y, stock, cell, S, folds, inner_cv=True)
-    assert eng.fast and eng.inner_cv and eng.mode == "rows"
-    fit, sc, alpha = eng.solve_batch_cv(counts, assign, grid, default=-1.0)
-    ref = ClusterRidge(X, y, stock, cell, S, folds, mode="rows")
+    eng = choose_solver(X, y, stock, cell, S, folds, alpha=-1.0, grid=grid)
+    assert isinstance(eng, PackedCVSolver) and eng.mode == "rows"
+    fit, sc, alpha = eng.solve(counts, assign)
+    ref = generic(X, y, stock, cell, S, folds, mode="rows")
     H = ref.block_stats(torch.tensor(counts, dtype=torch.float64), torch.tensor(assign))
     np.testing.assert_array_equal(alpha, ref.select_alpha(H, grid, default=-1.0).numpy())
     assert eng.cv_fallbacks == 0
@@ -380,9 +391,9 @@ def test_fast_inner_cv_leaves_ties_to_select_alpha():
     folds = _cv_layout("purged", cal, K)
     cell = folds.cell_of_pos[folds.positions(dates)]
     counts, assign = _cv_draws(stock, S, K, n=2, seed=8)
-    eng = ClusterRidge(X, y, stock, cell, S, folds, inner_cv=True)
-    _, _, alpha = eng.solve_batch_cv(counts, assign, grid, default=5.0)
-    ref = ClusterRidge(X, y, stock, cell, S, folds, mode="rows")
+    eng = choose_solver(X, y, stock, cell, S, folds, alpha=5.0, grid=grid)
+    _, _, alpha = eng.solve(counts, assign)
+    ref = generic(X, y, stock, cell, S, folds, mode="rows")
     H = ref.block_stats(torch.tensor(counts, dtype=torch.float64), torch.tensor(assign))
     np.testing.assert_array_equal(alpha, ref.select_alpha(H, grid, default=5.0).numpy())
     assert eng.cv_fallbacks == len(counts)
@@ -391,16 +402,14 @@ def test_fast_inner_cv_leaves_ties_to_select_alpha():
 def test_fast_inner_cv_out_of_fold_predictions_equal_predict():
     """The out-of-fold predictions the fast path keeps while scoring (for the rank IC) equal every fold's
     predictions masked by the folds that test each row, and the row weights equal the tested counts."""
-    from pitlm.eval.protocols.run import Panel, ProtocolConfig, _oof_predictions
-
     X, y, stock, dates, cal = data(seed=33, d=5)
     rows = pd.DataFrame({"Date": dates, "SecuritiesCode": stock + 100, "Target": y})
     folds = _cv_layout("purged", cal, 3)
     panel = Panel(rows, ProtocolConfig(n_splits=3))
     counts, assign = _cv_draws(stock, 24, 3)
-    eng = ClusterRidge(X, y, stock, panel.cells(folds), 24, folds, inner_cv=True)
-    fit, sc, _ = eng.solve_batch_cv(counts, assign, [0.1, 10.0], default=1.0, ic_groups=[list(range(folds.n_folds))])
-    (pred, w), = _oof_predictions(eng, folds, panel, counts, assign, fit, {"all": list(range(folds.n_folds))})
+    eng = choose_solver(X, y, stock, panel.cells(folds), 24, folds, alpha=1.0, grid=[0.1, 10.0])
+    fit, sc, _ = eng.solve(counts, assign, ic_groups=[list(range(folds.n_folds))])
+    (pred, w), = eng.problem.oof_predictions(counts, assign, fit, [list(range(folds.n_folds))])
     (got_pred, got_w), = sc.oof
     np.testing.assert_array_equal(got_w, w)
     close(got_pred[w > 0], pred[w > 0])
@@ -409,8 +418,6 @@ def test_fast_inner_cv_out_of_fold_predictions_equal_predict():
 def test_rank_ic_with_presorted_target_equals_lexsort_ranks():
     """RankIC (the target sorted once, predictions by argsort + a stable date sort) gives bit for bit what
     ranking each draw's kept rows by np.lexsort gives, with ties on both sides and rows of weight 0."""
-    from pitlm.eval.engine import RankIC, _weighted_midranks
-
     rng = np.random.default_rng(1)
     n, n_dates = 400, 30
     date = rng.integers(0, n_dates, n)
@@ -421,9 +428,45 @@ def test_rank_ic_with_presorted_target_equals_lexsort_ranks():
         w = rng.integers(0, 3, n).astype(float)
         keep = w > 0
         d, p, t, wk = date[keep], pred[keep], y[keep], w[keep]
-        rp, ry = _weighted_midranks(d, p, wk), _weighted_midranks(d, t, wk)
+        rp, ry = weighted_midranks(d, p, wk), weighted_midranks(d, t, wk)
         want = np.full(n_dates, np.nan)
         want = ranker._correlate(d, rp, ry, wk, want)
         np.testing.assert_array_equal(ranker(pred, w), want)
     batch = ranker.batch(np.stack([pred, -pred]), np.stack([w, w]), workers=2)
     np.testing.assert_array_equal(batch[0], ranker(pred, w))
+
+
+def test_choose_solver_by_alpha_mode_and_memory():
+    """Fixed alpha on the CPU: PackedSolver; alpha by inner CV: PackedCVSolver, or BlockSolver (with
+    select_alpha) when stats mode is forced; a bad mode or per-stock statistics far over budget: ValueError."""
+    X, y, stock, dates, cal = data(seed=9, d=4)
+    folds = PurgedPanelSplit(3, 3, embargo_days=3, horizon=2).folds(cal)
+    cell = folds.cell_of_pos[folds.positions(dates)]
+    assert isinstance(choose_solver(X, y, stock, cell, 24, folds, alpha=1.0), PackedSolver)
+    assert isinstance(choose_solver(X, y, stock, cell, 24, folds, alpha=1.0, grid=[1.0, 2.0]), PackedCVSolver)
+    block = choose_solver(X, y, stock, cell, 24, folds, alpha=1.0, grid=[1.0, 2.0], mode="stats")
+    assert isinstance(block, BlockSolver) and block.mode == "stats" and block.grid == [1.0, 2.0]
+    with pytest.raises(ValueError, match="engine mode"):
+        choose_solver(X, y, stock, cell, 24, folds, alpha=1.0, mode="fast")
+    with pytest.raises(ValueError, match="per-stock statistics"):
+        choose_solver(X, y, stock, cell, 24, folds, alpha=1.0, mode="stats", memory_bytes=1)
+
+
+def test_every_solver_gives_the_same_out_of_fold_predictions():
+    """The out-of-fold predictions and weights that `solve` returns for the rank IC and portfolios agree across
+    the four solvers (the fast paths keep them while scoring; the others predict every row)."""
+    X, y, stock, dates, cal = data(seed=10, d=5)
+    folds = PurgedPanelSplit(3, 3, embargo_days=3, horizon=2).folds(cal)
+    cell = folds.cell_of_pos[folds.positions(dates)]
+    counts, assign = _cv_draws(stock, 24, 3, n=2, seed=3)
+    groups = [list(range(folds.n_folds))]
+    pb = RidgeProblem(X, y, stock, cell, 24, folds)
+    grid = [0.1, 10.0]
+    runs = {"packed": PackedSolver(pb, "rows", alpha=2.0), "direct": DirectSolver(pb, alpha=2.0),
+            "block": BlockSolver(pb, "stats", alpha=2.0), "packed_cv": PackedCVSolver(pb, grid, default=2.0),
+            "block_cv": BlockSolver(pb, "rows", alpha=2.0, grid=grid)}
+    oof = {name: solver.solve(counts, assign, groups)[1].oof[0] for name, solver in runs.items()}
+    for name, (pred, w) in oof.items():
+        ref_pred, ref_w = oof["block_cv" if name.endswith("cv") else "packed"]
+        np.testing.assert_array_equal(w, ref_w, err_msg=name)
+        close(pred[w > 0], ref_pred[w > 0])

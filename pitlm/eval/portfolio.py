@@ -37,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pitlm.eval.engine import _chunks, _run_all
+from pitlm.eval.engine.threads import chunks, run_all
 
 
 class LongShort:
@@ -83,7 +83,7 @@ class LongShort:
             for b in range(lo, hi):
                 out[b] = self(pred[b], w[b])
 
-        _run_all(workers, rows, _chunks(len(pred), workers))
+        run_all(workers, rows, chunks(len(pred), workers))
         return out
 
 

@@ -45,7 +45,7 @@ from pydantic_core import PydanticCustomError
 from pitlm.config import StageConfig
 from pitlm.errors import PitlmError
 from pitlm.eval.bootstrap import draw_counts, jackknife_counts
-from pitlm.eval.engine import ClusterRidge, RankIC
+from pitlm.eval.engine import RankIC, Solver, choose_solver
 from pitlm.eval.portfolio import LongShort, series_metrics, tested_dates
 from pitlm.eval.protocols import PROTOCOLS, Protocol, get, registry
 from pitlm.eval.result import EvalResult
@@ -191,11 +191,10 @@ def run_layout(X: np.ndarray, panel: Panel, folds: PanelFolds, counts: np.ndarra
     """Fit and score every fold of one layout for every count vector: (C, F) arrays, plus (C, n_dates)
     per-date rank ICs of the out-of-fold predictions of each `ic_groups` set when cfg.rank_ic; `advance(n)`
     is called as count vectors are done (a progress bar)."""
-    cell = panel.cells(folds)
     memory = int(cfg.memory_gb * 2**30) if cfg.memory_gb else None
-    eng = ClusterRidge(X, panel.y, panel.stock, cell, panel.n_stocks, folds, device=cfg.device,
-                       mode=cfg.engine, memory_bytes=memory, fixed_alpha=not cfg.alpha_cv,
-                       inner_cv=cfg.alpha_cv)
+    solver = choose_solver(X, panel.y, panel.stock, panel.cells(folds), panel.n_stocks, folds, alpha=cfg.alpha,
+                           grid=cfg.alpha_grid if cfg.alpha_cv else None, device=cfg.device, mode=cfg.engine,
+                           memory_bytes=memory)
     C, F = counts.shape[0], folds.n_folds
     out = {k: np.zeros((C, F)) for k in ("sse", "sst", "n", "sy", "syy", "alpha")}
     out["ok"] = np.zeros((C, F), dtype=bool)
@@ -203,17 +202,17 @@ def run_layout(X: np.ndarray, panel: Panel, folds: PanelFolds, counts: np.ndarra
         out.update({f"ic_{g}": np.full((C, panel.n_dates), np.nan) for g in ic_groups(folds)})
     if cfg.portfolio:
         out.update({f"ls_{g}": np.full((C, panel.n_dates), np.nan) for g in _ls_groups(folds)})
-    with eng.threads():
+    with solver.threads():
         # batches of at most a tenth of the draws, so that a progress bar moves (a batch's GEMMs are as fast)
-        step = min(eng.draw_batch_size(), max(8, -(-len(counts) // 10)))
-        _draw_loop(eng, panel, folds, counts, assign, cfg, out, step, advance)
-    out["mode"] = eng.mode
-    if eng.inner_cv and eng.cv_fallbacks:
-        log.info("%d of %d draws had near-tied alphas; chosen by select_alpha", eng.cv_fallbacks, C)
+        step = min(solver.draw_batch_size(), max(8, -(-len(counts) // 10)))
+        _draw_loop(solver, panel, folds, counts, assign, cfg, out, step, advance)
+    out["mode"] = solver.mode
+    if solver.cv_fallbacks:
+        log.info("%d of %d draws had near-tied alphas; chosen by select_alpha", solver.cv_fallbacks, C)
     return out
 
 
-def _draw_loop(eng: ClusterRidge, panel: Panel, folds: PanelFolds, counts: np.ndarray, assign: np.ndarray,
+def _draw_loop(solver: Solver, panel: Panel, folds: PanelFolds, counts: np.ndarray, assign: np.ndarray,
                cfg: ProtocolConfig, out: dict, step: int, advance=None) -> None:
     """Batches of count vectors: fold statistics, fits, scores and rank ICs, written into `out`;
     `advance(n)` after each batch of n."""
@@ -225,63 +224,19 @@ def _draw_loop(eng: ClusterRidge, panel: Panel, folds: PanelFolds, counts: np.nd
     want_oof = cfg.rank_ic or cfg.portfolio
     for s in range(0, C, step):
         sl = slice(s, min(s + step, C))
-        fit, sc, alpha = _solve(eng, counts[sl], assign[sl], cfg, list(groups.values()) if want_oof else None)
+        fit, sc, alpha = solver.solve(counts[sl], assign[sl], list(groups.values()) if want_oof else None)
         for k in ("sse", "sst", "n", "sy", "syy"):
             out[k][sl] = getattr(sc, k).cpu().numpy()
         out["ok"][sl] = fit.ok.cpu().numpy()
         out["alpha"][sl] = alpha
         if want_oof:
-            oof = sc.oof if sc.oof is not None else _oof_predictions(eng, folds, panel, counts[sl], assign[sl], fit,
-                                                                     groups)
-            for g, (pred, w) in zip(groups, oof, strict=True):
+            for g, (pred, w) in zip(groups, sc.oof, strict=True):
                 if ranker is not None:
-                    out[f"ic_{g}"][sl] = ranker.batch(pred, w, eng.workers)
+                    out[f"ic_{g}"][sl] = ranker.batch(pred, w, solver.workers)
                 if book is not None and f"ls_{g}" in out:
-                    out[f"ls_{g}"][sl] = book.batch(pred, w, eng.workers)
+                    out[f"ls_{g}"][sl] = book.batch(pred, w, solver.workers)
         if advance is not None:
             advance(sl.stop - sl.start)
-
-
-def _solve(eng: ClusterRidge, counts: np.ndarray, assign: np.ndarray, cfg: ProtocolConfig, groups):
-    """(FoldFit, FoldScore, (B, F) alphas) of a batch of count vectors, by the engine's path for this layout."""
-    B, F = counts.shape[0], eng.folds.n_folds
-    if eng.fast and eng.inner_cv:
-        return eng.solve_batch_cv(counts, assign, cfg.alpha_grid, cfg.alpha, groups)
-    if eng.fast:
-        fit, sc = eng.solve_batch(counts, assign, cfg.alpha, groups)
-        return fit, sc, np.full((B, F), cfg.alpha)
-    cnt = torch.as_tensor(counts, dtype=torch.float64, device=eng.device)
-    asg = torch.as_tensor(assign, dtype=torch.long, device=eng.device)
-    alpha = torch.full((B, F), cfg.alpha, dtype=torch.float64, device=eng.device)
-    if eng.direct:
-        train_s, test_s = eng.direct_fold_stats(cnt, asg)
-        fit = eng.fit_stats(train_s, alpha.T)
-        fit, sc = eng.unsort(fit, eng.score_stats(test_s, fit))
-        return fit, sc, alpha.cpu().numpy()
-    H = eng.block_stats(cnt, asg)
-    if cfg.alpha_cv:
-        alpha = eng.select_alpha(H, cfg.alpha_grid, cfg.alpha)
-    fit = eng.fit(H, alpha)
-    return fit, eng.score(H, fit), alpha.cpu().numpy()
-
-
-def _oof_predictions(eng: ClusterRidge, folds: PanelFolds, panel: Panel, counts: np.ndarray, assign: np.ndarray,
-                     fit, groups: dict) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per IC group, (B, n) out-of-fold predictions and row weights (count where a fold of the group tests
-    the row) from every fold's predictions (the paths without `FoldScore.oof`)."""
-    cnt = torch.as_tensor(counts, dtype=torch.float64, device=eng.device)
-    asg = torch.as_tensor(assign, dtype=torch.long, device=eng.device)
-    test = torch.as_tensor(folds.test, device=eng.device)
-    cell_t = torch.as_tensor(panel.cells(folds), device=eng.device)
-    k_row = asg.clamp(min=0)[:, eng.stock] if folds.n_stock_folds > 1 else torch.zeros_like(asg[:, eng.stock])
-    tested_all = test[:, k_row, cell_t].permute(1, 0, 2)  # (B, F, n)
-    pred = eng.predict(fit)
-    out = []
-    for members in groups.values():
-        tested = tested_all[:, members]
-        out.append(((pred[:, members] * tested).sum(1).cpu().numpy(),
-                    (cnt[:, eng.stock] * tested.any(1)).cpu().numpy()))
-    return out
 
 
 def fold_r2(raw: dict) -> np.ndarray:
