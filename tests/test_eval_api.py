@@ -9,8 +9,7 @@ import pytest
 import pitlm.eval.api
 from pitlm.errors import PitlmError
 from pitlm.eval import evaluate
-from pitlm.eval.protocols.run import ProtocolConfig
-from pitlm.eval.protocols.run import evaluate as evaluate_features
+from pitlm.eval.protocols.run import ProtocolConfig, evaluate_features
 
 
 def test_docstring_example_runs():

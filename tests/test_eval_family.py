@@ -21,7 +21,7 @@ from pitlm.eval.family import (
     staircase_check,
     staircase_ok,
 )
-from pitlm.eval.protocols.run import ProtocolConfig, evaluate
+from pitlm.eval.protocols.run import ProtocolConfig, evaluate_features
 from pitlm.eval.result import EvalResult
 
 B = 40
@@ -208,7 +208,7 @@ def planted_panel(n_stocks=16, per_year=10, seed=0):
 def test_evaluate_family_flags_known_cells_only():
     rows, feats, members = planted_panel()
     cfg = ProtocolConfig(protocols=["legacy", "walk_forward"], n_boot=50, jackknife_groups=0, rank_ic=False)
-    res = evaluate(feats, rows, cfg, control="control")
+    res = evaluate_features(feats, rows, cfg, control="control")
     known = {m: set(range(2017, c.year + 1)) for m, c in members.items()}
     report = family_report(res, members, known_years_of=known)
     mat = report["matrix"]

@@ -17,7 +17,7 @@ from pitlm.eval.portfolio import (
     sharpe,
     stationary_indices,
 )
-from pitlm.eval.protocols.run import ProtocolConfig, evaluate
+from pitlm.eval.protocols.run import ProtocolConfig, evaluate_features
 
 
 def test_long_short_legs_by_hand():
@@ -110,7 +110,7 @@ def test_eval_sharpe_per_draw_matches_an_sklearn_refit():
     rng = np.random.default_rng(3)
     feats = {"control": rng.normal(size=X.shape), "arm": X}
     cfg = ProtocolConfig(protocols=["legacy", "purged"], n_boot=3, seed=4, jackknife_groups=0, rank_ic=False)
-    res = evaluate(feats, rows, cfg, control="control")
+    res = evaluate_features(feats, rows, cfg, control="control")
     for c, counts in enumerate([np.ones(10, int), *draw_counts(10, 3, seed=4)]):
         assert res.values["arm"]["sharpe_leakage_off"][c] == pytest.approx(legacy_sharpe_by_hand(X, rows, counts),
                                                                            rel=1e-9)

@@ -9,7 +9,7 @@ from test_eval_stats_protocols import rows_and_features
 from pitlm.config import build_config
 from pitlm.errors import ConfigError, PitlmError
 from pitlm.eval.protocols import PROTOCOLS, Protocol, get, register, registry, unregister
-from pitlm.eval.protocols.run import ProtocolConfig, evaluate, fold_r2
+from pitlm.eval.protocols.run import ProtocolConfig, evaluate_features, fold_r2
 from pitlm.eval.result import headline, leakage_order, reductions, sharpes
 from pitlm.eval.splitters import ChronologicalSplit
 
@@ -36,7 +36,7 @@ def chrono_only():
 def test_a_protocol_registered_in_one_file_runs_end_to_end(chrono_only):
     rows, feats = rows_and_features()
     cfg = ProtocolConfig(protocols=["chrono_only", "legacy"], n_boot=5, seed=2, jackknife_groups=0)
-    res = evaluate(feats, rows, cfg, control="control", base="base")
+    res = evaluate_features(feats, rows, cfg, control="control", base="base")
     arm = res.values["arm"]
     # the same chronological split and alpha as legacy's fold 0: the same R2 and long-short series
     np.testing.assert_allclose(arm["r2_chrono_only"][0], arm["r2_leakage_off"][0], rtol=1e-10)

@@ -13,7 +13,7 @@ from pitlm.eval.bootstrap import (
     percentile_interval,
     summarize,
 )
-from pitlm.eval.protocols.run import ProtocolConfig, evaluate
+from pitlm.eval.protocols.run import ProtocolConfig, evaluate_features
 
 
 def test_draw_counts_seeded_and_shaped():
@@ -81,5 +81,5 @@ def test_null_false_positive_rate_of_the_net_purged_test():
         feats = {"control": rng.normal(size=(len(rows), 3)), "model": rng.normal(size=(len(rows), 3))}
         cfg = ProtocolConfig(protocols=["purged"], n_boot=100, seed=w, jackknife_groups=0, rank_ic=False,
                              n_time_blocks=3, n_splits=3)
-        flagged += evaluate(feats, rows, cfg).leakage()["model"]["flagged"]
+        flagged += evaluate_features(feats, rows, cfg).leakage()["model"]["flagged"]
     assert flagged / n_worlds <= 0.12, flagged

@@ -13,7 +13,7 @@ from sklearn.model_selection import GroupKFold
 
 from pitlm.errors import PitlmError
 from pitlm.eval.bootstrap import draw_counts
-from pitlm.eval.protocols.run import ProtocolConfig, evaluate
+from pitlm.eval.protocols.run import ProtocolConfig, evaluate_features
 
 
 def rows_and_features(n_stocks=20, per_stock=12, d=5, seed=0, models=("control", "base", "arm")):
@@ -44,7 +44,7 @@ def seed_loop(X, rows, counts, alpha=1.0):
 def test_legacy_reproduces_the_seed_loop_on_point_and_draws():
     rows, feats = rows_and_features()
     cfg = ProtocolConfig(protocols=["legacy"], n_boot=4, seed=11, jackknife_groups=0, rank_ic=False)
-    res = evaluate(feats, rows, cfg, control="control", base="base")
+    res = evaluate_features(feats, rows, cfg, control="control", base="base")
     draws = draw_counts(20, 4, seed=11)
     for model in ("control", "base", "arm"):
         for c, counts in enumerate([np.ones(20, int), *draws]):
@@ -57,8 +57,8 @@ def test_alpha_cv_leaves_legacy_exactly_the_seed():
     """alpha by inner CV serves the calibrated protocols; the legacy protocol keeps the seed's alpha=1."""
     rows, feats = rows_and_features(n_stocks=15, per_stock=10, seed=5, models=("control", "arm"))
     cfg = ProtocolConfig(protocols=["legacy", "purged"], n_boot=3, jackknife_groups=0, rank_ic=False)
-    plain = evaluate(feats, rows, cfg)
-    cv = evaluate(feats, rows, cfg.model_copy(update={"alpha_cv": True, "alpha_grid": [1e-2, 1e4]}))
+    plain = evaluate_features(feats, rows, cfg)
+    cv = evaluate_features(feats, rows, cfg.model_copy(update={"alpha_cv": True, "alpha_grid": [1e-2, 1e4]}))
     for k in ("r2_leakage_off", "r2_leakage_on", "leakage_premium"):
         np.testing.assert_array_equal(cv.values["arm"][k], plain.values["arm"][k])
     assert set(np.ravel(cv.info["alphas"]["arm"]["purged"])) <= {1e-2, 1e4}
@@ -87,7 +87,7 @@ def test_legacy_hand_checked_example():
     assert off == Fraction(32, 121)
     on = sum(ridge_r2([p for p in pts if p[0] != s], [p for p in pts if p[0] == s]) for s in range(5)) / 5
     cfg = ProtocolConfig(protocols=["legacy"], n_boot=0, jackknife_groups=0, rank_ic=False)
-    res = evaluate({"m": X}, rows, cfg, control=None)
+    res = evaluate_features({"m": X}, rows, cfg, control=None)
     v = res.values["m"]
     assert v["r2_leakage_off"][0] == pytest.approx(float(off), abs=1e-12)
     assert v["r2_leakage_on"][0] == pytest.approx(float(on), abs=1e-12)
@@ -99,7 +99,7 @@ def test_legacy_hand_checked_example():
 def result():
     rows, feats = rows_and_features(n_stocks=25, per_stock=16, seed=3)
     cfg = ProtocolConfig(n_boot=30, seed=5, jackknife_groups=10, n_time_blocks=3)
-    return evaluate(feats, rows, cfg, control="control", base="base"), rows, feats, cfg
+    return evaluate_features(feats, rows, cfg, control="control", base="base"), rows, feats, cfg
 
 
 def test_paired_differences_are_exact_per_draw(result):
@@ -120,7 +120,7 @@ def test_paired_differences_are_exact_per_draw(result):
 def test_reduction_for_every_arm():
     rows, feats = rows_and_features(n_stocks=15, per_stock=10, seed=6, models=("control", "base", "lora", "full"))
     cfg = ProtocolConfig(protocols=["legacy"], n_boot=3, jackknife_groups=0, rank_ic=False)
-    res = evaluate(feats, rows, cfg, control="control", base="base", primary="lora")
+    res = evaluate_features(feats, rows, cfg, control="control", base="base", primary="lora")
     comp = res.comparison_values()
     assert set(comp) == {"premium_reduction", "full_premium_reduction", "sharpe_gap_leakage_off",
                          "full_sharpe_gap_leakage_off"}
@@ -133,7 +133,7 @@ def test_reduction_for_every_arm():
 
 def test_reproducible_by_seed(result):
     res, rows, feats, cfg = result
-    again = evaluate(feats, rows, cfg, control="control", base="base")
+    again = evaluate_features(feats, rows, cfg, control="control", base="base")
 
     def stable(r):
         js = r.to_json()
@@ -142,7 +142,7 @@ def test_reproducible_by_seed(result):
         return json.dumps(js, sort_keys=True)
 
     assert stable(again) == stable(res)
-    other = evaluate(feats, rows, cfg.model_copy(update={"seed": 6}), control="control", base="base")
+    other = evaluate_features(feats, rows, cfg.model_copy(update={"seed": 6}), control="control", base="base")
     assert other.values["arm"]["r2_purged"][1] != res.values["arm"]["r2_purged"][1]
     assert other.values["arm"]["r2_purged"][0] == res.values["arm"]["r2_purged"][0]  # same point estimate
 
@@ -168,8 +168,8 @@ def test_summary_keys_and_json(result):
 def test_options_run_and_change_results():
     rows, feats = rows_and_features(n_stocks=15, per_stock=10, seed=4, models=("control", "arm"))
     base = ProtocolConfig(protocols=["purged", "walk_forward"], n_boot=5, jackknife_groups=0)
-    a = evaluate(feats, rows, base)
-    b = evaluate(feats, rows, base.model_copy(update={"demean_target": True, "alpha_cv": True,
+    a = evaluate_features(feats, rows, base)
+    b = evaluate_features(feats, rows, base.model_copy(update={"demean_target": True, "alpha_cv": True,
                                                      "alpha_grid": [0.1, 10.0, 1e4]}))
     assert a.values["arm"]["r2_purged"][0] != b.values["arm"]["r2_purged"][0]
     assert set(np.ravel(b.info["alphas"]["arm"]["purged"])) <= {0.1, 10.0, 1e4}
@@ -178,23 +178,23 @@ def test_options_run_and_change_results():
 def test_bad_input_is_one_clear_error():
     rows, feats = rows_and_features(n_stocks=8, per_stock=6)
     with pytest.raises(PitlmError, match="lack column"):
-        evaluate(feats, rows.drop(columns="Target"))
+        evaluate_features(feats, rows.drop(columns="Target"))
     with pytest.raises(PitlmError, match="n_rows"):
-        evaluate({"control": feats["control"][:-1]}, rows)
+        evaluate_features({"control": feats["control"][:-1]}, rows)
     with pytest.raises(PitlmError, match="no rows on the chronological test side"):
-        evaluate(feats, rows, ProtocolConfig(protocols=["legacy"], test_start="2030-01-01", train_end="2029-12-31"))
+        evaluate_features(feats, rows, ProtocolConfig(protocols=["legacy"], test_start="2030-01-01", train_end="2029-12-31"))
     with pytest.raises(PitlmError, match="fewer than n_splits"):
-        evaluate(feats, rows[rows["SecuritiesCode"].isin(rows["SecuritiesCode"].unique()[:3])].reset_index(drop=True))
+        evaluate_features(feats, rows[rows["SecuritiesCode"].isin(rows["SecuritiesCode"].unique()[:3])].reset_index(drop=True))
     with pytest.raises(PitlmError, match="not among the models"):
-        evaluate(feats, rows, ProtocolConfig(protocols=["legacy"], n_boot=1), base="nope")
+        evaluate_features(feats, rows, ProtocolConfig(protocols=["legacy"], n_boot=1), base="nope")
 
 
 def test_engine_modes_agree_with_every_option():
     rows, feats = rows_and_features(n_stocks=14, per_stock=10, seed=8, models=("control", "arm"))
     cfg = ProtocolConfig(n_boot=6, jackknife_groups=4, n_time_blocks=3, alpha_cv=True, alpha_grid=[0.1, 10.0],
                          demean_target=True, rank_ic=True)
-    a = evaluate(feats, rows, cfg.model_copy(update={"engine": "stats"}))
-    b = evaluate(feats, rows, cfg.model_copy(update={"engine": "rows"}))
+    a = evaluate_features(feats, rows, cfg.model_copy(update={"engine": "stats"}))
+    b = evaluate_features(feats, rows, cfg.model_copy(update={"engine": "rows"}))
     assert set(a.info["engine_modes"].values()) == {"stats"} and set(b.info["engine_modes"].values()) == {"rows"}
     for m in feats:
         for k, v in a.values[m].items():
@@ -203,7 +203,7 @@ def test_engine_modes_agree_with_every_option():
 
 def test_json_is_strict_when_draws_fail():
     rows, feats = rows_and_features(n_stocks=6, per_stock=4, seed=9, models=("control", "arm"))
-    res = evaluate(feats, rows, ProtocolConfig(protocols=["legacy"], n_boot=20, jackknife_groups=0))
+    res = evaluate_features(feats, rows, ProtocolConfig(protocols=["legacy"], n_boot=20, jackknife_groups=0))
     assert res.metrics("arm")["leakage_premium"]["n_skipped"] > 0  # draws with < 5 distinct stocks are skipped
     json.dumps(res.to_json(include_draws=True), allow_nan=False)
 
@@ -214,8 +214,8 @@ def test_fast_inner_cv_equals_the_generic_path_on_every_statistic():
     beyond 1: a fold with a near-constant test side has an R2 of -2e14) on every statistic of every count vector."""
     rows, feats = rows_and_features(n_stocks=30, per_stock=14, d=6, seed=12, models=("control", "arm"))
     cfg = ProtocolConfig(n_boot=8, jackknife_groups=5, alpha_cv=True, rank_ic=True)
-    fast = evaluate(feats, rows, cfg)
-    generic = evaluate(feats, rows, cfg.model_copy(update={"engine": "stats"}))
+    fast = evaluate_features(feats, rows, cfg)
+    generic = evaluate_features(feats, rows, cfg.model_copy(update={"engine": "stats"}))
     assert fast.info["alphas"] == generic.info["alphas"]
     for m in feats:
         for k, v in generic.values[m].items():
@@ -230,7 +230,7 @@ def test_progress_bar_for_every_draw_loop(capsys, monkeypatch):
     monkeypatch.setenv("PITLM_NO_PROGRESS", "0")
     monkeypatch.setattr(pitlm.log, "PLAIN_PROGRESS_S", 0.0)
     rows, feats = rows_and_features(n_stocks=12, per_stock=10, seed=2, models=("control", "arm"))
-    evaluate(feats, rows, ProtocolConfig(n_boot=20, jackknife_groups=0, rank_ic=False), show_progress=True)
+    evaluate_features(feats, rows, ProtocolConfig(n_boot=20, jackknife_groups=0, rank_ic=False), show_progress=True)
     err = capsys.readouterr().err
     for layout in ("legacy", "purged", "walk_forward"):
         for m in feats:

@@ -1,4 +1,4 @@
-"""`pitlm report` on real eval statistics (pitlm.eval.protocols.run.evaluate on a simulated panel), a train run's
+"""`pitlm report` on real eval statistics (pitlm.eval.protocols.run.evaluate_features on a simulated panel), a train run's
 metrics and a corpus manifest: HTML with embedded plots, PNGs, Markdown, verdicts that follow the decision."""
 
 import base64
@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pitlm.eval.protocols.run import ProtocolConfig, evaluate
+from pitlm.eval.protocols.run import ProtocolConfig, evaluate_features
 from pitlm.report.render import verdicts
 from pitlm.runs import start_run
 from pitlm.volume import Volume, atomic_write_json
@@ -31,7 +31,7 @@ def eval_run(home):
     rows, feats = _panel()
     cfg = ProtocolConfig(n_boot=40, jackknife_groups=0, protocols=["legacy", "purged", "walk_forward"],
                          train_end="2020-12-31", test_start="2021-01-01")
-    result = evaluate(feats, rows, cfg, control="control", base="leaky", primary="blind")
+    result = evaluate_features(feats, rows, cfg, control="control", base="leaky", primary="blind")
     vol = Volume.resolve(home)
     with start_run(vol, "eval") as run:
         run.save_json("results.json", {"config": {"market": "sim", "protocols": cfg.protocols},

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str):  # loaded on first use: every `pitlm` command imports this package for its CLI
     if name == "evaluate":
-        from pitlm.eval.api import evaluate
+        from pitlm.eval.api import evaluate  # noqa: PLC0415 - PEP 562: loaded on first use, not by every CLI start
 
         return evaluate
     raise AttributeError(f"module 'pitlm.eval' has no attribute '{name}'")

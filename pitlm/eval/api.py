@@ -44,8 +44,7 @@ from pitlm.eval.pipeline import (
 )
 from pitlm.eval.prompts import build_prompts
 from pitlm.eval.protocols import PROTOCOLS
-from pitlm.eval.protocols.run import ProtocolConfig
-from pitlm.eval.protocols.run import evaluate as evaluate_features
+from pitlm.eval.protocols.run import ProtocolConfig, evaluate_features
 from pitlm.market.features import FEATURES
 from pitlm.volume import Volume
 

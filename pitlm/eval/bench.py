@@ -35,7 +35,7 @@ from pitlm.errors import PitlmError
 from pitlm.eval.bootstrap import draw_counts
 from pitlm.eval.pipeline import EVAL_PROTOCOL_DEFAULTS
 from pitlm.eval.protocols import PROTOCOLS
-from pitlm.eval.protocols.run import ProtocolConfig, evaluate
+from pitlm.eval.protocols.run import ProtocolConfig, evaluate_features
 from pitlm.eval.splitters import PurgedPanelSplit
 
 PRESETS = {"demo-small": (30, 30, 133), "demo": (100, 30, 256), "us-473": (473, 30, 133), "seed": (1000, 30, 2053)}
@@ -170,13 +170,13 @@ def run_bench_stats(bench: StatsBench | None = None, **options) -> dict:
     # imports and first-call validation)
     small = (rows["SecuritiesCode"] < rows["SecuritiesCode"].min() + 2 * cfg.n_splits).to_numpy()
     rows_small = rows[small].reset_index(drop=True)
-    evaluate({"model": X[small]}, rows_small, cfg.model_copy(update={"n_boot": 2}), control=None)
+    evaluate_features({"model": X[small]}, rows_small, cfg.model_copy(update={"n_boot": 2}), control=None)
     if with_sklearn:
         sklearn_protocol(X[small], rows_small, np.ones(2 * cfg.n_splits, dtype=np.int64), b.protocol, cfg)
     if b.device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    res = evaluate(features, rows, cfg, control=control, show_progress=True)
+    res = evaluate_features(features, rows, cfg, control=control, show_progress=True)
     if b.device.startswith("cuda"):
         torch.cuda.synchronize()
     engine_s = time.perf_counter() - t0

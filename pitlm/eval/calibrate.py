@@ -59,7 +59,7 @@ from pitlm.eval.pipeline import design_matrix, match_control, protocol_config
 from pitlm.eval.probecal import format_probe_table, probe_rates, probe_summary, probe_world
 from pitlm.eval.prompts import build_prompts
 from pitlm.eval.protocols import PROTOCOLS, get
-from pitlm.eval.protocols.run import ProtocolName, evaluate
+from pitlm.eval.protocols.run import ProtocolName, evaluate_features
 from pitlm.eval.result import INTERVALS
 from pitlm.log import progress
 from pitlm.market.features import add_features, sample_rows
@@ -129,7 +129,7 @@ def score_world(rows: pd.DataFrame, cfg: CalibrateConfig, pcfg, planted_daily: f
         control, _ = match_control(random_features(prompts, oracle.shape[1], seed=cfg.seed + 1), oracle,
                                    cfg.control_match)
     features = {"control": design_matrix(control, rows), "oracle": design_matrix(oracle, rows)}
-    result = evaluate(features, rows[["Date", "SecuritiesCode", "Target"]], pcfg, control="control")
+    result = evaluate_features(features, rows[["Date", "SecuritiesCode", "Target"]], pcfg, control="control")
     lo_key = INTERVALS[pcfg.decision_ci][0]
     out = {}
     for protocol in pcfg.protocols:
@@ -176,7 +176,7 @@ def score_family_world(rows: pd.DataFrame, cfg: CalibrateConfig, pcfg, planted_d
     feats = family_features(cfg.features_dim, rows, cfg, planted_daily, world_seed, prompts)
     members = family_members(sorted(rows["Date"].dt.year.unique().tolist()))
     features = {name: design_matrix(X, rows) for name, X in feats.items()}
-    result = evaluate(features, rows[["Date", "SecuritiesCode", "Target"]], pcfg, control="control")
+    result = evaluate_features(features, rows[["Date", "SecuritiesCode", "Target"]], pcfg, control="control")
     matrix = knowledge_matrix(result, {m: date(k, 12, 31) for m, k in members.items()})
     cells = []
     for m, k in members.items():

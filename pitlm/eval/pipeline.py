@@ -1,7 +1,7 @@
 """`pitlm eval`: sample rows -> prompts -> embeddings (cached) -> X = [embedding || numeric] -> protocols.
 
 Every model, and always the knowledge-free control, is scored on the same rows with the same bootstrap draws
-(DESIGN.md §4); `pitlm.eval.protocols.run.evaluate` does the statistics and this module does the plumbing and the
+(DESIGN.md §4); `pitlm.eval.protocols.run.evaluate_features` does the statistics and this module does the plumbing and the
 record (`runs/<id>/results.json`, see pitlm/eval/record.py). What would stop the statistics (too few stocks,
 a fold layout the sampled dates cannot fill) is checked on the rows before any embedding is computed
 (`check_rows`); the statistics show a progress bar per model and fold layout.
@@ -27,7 +27,7 @@ from pitlm.eval.family import WALK_FORWARD, family_report, family_summary_lines,
 from pitlm.eval.models import describe, parse_named_specs, parse_spec
 from pitlm.eval.prompts import build_prompts, prompts_hash
 from pitlm.eval.protocols import PROTOCOLS, get
-from pitlm.eval.protocols.run import Panel, ProtocolConfig, build_layouts, evaluate
+from pitlm.eval.protocols.run import Panel, ProtocolConfig, build_layouts, evaluate_features
 from pitlm.eval.record import eval_results, summary_from_lines
 from pitlm.market.features import FEATURES, add_features, sample_rows
 from pitlm.market.panel import load_panel
@@ -246,7 +246,7 @@ def run_eval(cfg: EvalConfig, vol, run, prepared=None) -> dict[str, Any]:
     for name, X in features.items():
         models[name]["n_features"] = int(X.shape[1])
     t_stats = time.time()
-    result = evaluate(features, rows[["Date", "SecuritiesCode", "Target"]], pcfg, control=cfg.control_name,
+    result = evaluate_features(features, rows[["Date", "SecuritiesCode", "Target"]], pcfg, control=cfg.control_name,
                       base=cfg.base, show_progress=True)
     lines = list(result.summary_lines())
     families, family_lines = family_reports(cfg, vol, result)

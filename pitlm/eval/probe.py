@@ -65,7 +65,7 @@ from pitlm.eval.pipeline import (
 )
 from pitlm.eval.probestats import balanced_accuracy, lap_interaction, min_k, min_k_pp, row_weights, true_minus_false
 from pitlm.eval.prompts import build_prompts
-from pitlm.eval.protocols.run import Panel, count_vectors, evaluate
+from pitlm.eval.protocols.run import Panel, count_vectors, evaluate_features
 from pitlm.eval.record import rows_summary, summary_from_lines
 from pitlm.eval.result import _finite
 from pitlm.log import format_value, make_progress
@@ -269,7 +269,7 @@ def entity_probe(cfg: ProbeConfig, vol, rows: pd.DataFrame, pcfg) -> dict[str, d
     for tag, template in (("", cfg.template), ("@anonymised", anon)):
         arrays, _ = embed_models(ecfg, specs, build_prompts(rows, template), vol, keys)
         features.update({f"{n}{tag}": design_matrix(X, rows, cfg.numeric_features) for n, X in arrays.items()})
-    result = evaluate(features, rows[["Date", "SecuritiesCode", "Target"]], pcfg, control="control", show_progress=True)
+    result = evaluate_features(features, rows[["Date", "SecuritiesCode", "Target"]], pcfg, control="control", show_progress=True)
     stat = result.leakage_statistic()
     V = result.values
     out = {}

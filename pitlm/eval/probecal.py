@@ -46,7 +46,7 @@ from pitlm.eval.embed import random_features
 from pitlm.eval.pipeline import design_matrix, match_control
 from pitlm.eval.probestats import balanced_accuracy, lap_interaction, row_weights, true_minus_false
 from pitlm.eval.prompts import build_prompts
-from pitlm.eval.protocols.run import Panel, count_vectors, evaluate
+from pitlm.eval.protocols.run import Panel, count_vectors, evaluate_features
 from pitlm.world.oracle import oracle_features
 
 PROBE_STATS = {"mink": ("mink", "direction_accuracy"), "lap": ("lap_interaction",), "entity": ("entity_gap",)}
@@ -85,7 +85,7 @@ def entity_values(rows: pd.DataFrame, cfg, pcfg, planted_daily: float, world_see
                                    cfg.control_match)
         features[f"oracle{tag}"] = design_matrix(oracle, rows, numeric=False)
         features[f"control{tag}"] = design_matrix(control, rows, numeric=False)
-    result = evaluate(features, rows[["Date", "SecuritiesCode", "Target"]], pcfg, control="control")
+    result = evaluate_features(features, rows[["Date", "SecuritiesCode", "Target"]], pcfg, control="control")
     stat = result.leakage_statistic()
     V = result.values
     return (V["oracle"][stat] - V["control"][stat]) - (V["oracle@anonymised"][stat] - V["control@anonymised"][stat])

@@ -1,6 +1,6 @@
 """Leakage protocols as records: each protocol is one module (`legacy.py`, `purged.py`, `walk_forward.py`) that
 defines `PROTOCOL = Protocol(...)`; `run.py` runs any of them on the same rows and bootstrap draws
-(`pitlm.eval.protocols.run.evaluate`, DESIGN.md §4).
+(`pitlm.eval.protocols.run.evaluate_features`, DESIGN.md §4).
 
 A `Protocol` says everything that differs between protocols:
 - `layouts(calendar, cfg)`: its fold layouts by name (`PanelFolds`: folds on (stock fold, time cell) blocks);

@@ -1,6 +1,6 @@
 """The leakage protocols on one set of rows, for every model, with one set of paired bootstrap draws.
 
-    result = evaluate({"control": Xc, "base": Xb, "lora": Xa}, rows, ProtocolConfig(), control="control", base="base")
+    result = evaluate_features({"control": Xc, "base": Xb, "lora": Xa}, rows, ProtocolConfig(), control="control", base="base")
     print("\n".join(result.summary_lines()))
 
 `rows` has Date, SecuritiesCode, Target (one row per stock and date); `features[name]` is that model's
@@ -280,7 +280,7 @@ def count_vectors(n_stocks: int, cfg: ProtocolConfig) -> np.ndarray:
                            jackknife_counts(n_stocks, cfg.jackknife_groups, cfg.seed)])
 
 
-def evaluate(features: dict[str, np.ndarray], rows: pd.DataFrame, cfg: ProtocolConfig | None = None,
+def evaluate_features(features: dict[str, np.ndarray], rows: pd.DataFrame, cfg: ProtocolConfig | None = None,
              control: str | None = "control", base: str | None = None, primary: str | None = None,
              show_progress: bool = False) -> EvalResult:
     """Every protocol for every model on the same rows and the same bootstrap draws (see the module doc);
