@@ -2,6 +2,7 @@
 
     python -m pitlm.layers            # key: value lines: modules, edges, cycles, upward arrows (0 and 0 is the rule)
     python -m pitlm.layers --edges    # + every arrow between packages, with its count
+    python -m pitlm.layers --files    # every module by layer, with its docstring's first sentence (README's Files)
 
 Layers, lowest first: a module may import its own package and anything in a lower layer, never a higher one.
 The stages run world/market -> corpus -> train -> eval -> report, `jobs` submits any of them and `demo` chains them;
@@ -140,10 +141,38 @@ def build_graph(root: Path = ROOT) -> Graph:
     return Graph(g)
 
 
+def summary_line(path: Path, width: int = 84) -> str:
+    """The first sentence of a module's docstring, on one line, cut at `width` characters."""
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    text = " ".join(doc.split("\n\n")[0].split())
+    end = text.find(". ")
+    text = text[: end + 1] if 0 < end else text
+    return text if len(text) <= width else text[: width - 3].rstrip() + "..."
+
+
+def file_table(root: Path = ROOT) -> list[str]:
+    """Every module, grouped by layer (lowest first), as `path  summary` lines."""
+    paths = sorted(root.rglob("*.py"))
+    out = []
+    for i, names in enumerate(LAYERS):
+        group = [p for p in paths if unit_of(module_name(p, root)).removesuffix(".cli") in names]
+        if not group:
+            continue
+        out.append(f"# layer {i}: {', '.join(names)}")
+        for p in sorted(group, key=lambda p: (len(p.relative_to(root).parts), str(p))):
+            rel = str(p.relative_to(root.parent))
+            out.append(f"{rel:<34} {summary_line(p)}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pitlm.layers", description=__doc__.splitlines()[0])
     ap.add_argument("--edges", action="store_true", help="print every arrow between packages")
+    ap.add_argument("--files", action="store_true", help="print every module by layer with its summary line")
     args = ap.parse_args(argv)
+    if args.files:
+        print("\n".join(file_table()))
+        return 0
     graph = build_graph()
     cycles, upward = graph.cycles, graph.upward()
     if args.edges:

@@ -45,3 +45,15 @@ def test_every_package_and_top_level_module_has_a_layer():
     named = {n for layer in LAYERS for n in layer}
     units = {m.split(".")[1] if "." in m else "__init__" for m in build_graph().modules.nodes}
     assert units <= named, units - named
+
+
+def test_file_table_lists_every_module_once_by_layer_with_its_summary():
+    from pitlm.layers import ROOT, file_table
+
+    lines = file_table()
+    listed = [ln.split()[0] for ln in lines if not ln.startswith("#")]
+    assert sorted(listed) == sorted(str(p.relative_to(ROOT.parent)) for p in ROOT.rglob("*.py"))
+    heads = [ln for ln in lines if ln.startswith("# layer")]
+    assert heads[0].startswith("# layer 0:") and "eval" in next(h for h in heads if "eval" in h)
+    row = next(ln for ln in lines if ln.startswith("pitlm/volume.py"))
+    assert "PITLM_HOME" in row and len(row) <= 120

@@ -1,0 +1,1 @@
+"""Named configs as plain data: `pitlm <stage> --recipe NAME` loads `NAME.yaml` here (its `stage:` says whose)."""
