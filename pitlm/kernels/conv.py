@@ -60,8 +60,8 @@ TILES = _tiles(os.environ.get(TILES_ENV, "8,128,64,2,1"))
 
 @functools.cache
 def _kernels(interpret: bool) -> types.SimpleNamespace:  # noqa: ARG001 - one build per interpreter mode
-    import triton
-    import triton.language as tl
+    import triton  # noqa: PLC0415 - optional dependency triton
+    import triton.language as tl  # noqa: PLC0415 - optional dependency triton
 
     @triton.jit
     def conv_fwd(x, w, bias, out, T, sxb, sxt, swd, swj, sob, sot, c0, HAS_BIAS: tl.constexpr,

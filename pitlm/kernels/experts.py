@@ -19,7 +19,11 @@ import logging
 import types
 
 import torch
+from peft.tuners.lora.layer import ParamWrapper
 from torch import nn
+
+from pitlm.kernels import routed
+from pitlm.kernels.registry import LORA_IN_K
 
 log = logging.getLogger("pitlm.kernels")
 
@@ -60,9 +64,7 @@ class _PermuteRouted(torch.autograd.Function):
         ctx.save_for_backward(src, inv)
         ctx.top_k, ctx.fused = top_k, fused
         if fused:
-            from pitlm.kernels.routed import gather_rows
-
-            return gather_rows(tokens, src)
+            return routed.gather_rows(tokens, src)
         return tokens.index_select(0, src)
 
     @staticmethod
@@ -77,9 +79,7 @@ class _UnpermuteRouted(torch.autograd.Function):
         ctx.save_for_backward(src, inv)
         ctx.top_k, ctx.fused, ctx.has_extra = top_k, fused, extra is not None
         if fused:
-            from pitlm.kernels.routed import gather_sum
-
-            return gather_sum(rows, extra, inv, top_k)
+            return routed.gather_sum(rows, extra, inv, top_k)
         if extra is not None:
             rows = rows + extra
         gathered = rows.index_select(0, inv)
@@ -99,11 +99,9 @@ class _PermuteRoutedPair(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tokens, src, inv, top_k, pad=0):
-        from pitlm.kernels.routed import gather_rows
-
         ctx.save_for_backward(src, inv)
         ctx.top_k = top_k
-        rows = gather_rows(tokens, src, pad)  # pad: room for the gate_up LoRA term in K (_LoRAInK)
+        rows = routed.gather_rows(tokens, src, pad)  # pad: room for the gate_up LoRA term in K (_LoRAInK)
         return rows, rows.view_as(rows)
 
     @staticmethod
@@ -217,8 +215,6 @@ def lora_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_
                          factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
     """transformers' grouped-GEMM experts forward (gated, no bias, weights (experts, out, in)) with LoRA factors
     {parameter name: (lhs (E, out, r), rhs (E, r, in), scaling)} applied to the routed tokens only."""
-    from pitlm.kernels import routed
-
     top_k = top_k_index.shape[-1]
     # install_fast_kernels switches the fused kernels on; a torch.compile'd block leaves the fusing to inductor
     fused = routed.enabled(experts, hidden_states) and not torch.compiler.is_compiling()
@@ -281,8 +277,6 @@ def lora_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_
 def _lora_in_k_ok(experts: nn.Module, name: str, factors: dict) -> bool:
     """Whether projection `name`'s LoRA can ride in its GEMM's K (`_LoRAInK`): with the routed kernels, unless
     switched off (fast path "lora-in-k", default on), for a frozen 3-D weight."""
-    from pitlm.kernels.registry import LORA_IN_K
-
     w = getattr(experts, name)
     return LORA_IN_K.is_on(experts, default=True) and w.dim() == 3 and not w.requires_grad \
         and factors[name][1].dim() == 3
@@ -307,8 +301,6 @@ def experts_unsupported(experts: nn.Module) -> str | None:
 
 def _chain(wrapper: nn.Module) -> tuple[list[nn.Module], nn.Module]:
     """The nested ParamWrappers from `wrapper` inwards, and the module they wrap."""
-    from peft.tuners.lora.layer import ParamWrapper
-
     chain, inner = [], wrapper
     while isinstance(inner, ParamWrapper):
         chain.append(inner)
@@ -319,10 +311,6 @@ def _chain(wrapper: nn.Module) -> tuple[list[nn.Module], nn.Module]:
 def install_expert_lora(model: nn.Module) -> int:
     """Route every LoRA-adapted experts module of a peft model through `lora_experts_forward`. Returns how many
     experts modules now take the grouped path (0: none adapted, or none supported, each logged)."""
-    try:
-        from peft.tuners.lora.layer import ParamWrapper
-    except ImportError:
-        return 0
     inner_ids = {id(m.base_layer) for m in model.modules() if isinstance(m, ParamWrapper)}
     installed, refused = 0, set()
     for module in model.modules():

@@ -35,6 +35,7 @@ Correctness against the reference path, on a GPU in bf16: tests/test_kernels.py 
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import sys
 import types
@@ -42,7 +43,12 @@ import types
 import torch
 from torch import nn
 
-from pitlm.kernels import registry
+from pitlm.kernels import conv, registry
+from pitlm.kernels.experts import experts_unsupported, lora_experts_forward
+from pitlm.kernels.moe import install_moe_kernels
+from pitlm.kernels.rope import install_rope
+from pitlm.kernels.routed import set_routed_kernels
+from pitlm.kernels.triton_util import has_triton
 
 log = logging.getLogger("pitlm")
 
@@ -56,10 +62,10 @@ GATED_NORMS = {"Qwen3_5MoeRMSNormGated", "Qwen3_5RMSNormGated", "Qwen3NextRMSNor
 def _fla():
     """fla's conv and norm functions, or None where fla does not import (no GPU stack, wrong Triton)."""
     try:
-        from fla.modules.causal_conv1d import causal_conv1d
-        from fla.modules.norm.fused_norm_gate import rms_norm_gated
-        from fla.modules.norm.layernorm import rms_norm
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        from fla.modules.causal_conv1d import causal_conv1d  # noqa: PLC0415 - optional dependency fla
+        from fla.modules.norm.fused_norm_gate import rms_norm_gated  # noqa: PLC0415 - optional dependency fla
+        from fla.modules.norm.layernorm import rms_norm  # noqa: PLC0415 - optional dependency fla
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # noqa: PLC0415 - optional dependency fla
     except Exception as e:  # noqa: BLE001 - any import failure means: not usable here
         log.debug("fla kernels unavailable: %s", e)
         return None
@@ -94,9 +100,6 @@ def cpu_safe_delta_rules() -> None:
     """Where fla imports, transformers binds its Triton delta rules at import for every call, so a CPU forward of
     a DeltaNet hybrid on a GPU machine fails ("cannot be accessed from Triton (cpu tensor?)"). Route CPU calls
     back to transformers' torch reference (the `__wrapped__` of its binding). Idempotent."""
-    import inspect
-    import sys
-
     for name in MODELING:
         modeling = sys.modules.get(f"transformers.models.{name}.modeling_{name}")
         for fn_name in DELTA_RULES if modeling is not None else ():
@@ -200,8 +203,6 @@ def gdn_forward(m: nn.Module, hidden_states: torch.Tensor, fla) -> torch.Tensor:
     b = m.in_proj_b(hidden_states)
     a = m.in_proj_a(hidden_states)
     sizes = [m.key_dim, m.key_dim, m.value_dim]
-    from pitlm.kernels import conv
-
     if registry.CONV_SILU_SPLIT.is_on(m) and conv.supported(mixed, m.conv1d.weight, m.activation):
         q, k, v = conv.conv_split(mixed, m.conv1d.weight.squeeze(1), m.conv1d.bias, m.activation, sizes)
     else:
@@ -216,8 +217,6 @@ def gdn_forward(m: nn.Module, hidden_states: torch.Tensor, fla) -> torch.Tensor:
 
 
 def _experts_forward(ref):
-    from pitlm.kernels.experts import lora_experts_forward
-
     def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
         if not hidden_states.is_cuda or args or kwargs:
             return ref(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
@@ -243,9 +242,6 @@ def install_fast_kernels(model: nn.Module, experts: bool = False, routed: bool =
     installed path has a switch: `set_fast_path(model, name, on)`. rope: also the Triton partial rotary embedding
     (`pitlm.kernels.rope`; a module-level function of the modeling module, so it reaches every model of the
     process; CUDA tensors only)."""
-    from pitlm.kernels.moe import install_moe_kernels
-    from pitlm.kernels.routed import set_routed_kernels
-
     installed = []
     n_routed = set_routed_kernels(model, routed)
     if n_routed and routed:
@@ -270,9 +266,6 @@ def install_fast_kernels(model: nn.Module, experts: bool = False, routed: bool =
             continue
         if _patch_conv(modeling, fla):
             installed.append(f"fla-causal-conv1d ({name})")
-    from pitlm.kernels.experts import experts_unsupported
-    from pitlm.kernels.triton_util import has_triton
-
     triton_ok = has_triton()  # the conv + split kernel of the Gated DeltaNet forward
     n_norm = n_gated = n_experts = n_gdn = 0
     for m in model.modules():
@@ -311,9 +304,6 @@ def install_fast_kernels(model: nn.Module, experts: bool = False, routed: bool =
 
 def _install_rope(kinds: set[str]) -> list[str]:
     """The Triton partial rotary embedding for the attention layers of the hybrids' modeling modules (Triton only)."""
-    from pitlm.kernels.rope import install_rope
-    from pitlm.kernels.triton_util import has_triton
-
     names = []
     for name, prefix in MODELING.items():
         if f"{prefix}Attention" in kinds and has_triton():

@@ -26,6 +26,7 @@ import logging
 import types
 
 import torch
+from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
 from pitlm.kernels.registry import DENSE_ONE_NODE
@@ -36,10 +37,6 @@ log = logging.getLogger("pitlm.kernels")
 def install_dense_lora(model: nn.Module) -> int:
     """Route every peft `lora.Linear` of `model` whose base is a plain `nn.Linear` through `dense_lora_forward`.
     Returns how many layers were routed."""
-    try:
-        from peft.tuners.lora.layer import Linear as LoraLinear
-    except ImportError:
-        return 0
     n = 0
     for m in model.modules():
         if isinstance(m, LoraLinear) and type(m.get_base_layer()) is nn.Linear \

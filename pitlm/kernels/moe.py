@@ -43,8 +43,8 @@ BLOCKS = {"Qwen3_5MoeSparseMoeBlock"}  # expert_out + sigmoid(shared_expert_gate
 @functools.cache
 def _kernels(interpret: bool) -> types.SimpleNamespace:
     """The jitted kernels (one set per interpreter mode, as in pitlm.kernels.routed; no tl.standard helpers)."""
-    import triton
-    import triton.language as tl
+    import triton  # noqa: PLC0415 - optional dependency triton
+    import triton.language as tl  # noqa: PLC0415 - optional dependency triton
 
     @triton.jit
     def router_fwd(logits, w, idx, n_rows, E: tl.constexpr, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -151,7 +151,7 @@ def _k() -> types.SimpleNamespace:
 
 
 def _router_blocks(n_experts: int, top_k: int) -> tuple[int, int, int]:
-    import triton
+    import triton  # noqa: PLC0415 - optional dependency triton
 
     block_e = triton.next_power_of_2(n_experts)
     return block_e, triton.next_power_of_2(top_k), max(1, min(64, 2048 // block_e))
@@ -200,7 +200,7 @@ def router_topk(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.T
 
 
 def _gate_blocks(hidden: int) -> tuple[int, int]:
-    import triton
+    import triton  # noqa: PLC0415 - optional dependency triton
 
     block_h = min(triton.next_power_of_2(hidden), 1024)
     return max(1, 4096 // block_h), block_h

@@ -25,6 +25,9 @@ import logging
 from collections.abc import Callable
 
 import torch
+from torch.profiler import ProfilerActivity, profile
+
+from pitlm.volume import atomic_write_text
 
 log = logging.getLogger("pitlm")
 
@@ -199,10 +202,6 @@ def profile_call(fn: Callable[[], object], path: str, on_gpu: bool, rows: int = 
     same split by input shapes (which tensor sizes an operator's time goes to), then by own time and input shapes
     (the elementwise kernels behind a step's memory-bound time, each with its tensors), then the device time by
     class. Returns the classes (ms; empty on a CPU)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from pitlm.volume import atomic_write_text
-
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=activities, record_shapes=True) as prof:
         fn()

@@ -27,8 +27,8 @@ from pitlm.kernels.triton_util import available, interpreting, on_device
 
 @functools.cache
 def _kernels(interpret: bool) -> types.SimpleNamespace:
-    import triton
-    import triton.language as tl
+    import triton  # noqa: PLC0415 - optional dependency triton
+    import triton.language as tl  # noqa: PLC0415 - optional dependency triton
 
     @triton.jit
     def rope(x, cos, sin, out, T, H, sxb, sxh, sxt, sob, soh, sot, scb, sct, R: tl.constexpr, D: tl.constexpr,

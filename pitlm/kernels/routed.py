@@ -72,8 +72,8 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
     """The jitted kernels; `triton.jit` picks the interpreter at decoration time, hence one set per mode. They call
     no `triton.language.standard` helper (e.g. tl.sigmoid): those are jitted when triton is first imported, and
     the interpreter cannot call them when TRITON_INTERPRET was set later (as the tests do)."""
-    import triton
-    import triton.language as tl
+    import triton  # noqa: PLC0415 - optional dependency triton
+    import triton.language as tl  # noqa: PLC0415 - optional dependency triton
 
     @triton.jit
     def swiglu_fwd(base, lora, w, gu, h, n_rows, inter: tl.constexpr, h_stride: tl.constexpr, HAS_LORA: tl.constexpr,
@@ -154,7 +154,7 @@ def _k() -> types.SimpleNamespace:
 
 
 def _blocks(inter: int) -> tuple[int, int]:
-    import triton
+    import triton  # noqa: PLC0415 - optional dependency triton
 
     block_c = min(triton.next_power_of_2(inter), 256)
     return max(1, 4096 // block_c), block_c

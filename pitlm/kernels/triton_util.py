@@ -19,7 +19,7 @@ import torch
 def has_triton() -> bool:
     """Whether triton imports here (cached: the answer does not change within a process)."""
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401, PLC0415 - optional dependency triton
     except Exception:  # noqa: BLE001 - any import failure means: not usable here
         return False
     return True

@@ -19,9 +19,12 @@ import weakref
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pitlm.errors import ConfigError
+from pitlm.kernels import experts
 from pitlm.train.model import decoder_layers
+from pitlm.train.scratch import compile_dense_blocks
 
 log = logging.getLogger("pitlm.train")
 
@@ -174,8 +177,6 @@ def offloaded_checkpoint(run, hidden: torch.Tensor, *args):
     others = list(args) + list(getattr(run, "keywords", {}).values())
     if (not isinstance(hidden, torch.Tensor) or not hidden.requires_grad
             or any(isinstance(t, torch.Tensor) and t.requires_grad for t in others)):
-        from torch.utils.checkpoint import checkpoint
-
         return checkpoint(run, hidden, *args, use_reentrant=False)
     return _OffloadedCheckpoint.apply(run, hidden, *args)
 
@@ -191,13 +192,9 @@ def compile_blocks(model: nn.Module, what: str, head_loss: bool = True) -> int:
     if what == "none":
         return 0
     if what == "blocks":  # dense decoder blocks + the LM-head loss (pitlm.train.scratch)
-        from pitlm.train.scratch import compile_dense_blocks
-
         return compile_dense_blocks(model, with_head_loss=head_loss)
     if what != "moe":
         raise ConfigError(f"compile={what!r}: use none, moe or blocks")
-    from pitlm.kernels import experts
-
     layers = decoder_layers(model)
     if layers is None:
         raise ConfigError("compile needs a decoder-only model (model.model.layers)")

@@ -325,7 +325,7 @@ def bench_optim(arch: str, optim: str = "adamw8bit", steps: int = 10, warmup: in
     weights = [[torch.randn(s, dtype=dt, device=dev, generator=gen) * 0.02 for s, dt in g] for g in shapes]
     grads = [[torch.randn(s, dtype=dt, device=dev, generator=gen) * 1e-3 for s, dt in g] for g in shapes]
     if optim == "adamw8bit":
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # noqa: PLC0415 - optional dependency bitsandbytes
 
         impls = {"bitsandbytes": bnb.optim.AdamW8bit, "pitlm": bnb_adamw8bit_class()}
     else:

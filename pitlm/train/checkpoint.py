@@ -29,7 +29,15 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from pitlm.train.in_backward import optimizers_of
 from pitlm.train.parallel import DistEnv, barrier, broadcast_object
@@ -50,8 +58,6 @@ def _quiet_dcp():
 
 
 def _state_dict_options(**kw):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
     return StateDictOptions(ignore_frozen_params=True, **kw)
 
 
@@ -75,9 +81,6 @@ def save_checkpoint(md: ModelDir, step: int, model: nn.Module, optimizer: torch.
                     keep: frozenset[int] = frozenset()) -> Path:
     """Write checkpoint `step`; then remove the oldest beyond `keep_last`, except the steps in `keep` (a
     sharded chronological run's member checkpoints, merged into members/ when the run ends)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     final = md.checkpoint(step)
     tmp = final.parent / f".{final.name}.tmp"
     if env.is_main:
@@ -106,9 +109,6 @@ def save_checkpoint(md: ModelDir, step: int, model: nn.Module, optimizer: torch.
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                     env: DistEnv) -> dict[str, Any]:
     """Restore model (trainable part), optimizer and this rank's RNG; returns trainer_state."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
     state = json.loads((path / "trainer_state.json").read_text())
     if optimizer is None:
         load_model_weights(path, model)
@@ -128,9 +128,6 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 def load_model_weights(path: Path, model: nn.Module) -> None:
     """Load a checkpoint's model entries into a plain (single-process) model: the merge path."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
     model_sd = get_model_state_dict(model, options=_state_dict_options())
     payload = {"model": model_sd}
     with _quiet_dcp():

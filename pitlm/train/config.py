@@ -94,7 +94,10 @@ class FsdpConfig(StageConfig):
     force: bool = False
 
 
-class EvalConfig(StageConfig):
+class ValidationConfig(StageConfig):
+    """Training-time validation (the recipe's `eval:` section): the loss over `batches` fixed held-out batches,
+    every `every` steps. Not the eval stage's config (`pitlm.eval.pipeline.EvalConfig`)."""
+
     every: int = Field(250, ge=1)
     batches: int = Field(8, ge=1)
 
@@ -177,7 +180,7 @@ class TrainConfig(StageConfig):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     fsdp: FsdpConfig = Field(default_factory=FsdpConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    eval: ValidationConfig = Field(default_factory=ValidationConfig)  # the YAML key stays `eval:`
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     debug: DebugConfig = Field(default_factory=DebugConfig)
 

@@ -22,10 +22,17 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.utils import logging as hf_logging
+
+try:
+    from torch.utils.tensorboard import SummaryWriter
+except ImportError:  # tensorboard is a dependency of pitlm, but a bare GPU image may lack it
+    SummaryWriter = None
 
 from pitlm.config import dump_config
 from pitlm.corpus.tokenizer import load_tokenizer
 from pitlm.errors import PitlmError
+from pitlm.kernels.availability import fast_path_summary
 from pitlm.log import make_progress
 from pitlm.runs import Run, start_run
 from pitlm.train.assembly import ModelSource, assemble, autocast_dtype, param_dtype
@@ -47,7 +54,7 @@ from pitlm.train.paths import (
     resolve_tokenizer_path,
 )
 from pitlm.train.schedule import Schedule, Segment, build_schedule
-from pitlm.train.step import NonFiniteLossError, evaluate, probe_logits, train_step
+from pitlm.train.step import NonFiniteLossError, probe_logits, train_step, validation_loss
 from pitlm.volume import atomic_write_json, build_manifest, read_manifest, sha256_file, write_manifest
 
 log = logging.getLogger("pitlm.train")
@@ -144,9 +151,7 @@ class Metrics:
         self.run = run
         self.tb = None
         if tb_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is a dependency of pitlm, but a bare GPU image may lack it
+            if SummaryWriter is None:
                 log.warning("tensorboard is not installed: metrics go to the run's metrics.jsonl only")
             else:
                 self.tb = SummaryWriter(str(tb_dir))
@@ -165,8 +170,6 @@ class Metrics:
 
 def quiet_transformers() -> None:
     """Our own progress bar and log lines replace transformers' per-load tqdm bars."""
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()
 
 
@@ -248,8 +251,6 @@ def _train(cfg: TrainConfig, vol, md: ModelDir, env: DistEnv, run: Run | None,
     for line in sched.describe():
         log.info("%s", line)
     if env.device.type == "cuda":
-        from pitlm.kernels.availability import fast_path_summary
-
         log.info("fast paths: %s", fast_path_summary())
 
     # ---- resume
@@ -349,7 +350,7 @@ def _train(cfg: TrainConfig, vol, md: ModelDir, env: DistEnv, run: Run | None,
 
                 # ---- a family member at a chronological boundary (the last one is the run's final model too)
                 if done in boundaries:
-                    last_val = evaluate(s.model, sched.val(step, env.rank), s.autocast_dtype, env)
+                    last_val = validation_loss(s.model, sched.val(step, env.rank), s.autocast_dtype, env)
                     log.info("step %6d | val_loss %.4f (period to %s)", done, last_val, boundaries[done].cutoff)
                     metrics.log(done, val_loss=last_val)
                     end_segment(boundaries[done], done)
@@ -358,7 +359,7 @@ def _train(cfg: TrainConfig, vol, md: ModelDir, env: DistEnv, run: Run | None,
 
                 # ---- validation
                 elif done % cfg.eval.every == 0 and done != total_steps:
-                    last_val = evaluate(s.model, sched.val(step, env.rank), s.autocast_dtype, env)
+                    last_val = validation_loss(s.model, sched.val(step, env.rank), s.autocast_dtype, env)
                     log.info("step %6d | val_loss %.4f", done, last_val)
                     metrics.log(done, val_loss=last_val)
 
@@ -371,7 +372,7 @@ def _train(cfg: TrainConfig, vol, md: ModelDir, env: DistEnv, run: Run | None,
         # ---- final eval and checkpoint
         training_seconds = time.perf_counter() - t_start
         if total_steps not in boundaries or start_step == total_steps:
-            last_val = evaluate(s.model, sched.val(total_steps - 1, env.rank), s.autocast_dtype, env)
+            last_val = validation_loss(s.model, sched.val(total_steps - 1, env.rank), s.autocast_dtype, env)
             metrics.log(total_steps, val_loss=last_val)
             log.info("step %6d | val_loss %.4f (final)", total_steps, last_val)
     except NonFiniteLossError as e:

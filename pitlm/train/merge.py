@@ -16,11 +16,16 @@ from typing import Any
 
 import torch
 import yaml
+from peft import PeftConfig, PeftModel
 from torch import nn
+from transformers import AutoConfig
 
+from pitlm.corpus.tokenizer import load_tokenizer
 from pitlm.errors import PitlmError
 from pitlm.train.checkpoint import load_model_weights
 from pitlm.train.config import TrainConfig
+from pitlm.train.model import apply_lora, load_pretrained_model, torch_dtype
+from pitlm.train.parallel import build_meta_model, materialize
 from pitlm.train.paths import ModelDir, resolve_model_path
 from pitlm.volume import Volume, atomic_dir
 
@@ -68,11 +73,6 @@ def _checkpoint_config(ckpt: Path) -> tuple[TrainConfig, dict[str, Any]]:
 def load_checkpoint_model(ckpt: Path, dtype: torch.dtype | None = None) -> tuple[nn.Module, TrainConfig, dict]:
     """A single-process model holding a checkpoint's weights: the HF model (scratch/full) or the peft model (lora);
     with the checkpoint's config and trainer state."""
-    from transformers import AutoConfig
-
-    from pitlm.train.model import apply_lora, load_pretrained_model, torch_dtype
-    from pitlm.train.parallel import build_meta_model, materialize
-
     cfg, state = _checkpoint_config(ckpt)
     dtype = dtype or torch_dtype(state.get("param_dtype", "fp32"))
     if cfg.mode == "lora":
@@ -89,8 +89,6 @@ def load_checkpoint_model(ckpt: Path, dtype: torch.dtype | None = None) -> tuple
 
 def merge_checkpoint(ckpt: Path, out_root: Path | None = None) -> list[Path]:
     """Checkpoint -> final/ (HF dir; peft adapter for lora) and, for lora, merged/. Default: beside checkpoints/."""
-    from pitlm.corpus.tokenizer import load_tokenizer
-
     if not (ckpt / "dcp").is_dir() or not (ckpt / "trainer_state.json").is_file():
         raise PitlmError(f"{ckpt} is not a pitlm checkpoint (no dcp/ and trainer_state.json)")
     model, cfg, state = load_checkpoint_model(ckpt)
@@ -105,11 +103,6 @@ def merge_checkpoint(ckpt: Path, out_root: Path | None = None) -> list[Path]:
 
 def merge_adapter(adapter_dir: Path, out: Path | None = None, vol: Volume | None = None) -> Path:
     """A peft adapter dir -> the adapter folded into its base model, saved as an HF dir (default: ../merged)."""
-    from peft import PeftConfig, PeftModel
-
-    from pitlm.corpus.tokenizer import load_tokenizer
-    from pitlm.train.model import load_pretrained_model
-
     pcfg = PeftConfig.from_pretrained(str(adapter_dir))
     base_path = pcfg.base_model_name_or_path
     if vol is not None and base_path and base_path.startswith("model:"):

@@ -9,10 +9,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from peft import LoraConfig, get_peft_model
+from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from pitlm.archs import arch_keys
 from pitlm.errors import ConfigError, PitlmError
+from pitlm.kernels import cpu_safe_delta_rules
+from pitlm.kernels.experts import install_expert_lora
+from pitlm.kernels.lora_dense import install_dense_lora
 
 log = logging.getLogger("pitlm.train")
 
@@ -39,8 +45,6 @@ def torch_dtype(name: str) -> torch.dtype:
 def build_model_config(spec: dict[str, Any] | str, vocab_size: int | None = None, tokenizer: Any = None):
     """A transformers config from an arch preset name or a dict ({arch: PRESET, key: value, ...} or model_type+keys).
     The tokenizer's vocabulary size and special ids win over the preset's, explicit keys over both."""
-    from transformers import AutoConfig
-
     spec = {"arch": spec} if isinstance(spec, str) else dict(spec)
     arch = spec.pop("arch", None)
     keys = arch_keys(arch) if arch else {}
@@ -65,10 +69,6 @@ def build_model_config(spec: dict[str, Any] | str, vocab_size: int | None = None
 def build_scratch_model(config, dtype: torch.dtype, device: torch.device | str = "cpu",
                         attn_implementation: str | None = None) -> nn.Module:
     """Random weights from a config, built directly on `device` (use device='meta' to materialise later)."""
-    from transformers import AutoModelForCausalLM
-
-    from pitlm.kernels import cpu_safe_delta_rules
-
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
@@ -78,8 +78,6 @@ def build_scratch_model(config, dtype: torch.dtype, device: torch.device | str =
 
 def load_pretrained_model(path: str, dtype: torch.dtype, device: torch.device | str = "cpu",
                           attn_implementation: str | None = None) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
     kwargs: dict[str, Any] = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -89,8 +87,6 @@ def load_pretrained_model(path: str, dtype: torch.dtype, device: torch.device | 
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         raise PitlmError(f"cannot load model '{path}': {str(e).splitlines()[0]}") from e
-    from pitlm.kernels import cpu_safe_delta_rules
-
     cpu_safe_delta_rules()
     return model.to(device)
 
@@ -126,8 +122,6 @@ def lora_targets(cfg) -> tuple[list[str], list[str]]:
 
 def apply_lora(model: nn.Module, cfg) -> nn.Module:
     """Wrap `model` with peft LoRA per the `lora` config section; full_modules become peft modules_to_save."""
-    from peft import LoraConfig, get_peft_model
-
     modules, params = lora_targets(cfg)
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing_full = [m for m in cfg.full_modules if m not in present]
@@ -149,13 +143,9 @@ def apply_lora(model: nn.Module, cfg) -> nn.Module:
         log.info("full modules: %s of frozen base copies released (they share the trained copies' storage)",
                  f"{n / 2**30:.2f} GiB")
     if params and cfg.experts_path == "grouped":
-        from pitlm.kernels.experts import install_expert_lora
-
         n = install_expert_lora(peft_model)
         log.info("expert LoRA: grouped GEMMs on the routed tokens in %d experts modules", n)
     if modules and cfg.dense_path == "fused":
-        from pitlm.kernels.lora_dense import install_dense_lora
-
         n = install_dense_lora(peft_model)
         log.info("dense LoRA: scale on the rank side, up-projection added in the GEMM in %d layers", n)
     return peft_model
@@ -164,8 +154,6 @@ def apply_lora(model: nn.Module, cfg) -> nn.Module:
 def share_full_module_storage(model: nn.Module) -> int:
     """Point the frozen original of every peft ModulesToSaveWrapper at its trained copy's tensors (same shape and
     dtype only), so the original's memory is released. Returns the bytes released."""
-    from peft.utils.other import ModulesToSaveWrapper
-
     released = 0
     for wrapper in model.modules():
         if not isinstance(wrapper, ModulesToSaveWrapper):

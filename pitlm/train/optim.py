@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from pitlm.errors import PitlmError
+from pitlm.train.in_backward import InBackwardOptimizer
 
 
 def param_groups(model: nn.Module, cfg) -> list[dict[str, Any]]:
@@ -53,8 +54,6 @@ def build_optimizer(model: nn.Module, cfg):
         fused = {"fused": True} if cfg.optim.fused else {}
         make = lambda gs: torch.optim.AdamW(gs, **kwargs, **fused)  # noqa: E731
     if cfg.optim.in_backward:
-        from pitlm.train.in_backward import InBackwardOptimizer
-
         return InBackwardOptimizer(groups, make)
     return make(groups)
 
@@ -69,8 +68,8 @@ def bnb_adamw8bit_class() -> type:
     own step (tests/test_train_in_backward.py, on a GPU). Where bitsandbytes' internals differ from what this loop
     calls, its own step is used."""
     try:
-        import bitsandbytes as bnb
-        from bitsandbytes import functional as F
+        import bitsandbytes as bnb  # noqa: PLC0415 - optional dependency bitsandbytes
+        from bitsandbytes import functional as F  # noqa: PLC0415 - optional dependency bitsandbytes
     except ImportError as e:
         raise PitlmError("optim.name=adamw8bit needs bitsandbytes: pip install bitsandbytes") from e
 

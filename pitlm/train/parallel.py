@@ -16,10 +16,13 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from accelerate import init_empty_weights
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from transformers import AutoModelForCausalLM
 
+from pitlm.errors import PitlmError
 from pitlm.train.model import decoder_layers
 
 log = logging.getLogger("pitlm.train")
@@ -41,8 +44,6 @@ class DistEnv:
 def pick_device(pref: str, local_rank: int = 0) -> torch.device:
     if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            from pitlm.errors import PitlmError
-
             raise PitlmError("device=cuda but no CUDA GPU is visible; use device=auto or cpu")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
@@ -124,9 +125,6 @@ def apply_fsdp(model: nn.Module, param_dtype: torch.dtype | None = None) -> nn.M
 def build_meta_model(config, dtype: torch.dtype, attn_implementation: str | None = None) -> nn.Module:
     """Parameters on the meta device (no memory), buffers real (rotary tables are computed in __init__ and are not
     in the state dict, so they must survive materialisation)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pitlm.corpus.shards import ShardIndex, open_corpus
+from pitlm.corpus.tokenizer import resolve_tokenizer_path as resolve_corpus_tokenizer
 from pitlm.errors import PitlmError
 from pitlm.volume import Volume
 
@@ -161,8 +162,6 @@ def resolve_model_path(spec: str, vol: Volume) -> str:
 def resolve_tokenizer_path(spec: str, vol: Volume) -> str:
     """model:RUN -> the run's model dir (its tokenizer is saved there); anything else as the corpus stage resolves it
     (pit:NAME -> corpus/_tokenizers/NAME, a path, an HF hub name)."""
-    from pitlm.corpus.tokenizer import resolve_tokenizer_path as resolve_corpus_tokenizer
-
     if spec.startswith("model:"):
         return resolve_model_path(spec, vol)
     return resolve_corpus_tokenizer(spec, vol)

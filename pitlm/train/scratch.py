@@ -22,6 +22,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pitlm.errors import ConfigError
 from pitlm.train.model import decoder_layers
@@ -69,8 +70,6 @@ def sdpa_backend(name: str) -> contextlib.AbstractContextManager:
         raise ConfigError(f"unknown SDPA backend {name!r}; known: {', '.join(SDPA_CHOICES)}")
     if name == "auto":
         return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
     return sdpa_kernel([backend])

@@ -9,10 +9,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pitlm.errors import PitlmError
+from pitlm.train.in_backward import InBackwardOptimizer
 from pitlm.train.parallel import DistEnv, all_reduce_mean
+from pitlm.train.scratch import compiled_head_loss
 
 NONFINITE_EXIT_CODE = 42
 
@@ -44,8 +48,6 @@ def forward_loss(model: nn.Module, tokens: torch.Tensor, autocast_dtype: torch.d
     (tokens x vocab) logits never exist at once. With Qwen3.5's 248k vocabulary the fp32 logits of one batch of
     4 x 2048 tokens are 8 GB, plus as much again for their gradient. Not for FSDP2 models (their root parameters,
     lm_head included, are gathered by the root module's forward, which this path bypasses)."""
-    from pitlm.train.scratch import compiled_head_loss
-
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     ctx = (torch.autocast(device_type=inputs.device.type, dtype=autocast_dtype) if autocast_dtype
            else contextlib.nullcontext())
@@ -81,13 +83,13 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.
     cross-entropy instead: it computes the gradients of hidden and of the head's weight chunk by chunk during the
     forward, so the 248k-vocabulary head GEMM is not recomputed in backward and the fp32 logit passes of
     F.cross_entropy disappear (predicted ~75 ms of a 1.6 s batch-8 step of Qwen3.5-35B-A3B; not measured yet)."""
-    from torch.utils.checkpoint import checkpoint
-
     h, t = hidden.flatten(0, 1), targets.flatten()
     autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
     linear = fused_ce_head(head, h.dtype, h.device.type, autocast)
     if linear is not None:
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+        from liger_kernel.transformers.functional import (  # noqa: PLC0415 - optional dependency liger_kernel
+            liger_fused_linear_cross_entropy,
+        )
 
         # liger sizes its chunks from chunk_mem_const: with this value its chunk is ~`chunk` tokens (a power of 2)
         mem_const = max(1, chunk * linear.weight.shape[0] // max(1, h.shape[0] * h.shape[1]))
@@ -102,10 +104,6 @@ def head_linear(head: nn.Module) -> nn.Linear | None:
     """The bias-free nn.Linear that computes head(x): the head itself, or the module peft's ModulesToSaveWrapper
     routes to (the active trained copy, or the original when adapters are off). None for anything else, e.g. a
     LoRA-adapted head, whose output is not one weight's."""
-    try:
-        from peft.utils.other import ModulesToSaveWrapper
-    except ImportError:  # pragma: no cover - peft is a dependency
-        ModulesToSaveWrapper = ()
     if isinstance(head, ModulesToSaveWrapper):
         active = head.active_adapters
         if head.disable_adapters or not active or any(a not in head.modules_to_save for a in active):
@@ -130,7 +128,9 @@ def fused_ce_head(head: nn.Module, dtype: torch.dtype, device_type: str,
 @functools.lru_cache(maxsize=1)
 def liger_available() -> bool:
     try:
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy  # noqa: F401
+        from liger_kernel.transformers.functional import (  # noqa: F401, PLC0415 - optional dependency liger_kernel
+            liger_fused_linear_cross_entropy,
+        )
     except Exception:  # ImportError, or a Triton/CUDA mismatch at import
         return False
     return True
@@ -144,8 +144,6 @@ def train_step(model: nn.Module, batches: list[torch.Tensor], optimizer, *,
     The watchdog runs before optimizer.step(): a NaN loss or gradient never reaches the weights or a checkpoint.
     With an InBackwardOptimizer the updates happen inside backward: the loss is checked before backward (one host
     sync), the gradient norm after it (a non-finite one has then reached the weights: resume from a checkpoint)."""
-    from pitlm.train.in_backward import InBackwardOptimizer
-
     in_backward = isinstance(optimizer, InBackwardOptimizer)
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -189,8 +187,8 @@ def train_step(model: nn.Module, batches: list[torch.Tensor], optimizer, *,
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[torch.Tensor], autocast_dtype: torch.dtype | None = None,
-             env: DistEnv | None = None) -> float:
+def validation_loss(model: nn.Module, batches: list[torch.Tensor], autocast_dtype: torch.dtype | None = None,
+                    env: DistEnv | None = None) -> float:
     """Mean loss over fixed validation batches (every rank holds an equal share)."""
     was_training = model.training
     model.eval()
