@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from pitlm.kernels import fast_path_switches, set_fast_path
+from pitlm.kernels.install import fast_path_switches, set_fast_path
 from pitlm.kernels.registry import FAST_PATHS, PARTIAL_ROPE, ROUTER_TOPK, fast_path
 
 

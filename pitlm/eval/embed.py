@@ -43,7 +43,7 @@ from pitlm.eval.models import (
     resolve_device,
 )
 from pitlm.eval.prompts import prompts_hash
-from pitlm.kernels import cpu_safe_delta_rules, install_fast_kernels
+from pitlm.kernels.install import cpu_safe_delta_rules, install_fast_kernels
 from pitlm.kernels.profiling import profile_call
 from pitlm.log import make_progress
 from pitlm.volume import Volume

@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pitlm.archs import ARCHS, arch_config, arch_config_dict, byte_tokenizer, resolve_hf_dir
 from pitlm.errors import PitlmError
 from pitlm.eval.embfile import check_path, keys_file
-from pitlm.kernels import cpu_safe_delta_rules, install_fast_kernels
+from pitlm.kernels.install import cpu_safe_delta_rules, install_fast_kernels
 from pitlm.train.paths import member_dir
 from pitlm.volume import Volume, sha256_file
 

@@ -14,28 +14,3 @@ which both build on it; every path has a torch reference that CPU tensors keep a
     profiling.py    one call under torch.profiler, its device time by class, the H100 projection
     availability.py which of these paths this machine can use (packages, GPUs): `pitlm doctor`, fast_path_summary
 """
-
-from pitlm.kernels.install import (
-    CONV_SPLIT,
-    DELTA_RULES,
-    GATED_NORMS,
-    GDN,
-    GDN_SPLIT,
-    MODELING,
-    OFFSET_NORMS,
-    PACKING,
-    ROPE,
-    ROUTED,
-    ROUTER,
-    SHARED_GATE,
-    cpu_safe_delta_rules,
-    fast_path_switches,
-    gdn_forward,
-    install_fast_kernels,
-    set_fast_path,
-    split_last,
-)
-
-__all__ = ["CONV_SPLIT", "DELTA_RULES", "GATED_NORMS", "GDN", "GDN_SPLIT", "MODELING", "OFFSET_NORMS",
-           "PACKING", "ROPE", "ROUTED", "ROUTER", "SHARED_GATE", "cpu_safe_delta_rules", "fast_path_switches",
-           "gdn_forward", "install_fast_kernels", "set_fast_path", "split_last"]

@@ -21,7 +21,7 @@ Here each is one kernel each way:
 
 `install_moe_kernels(model)` routes the router and the sparse block of Qwen3.5-MoE through them (instances,
 CUDA tensors or the tests' interpreter, see `triton_util.available`); each has a switch (the fast paths "router"
-and "shared-gate" of `pitlm.kernels.registry`) that `pitlm.kernels.set_fast_path` toggles, and off (or on CPU)
+and "shared-gate" of `pitlm.kernels.registry`) that `pitlm.kernels.install.set_fast_path` toggles, and off (or on CPU)
 transformers' own forward runs.
 """
 

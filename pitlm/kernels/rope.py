@@ -10,7 +10,7 @@ once and writes it once, in any layout (strides), and the backward applies the t
 `install_rope(modeling)` routes a modeling module's `apply_rotary_pos_emb` through it for CUDA tensors (and the
 tests' interpreter, `triton_util.available`) while its fast path "rope" is on
 (`pitlm.kernels.registry.PARTIAL_ROPE`, a process-wide switch); anything else takes transformers' function.
-`pitlm.kernels.install_fast_kernels` installs it by default (rope=False leaves transformers' function): +1.4% on the
+`pitlm.kernels.install.install_fast_kernels` installs it by default (rope=False leaves transformers' function): +1.4% on the
 35B-A3B's step (BENCHMARKS.md, session 9); its bf16 GPU test passed on an H200 in session 10.
 """
 

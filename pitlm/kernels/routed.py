@@ -25,7 +25,7 @@ Measured on the 35B-A3B's 74 GiB step: 11.4k -> 13.7k tok/s together with the de
 
 They run on CUDA tensors where Triton imports, and on CPU tensors under Triton's interpreter when asked
 (TRITON_INTERPRET=1 set before triton's import, and PITLM_ROUTED_KERNELS_CPU=1: how the tests run the same kernel
-code without a GPU; `pitlm.kernels.triton_util.available`). `pitlm.kernels.install_fast_kernels` switches them on
+code without a GPU; `pitlm.kernels.triton_util.available`). `pitlm.kernels.install.install_fast_kernels` switches them on
 per experts module (fast path "routed-experts"); the torch reference path in `pitlm.kernels.experts` is what they
 are tested against.
 """

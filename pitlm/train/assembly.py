@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig
 
-from pitlm.kernels import install_fast_kernels, set_fast_path
+from pitlm.kernels.install import install_fast_kernels, set_fast_path
 from pitlm.train.activations import compile_blocks, enable_activation_checkpointing
 from pitlm.train.config import TrainConfig
 from pitlm.train.model import (

@@ -25,8 +25,8 @@ import torch
 
 from pitlm.config import apply_overrides, build_config, load_recipe, parse_override
 from pitlm.errors import ConfigError
-from pitlm.kernels import fast_path_switches, set_fast_path
 from pitlm.kernels.availability import fast_path_summary
+from pitlm.kernels.install import fast_path_switches, set_fast_path
 from pitlm.kernels.profiling import h100_step_range, profile_call
 from pitlm.train.activations import set_uncheckpointed_layers
 from pitlm.train.assembly import ModelSource, assemble, autocast_dtype, param_dtype

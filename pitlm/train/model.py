@@ -16,8 +16,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from pitlm.archs import arch_keys
 from pitlm.errors import ConfigError, PitlmError
-from pitlm.kernels import cpu_safe_delta_rules
 from pitlm.kernels.experts import install_expert_lora
+from pitlm.kernels.install import cpu_safe_delta_rules
 from pitlm.kernels.lora_dense import install_dense_lora
 
 log = logging.getLogger("pitlm.train")
