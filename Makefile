@@ -27,7 +27,7 @@ test: install-test
 	$(PY) -m pytest -q
 
 lint: install-test
-	$(VENV)/bin/ruff check pitlm tests
+	$(VENV)/bin/ruff check pitlm tests scripts
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
