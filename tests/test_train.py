@@ -526,11 +526,17 @@ def test_bench_train_of_a_recipe_measures_the_model_that_trains(run, world, tmp_
 
 
 def test_bench_optim_steps_the_recipe_tensors(run):
-    code, out, err = run("bench", "optim", "--arch", "tiny-qwen3.5-moe", "--optim", "adamw", "--steps", "2",
-                         "--warmup", "1")
+    args = ("bench", "optim", "--arch", "tiny-qwen3.5-moe", "--optim", "adamw", "--steps", "2", "--warmup", "1")
+    code, out, err = run(*args)
     assert code == 0, err
     s = summary_of(out)
     assert int(s["tensors"]) > 10 and int(s["trainable_params"]) > 0 and float(s["torch_ms_per_step"]) > 0
+    # --set takes TrainConfig keys as `bench train` does: one more layer, more tensors; a bare model key is refused
+    code, out, err = run(*args, "--set", "model.num_hidden_layers=5")
+    assert code == 0, err
+    assert int(summary_of(out)["tensors"]) > int(s["tensors"])
+    code, out, err = run(*args, "--set", "num_hidden_layers=5")
+    assert code != 0 and "--set model.num_hidden_layers=5" in err
 
 
 def test_bench_train_offloads_checkpoints_and_refuses_unknown_compile_modes(run):

@@ -302,20 +302,22 @@ def _projection(classes: dict[str, float], tokens_per_step: float, step_seconds:
 
 def bench_optim(arch: str, optim: str = "adamw8bit", steps: int = 10, warmup: int = 2, device: str = "auto",
                 lora_preset: str | None = None, adapter_dtype: str = "base", full_modules: list[str] | None = None,
-                model_overrides: list[str] | None = None) -> dict[str, Any]:
+                overrides: list[str] | None = None) -> dict[str, Any]:
     """Time one optimizer step over the trainable tensors of `arch`'s LoRA recipe (shapes from a model built on
     the meta device: no forward, no kernels to compile). adamw8bit: bitsandbytes' own AdamW8bit against pitlm's
     (the same loop without a device synchronisation per tensor), on identical weights and gradients; the
-    `max_abs_diff` of the weights afterwards must be 0."""
+    `max_abs_diff` of the weights afterwards must be 0. `overrides`: `--set key=value` on the TrainConfig, as
+    `bench train` takes them (`model.num_hidden_layers=20`)."""
     dev = pick_device(device)
     on_gpu = dev.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    config = build_model_config(apply_overrides({"arch": arch}, model_overrides))
-    preset = lora_preset or ("qwen3.5-moe" if "qwen3_5_moe" in config.model_type else "dense")
-    lora = {"preset": preset, "adapter_dtype": adapter_dtype, "experts_path": "peft",
+    cfg = bench_config(None, [f"model.arch={arch}", *(overrides or [])])
+    lora = {"adapter_dtype": adapter_dtype, "experts_path": "peft", **({"preset": lora_preset} if lora_preset else {}),
             **({} if full_modules is None else {"full_modules": full_modules})}
-    cfg = build_config(TrainConfig, {"mode": "lora", "corpus": "bench", "base": "random",
-                                     "optim": {"lr": 1e-4, "name": optim}, "lora": lora})
+    cfg = build_config(TrainConfig, {**cfg.model_dump(), "mode": "lora", "optim": {**cfg.optim.model_dump(), "lr": 1e-4,
+                                                                                   "name": optim},
+                                     "lora": {**cfg.lora.model_dump(), **lora}})
+    config = build_model_config(cfg.model)
     quiet_transformers()
     meta = apply_lora(build_scratch_model(config, dtype, "meta"), cfg.lora)
     groups_meta = param_groups(meta, cfg)  # the trainer's groups (LR, weight decay), their tensors' shapes

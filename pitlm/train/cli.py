@@ -120,7 +120,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
         emit_summary(bench_optim(arch, optim, steps=steps, warmup=warmup, device=device, adapter_dtype=adapter_dtype,
                                  full_modules=None if full_modules is None else [m for m in full_modules.split(",") if m],
-                                 model_overrides=set_))
+                                 overrides=set_))
 
     @bench_app.command("train")
     def bench_train_cmd(
