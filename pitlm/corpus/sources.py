@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -77,8 +76,18 @@ class Source:
 
 # ----------------------------------------------------------------------------- resolving a source spec
 
+def _datasets():
+    """The `datasets` package: only hub sources need it, and a bare GPU image may lack it (`pitlm doctor` warns)."""
+    try:
+        import datasets  # noqa: PLC0415 - optional at run time: only `--source fineweb` / hub sources read through it
+    except ImportError:
+        raise PitlmError("hub sources need the `datasets` package: pip install datasets") from None
+    return datasets
+
+
 def hub_dump_names(repo: str) -> list[str]:
     """The dump configs of a hub dataset; FineWeb v1's shipped list when the hub cannot be asked (offline)."""
+    datasets = _datasets()
     try:
         names = [n for n in datasets.get_dataset_config_names(repo) if is_dump_name(n)]
         if names:
@@ -245,6 +254,7 @@ def _iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
 
 
 def _iter_hub(repo: str, dump: str | None) -> Iterator[tuple[int, dict]]:
+    datasets = _datasets()
     try:
         stream = datasets.load_dataset(repo, name=dump, split="train", streaming=True)
         yield from enumerate(stream)
