@@ -5,6 +5,10 @@ import pytest
 os.environ.setdefault("PITLM_NO_PROGRESS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The tests' tensors are tiny: one intra-op thread is faster than two (thread start-up and sync cost more than they
+# save), and a 2-rank torchrun test then uses one core per rank instead of oversubscribing the machine's cores.
+# Set before torch is imported; a user's OMP_NUM_THREADS wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
