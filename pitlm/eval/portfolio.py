@@ -37,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pitlm.eval.engine.threads import chunks, run_all
+from pitlm.eval.engine.threads import map_draws
 
 
 class LongShort:
@@ -77,14 +77,7 @@ class LongShort:
 
     def batch(self, pred: np.ndarray, w: np.ndarray, workers: int = 1) -> np.ndarray:
         """(B, n_dates) long-short returns of (B, n) predictions and weights, draws over a thread pool."""
-        out = np.empty((len(pred), self.n_dates))
-
-        def rows(lo, hi):
-            for b in range(lo, hi):
-                out[b] = self(pred[b], w[b])
-
-        run_all(workers, rows, chunks(len(pred), workers))
-        return out
+        return map_draws(self, pred, w, self.n_dates, workers)
 
 
 def tested_dates(folds, members: list[int]) -> np.ndarray:

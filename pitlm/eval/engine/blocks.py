@@ -41,15 +41,11 @@ class BlockSolver(Solver):
         F = self.folds.n_folds
         blocks = self.K * self.T * self.p + F * self.p
         per_draw = 8 * (blocks + 2 * F * self.p + 2 * F * self.d * self.d)
-        cap = 256 if self.device.type == "cuda" else 64  # more draws per kernel launch on a GPU
-        return int(max(1, min(cap, self.problem.memory_bytes // max(per_draw, 1))))
+        return self.draws_within(per_draw)
 
     def solve(self, counts, assign, ic_groups=None) -> tuple[FoldFit, FoldScore, np.ndarray]:
         pb = self.problem
-        B, F = counts.shape[0], self.folds.n_folds
-        cnt = torch.as_tensor(counts, dtype=torch.float64, device=self.device)
-        asg = torch.as_tensor(assign, dtype=torch.long, device=self.device)
-        alpha = torch.full((B, F), self.alpha, dtype=torch.float64, device=self.device)
+        cnt, asg, alpha = self.draw_tensors(counts, assign, self.alpha)
         H = self.block_stats(cnt, asg)
         if self.grid is not None:
             alpha = self.select_alpha(H, self.grid, self.alpha)

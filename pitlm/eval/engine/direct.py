@@ -33,15 +33,11 @@ class DirectSolver(Solver):
     def draw_batch_size(self) -> int:
         F = self.folds.n_folds
         per_draw = 8 * (2 * F * self.p + 2 * F * self.d * self.d)
-        cap = 256 if self.device.type == "cuda" else 64  # more draws per kernel launch on a GPU
-        return int(max(1, min(cap, self.problem.memory_bytes // max(per_draw, 1))))
+        return self.draws_within(per_draw)
 
     def solve(self, counts, assign, ic_groups=None) -> tuple[FoldFit, FoldScore, np.ndarray]:
         pb = self.problem
-        B, F = counts.shape[0], self.folds.n_folds
-        cnt = torch.as_tensor(counts, dtype=torch.float64, device=self.device)
-        asg = torch.as_tensor(assign, dtype=torch.long, device=self.device)
-        alpha = torch.full((B, F), self.alpha, dtype=torch.float64, device=self.device)
+        cnt, asg, alpha = self.draw_tensors(counts, assign, self.alpha)
         train_s, test_s = self.direct_fold_stats(cnt, asg)
         fit = pb.fit_stats(train_s, alpha.T)
         fit, score = self.unsort(fit, pb.score_stats(test_s, fit))

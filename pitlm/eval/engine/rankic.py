@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pitlm.eval.engine.threads import chunks, run_all
+from pitlm.eval.engine.threads import map_draws
 
 
 def weighted_midranks(group: np.ndarray, v: np.ndarray, w: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
@@ -71,14 +71,7 @@ class RankIC:
     def batch(self, pred: np.ndarray, w: np.ndarray, workers: int = 1) -> np.ndarray:
         """(B, n_dates) rank ICs of (B, n) predictions and weights, draws spread over the engine's pool
         (numpy's sorts release the GIL)."""
-        out = np.empty((len(pred), self.n_dates))
-
-        def rows(lo, hi):
-            for b in range(lo, hi):
-                out[b] = self(pred[b], w[b])
-
-        run_all(workers, rows, chunks(len(pred), workers))
-        return out
+        return map_draws(self, pred, w, self.n_dates, workers)
 
 
 def per_date_rank_ic(date: np.ndarray, pred: np.ndarray, y: np.ndarray, w: np.ndarray, n_dates: int,

@@ -289,3 +289,18 @@ class Solver:
     def threads(self):
         """Context for the draw loop (one thread where threads would not pay)."""
         raise NotImplementedError
+
+    def draws_within(self, per_draw_bytes: int) -> int:
+        """Draws per call whose statistics (`per_draw_bytes` each) fit the memory budget, at most 256 on a GPU (more
+        draws per kernel launch) and 64 on the CPU."""
+        cap = 256 if self.device.type == "cuda" else 64
+        return int(max(1, min(cap, self.problem.memory_bytes // max(per_draw_bytes, 1))))
+
+    def draw_tensors(self, counts: np.ndarray, assign: np.ndarray,
+                     alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A batch's counts (float64) and stock-fold assignments (long) on the solver's device, and a (B, F) alpha
+        filled with `alpha`."""
+        cnt = torch.as_tensor(counts, dtype=torch.float64, device=self.device)
+        asg = torch.as_tensor(assign, dtype=torch.long, device=self.device)
+        alpha = torch.full((counts.shape[0], self.folds.n_folds), alpha, dtype=torch.float64, device=self.device)
+        return cnt, asg, alpha

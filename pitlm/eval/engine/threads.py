@@ -62,6 +62,19 @@ def run_all(workers: int, fn, arg_tuples) -> None:
         job.result()
 
 
+def map_draws(fn, pred: np.ndarray, w: np.ndarray, width: int, workers: int = 1) -> np.ndarray:
+    """(B, width) rows `fn(pred[b], w[b])` of (B, n) predictions and weights, the draws spread over the pool (the
+    per-date statistics' numpy sorts and bincounts release the GIL)."""
+    out = np.empty((len(pred), width))
+
+    def rows(lo, hi):
+        for b in range(lo, hi):
+            out[b] = fn(pred[b], w[b])
+
+    run_all(workers, rows, chunks(len(pred), workers))
+    return out
+
+
 def par_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, workers: int) -> None:
     """out = a @ b, rows of `a` split over the pool (one BLAS thread each)."""
     run_all(workers, lambda lo, hi: np.matmul(a[lo:hi], b, out=out[lo:hi]), chunks(len(a), workers))
